@@ -1,0 +1,127 @@
+"""The ahead-of-time step: model dir -> bundle of .vmfb files, through a keyed artifact cache.
+
+A cache entry is a one-target bundle under <cache>/<key>/, where the key covers everything the
+compiled code depends on: the model's graph config, the export code, the jax and IREE
+versions, the target and its flags, dtypes and sizes. A changed key recompiles; an entry whose
+files fail their checksum is rebuilt, not crashed on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from ..bundle import (MANIFEST, BundleError, Manifest, TargetBuild, check_compatible, config_digest,
+                      file_digest, graph_config, read_manifest)
+from ..weights.config import read_config
+from . import export, family, iree_compile
+
+DEFAULT_MAX_CONTEXT = 512
+DEFAULT_PREFILL_CHUNK = 32
+STEPS = ("prefill", "decode")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("IREE_RUNNER_CACHE") or Path.home() / ".cache" / "iree-runner")
+
+
+def _export_code_digest() -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _host_cpu() -> str:
+    """`--iree-llvmcpu-target-cpu=host` means this machine's CPU: key on its model and flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        keep = [ln for ln in info if ln.startswith(("model name", "flags"))][:2]
+        return hashlib.sha256("\n".join(keep).encode()).hexdigest()[:12]
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: int) -> str:
+    import jax
+
+    parts = {
+        "config": graph_config(raw_config), "export": _export_code_digest(),
+        "iree": iree_compile.compiler_version(), "jax": jax.__version__, "target": target,
+        "flags": iree_compile.flags_for(target), "weight_dtype": iree_compile.WEIGHT_DTYPE[target],
+        "max_context": max_context, "prefill_chunk": prefill_chunk,
+        "host": _host_cpu() if target == "cpu" else None,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX_CONTEXT,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Path:
+    """A one-target bundle in the artifact cache for this model; compiled only if needed."""
+    cc = read_config(model_dir)
+    fam = family.family_module(cc.model_type)
+    key = build_key(cc.raw, target, max_context, prefill_chunk)
+    entry = cache_dir() / key
+    if (entry / MANIFEST).exists():
+        try:
+            check_compatible(read_manifest(entry), entry, cc.raw, target)
+            return entry
+        except BundleError as e:
+            print(f"rebuilding cached artifact: {e}", file=sys.stderr)
+            shutil.rmtree(entry, ignore_errors=True)
+
+    cfg = fam.Config.from_checkpoint(cc)
+    spec = export.step_spec(fam, cfg, capacity=max_context + prefill_chunk,
+                            weight_dtype=iree_compile.WEIGHT_DTYPE[target])
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
+    try:
+        (tmp / target).mkdir()
+        files, sums = {}, {}
+        for step, tokens in zip(STEPS, (prefill_chunk, 1)):
+            print(f"exporting {step} ({cc.model_type}, {tokens} token(s) per call)", file=sys.stderr)
+            mlir = export.export_step(fam, cfg, spec, tokens, module_name=step)
+            rel = f"{target}/{step}.vmfb"
+            iree_compile.compile_mlir(mlir, tmp / rel, target, label=step)
+            files[step], sums[rel] = rel, file_digest(tmp / rel)
+        build = TargetBuild(target, key, iree_compile.flags_for(target), files, sums, spec.weight_names,
+                            spec.weight_shapes, spec.weight_dtype, spec.cache_shape, spec.cache_dtype)
+        _manifest(cc, fam, cfg, max_context, prefill_chunk, {target: build}).write(tmp)
+        try:
+            tmp.replace(entry)
+        except OSError:  # another process finished the same entry first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return entry
+
+
+def _manifest(cc, fam, cfg, max_context, prefill_chunk, targets) -> Manifest:
+    return Manifest(cc.model_type, graph_config(cc.raw), config_digest(cc.raw),
+                    iree_compile.compiler_version(), max_context, prefill_chunk,
+                    int(cfg.vocab_size), targets)
+
+
+def compile_bundle(model_dir: Path, targets: list[str], out: Path, *, max_context: int = DEFAULT_MAX_CONTEXT,
+                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Manifest:
+    """Build every target (through the cache) and gather them into one bundle at `out`."""
+    cc = read_config(model_dir)
+    fam = family.family_module(cc.model_type)
+    builds = {}
+    out.mkdir(parents=True, exist_ok=True)
+    for target in targets:
+        entry = build_target(model_dir, target, max_context=max_context, prefill_chunk=prefill_chunk)
+        build = read_manifest(entry).targets[target]
+        shutil.rmtree(out / target, ignore_errors=True)
+        shutil.copytree(entry / target, out / target)
+        builds[target] = build
+    manifest = _manifest(cc, fam, fam.Config.from_checkpoint(cc), max_context, prefill_chunk, builds)
+    manifest.write(out)
+    return manifest

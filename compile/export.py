@@ -1,0 +1,61 @@
+"""Export a family's step function to StableHLO with `jax.export`.
+
+One pure function serves prefill and decode: it runs C tokens at positions start..start+C-1
+against a fixed-capacity KV cache and returns the logits of row `last` only. Prefill is that
+function with C = the chunk size (prompts run chunk by chunk); decode is C = 1. Caches are
+donated, so IREE updates them in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """What the exported function looks like; recorded in the bundle manifest for the runtime."""
+
+    weight_names: tuple[str, ...]  # in argument order (jax flattens a dict by sorted key)
+    weight_shapes: tuple[tuple[int, ...], ...]
+    weight_dtype: str  # "float32" | "float16"
+    cache_shape: tuple[int, ...]  # K and V each; capacity already includes the chunk slack
+    cache_dtype: str
+
+
+def make_step(family, cfg):
+    def step(weights, k_cache, v_cache, tokens, start, last):
+        # tokens: [C] int32, start/last: scalar int32 -> logits [V] f32, caches
+        positions = start + jnp.arange(tokens.shape[0], dtype=jnp.int32)
+        h, k_cache, v_cache = family.forward(cfg, weights, tokens, positions, k_cache, v_cache)
+        return family.lm_head(cfg, weights, h[last]), k_cache, v_cache
+
+    return step
+
+
+def step_spec(family, cfg, *, capacity: int, weight_dtype: str, cache_dtype: str = "float32") -> StepSpec:
+    shapes = family.weight_shapes(cfg)
+    names = tuple(sorted(shapes))
+    return StepSpec(names, tuple(tuple(shapes[n]) for n in names), weight_dtype,
+                    tuple(family.cache_shape(cfg, capacity)), cache_dtype)
+
+
+def export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str) -> str:
+    """StableHLO text of the step for `tokens` tokens per call, its module renamed."""
+    wdt = np.dtype(spec.weight_dtype)
+    weights = {n: jax.ShapeDtypeStruct(s, wdt) for n, s in zip(spec.weight_names, spec.weight_shapes)}
+    cache = jax.ShapeDtypeStruct(spec.cache_shape, np.dtype(spec.cache_dtype))
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    fn = jax.jit(make_step(family, cfg), donate_argnums=(1, 2))
+    exported = jax.export.export(fn)(weights, cache, cache, jax.ShapeDtypeStruct((tokens,), jnp.int32),
+                                     scalar, scalar)
+    text = exported.mlir_module()
+    # Every jax export is `module @jit_step`; prefill and decode share one runtime context,
+    # so each gets its own module name.
+    head = "module @jit_step"
+    if head not in text:
+        raise RuntimeError("unexpected jax export: no 'module @jit_step' header")
+    return text.replace(head, f"module @{module_name}", 1)

@@ -1,0 +1,127 @@
+"""Building blocks shared by the model families: norms, rotary embedding, cached attention.
+
+Every function is pure and computes in float32 (weights may be f16 on CUDA; they are widened
+at use and products accumulate in f32). Shapes: C = tokens in this call (a prefill chunk or 1),
+S = KV cache capacity, H / KVH = query / key-value heads, Dh = head dim, D = hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+F32 = jnp.float32
+# Masked scores use a large finite value rather than -inf: a fully masked padded row then gives
+# a harmless uniform softmax instead of NaN.
+MASKED = -1e30
+
+
+def linear(x, w, b=None):
+    """x: [..., in] · w: [out, in] (PyTorch layout, as stored) -> [..., out] in f32."""
+    y = jax.lax.dot_general(
+        x.astype(w.dtype), w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=F32
+    )
+    return y if b is None else y + b.astype(F32)
+
+
+def rms_norm(x, w, eps, *, one_plus=False):
+    """RMSNorm in f32; Gemma scales by (1 + w) instead of w."""
+    x = x.astype(F32)
+    y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    w = w.astype(F32)
+    return y * (1.0 + w if one_plus else w)
+
+
+def layer_norm(x, w, b, eps):
+    x = x.astype(F32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * w.astype(F32) + b.astype(F32)
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+# --- rotary embedding ------------------------------------------------------------------------
+
+def rope_inv_freq(rot_dim: int, theta: float, scaling: tuple | None) -> np.ndarray:
+    """Inverse frequencies as transformers computes them (f32), for the rope types we support.
+
+    `scaling` is the rope-scaling dict frozen to a sorted tuple of items (hashable config).
+    """
+    inv = (1.0 / (theta ** (np.arange(0, rot_dim, 2, dtype=np.int64).astype(np.float32) / rot_dim))).astype(np.float32)
+    params = dict(scaling or ())
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return (inv / np.float32(params["factor"])).astype(np.float32)
+    if kind == "llama3":
+        factor = params["factor"]
+        low, high = params["low_freq_factor"], params["high_freq_factor"]
+        old_ctx = params["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = (2 * math.pi / inv).astype(np.float32)
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv).astype(np.float32)
+        smooth = ((old_ctx / wavelen - low) / (high - low)).astype(np.float32)
+        smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def rope_cos_sin(positions, inv_freq: np.ndarray):
+    """positions: [C] int32 -> cos, sin: [C, rot_dim] (the HF 'rotate_half' layout)."""
+    freqs = positions.astype(F32)[:, None] * jnp.asarray(inv_freq)[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """x: [C, heads, Dh]; rotates the first rot_dim features (partial rotary keeps the rest)."""
+    rot = cos.shape[-1]
+    xr, xpass = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+    out = xr * cos[:, None, :] + rotated * sin[:, None, :]
+    return jnp.concatenate([out, xpass], axis=-1) if xpass.shape[-1] else out
+
+
+# --- KV cache and attention ------------------------------------------------------------------
+
+def write_cache(cache, layer: int, positions, new):
+    """cache: [L, S, KVH, Dh]; writes new: [C, KVH, Dh] at rows `positions` of one layer.
+
+    A scatter, which IREE updates in place (a dynamic_update_slice at a device offset made it
+    read the offset back to the host). Positions are clamped: IREE crashes on an out-of-bounds
+    scatter, and the runtime sizes the cache so that clamping never changes a live row.
+    """
+    S = cache.shape[1]
+    rows = jnp.minimum(positions, S - 1)
+    return cache.at[layer, rows].set(new.astype(cache.dtype))
+
+
+def attention(q, k_all, v_all, positions, scale: float, window: int | None = None):
+    """q: [C, H, Dh]; k_all, v_all: [S, KVH, Dh] (this layer's cache, chunk already written).
+
+    Causal over absolute positions; with `window`, a query at p sees keys in (p - window, p].
+    Returns [C, H * Dh].
+    """
+    C, H, Dh = q.shape
+    S, KVH, _ = k_all.shape
+    G = H // KVH
+    qg = q.astype(F32).reshape(C, KVH, G, Dh)
+    scores = jnp.einsum("ckgd,skd->kgcs", qg, k_all.astype(F32)) * scale
+    key_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
+    q_pos = positions[:, None]
+    mask = key_pos <= q_pos
+    if window is not None:
+        mask = mask & (key_pos > q_pos - window)
+    scores = jnp.where(mask[None, None], scores, MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("kgcs,skd->ckgd", probs, v_all.astype(F32))
+    return out.reshape(C, H * Dh)
