@@ -105,10 +105,12 @@ def write_cache(cache, layer: int, positions, new):
     return cache.at[layer, rows].set(new.astype(cache.dtype))
 
 
-def attention(q, k_all, v_all, positions, scale: float, window: int | None = None):
+def attention(q, k_all, v_all, positions, scale: float, window: int | None = None,
+              softcap: float | None = None):
     """q: [C, H, Dh]; k_all, v_all: [S, KVH, Dh] (this layer's cache, chunk already written).
 
     Causal over absolute positions; with `window`, a query at p sees keys in (p - window, p].
+    `softcap` squashes scores as softcap * tanh(scores / softcap) (Gemma 2 style).
     Returns [C, H * Dh].
     """
     C, H, Dh = q.shape
@@ -116,6 +118,8 @@ def attention(q, k_all, v_all, positions, scale: float, window: int | None = Non
     G = H // KVH
     qg = q.astype(F32).reshape(C, KVH, G, Dh)
     scores = jnp.einsum("ckgd,skd->kgcs", qg, k_all.astype(F32)) * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     key_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
     q_pos = positions[:, None]
     mask = key_pos <= q_pos
@@ -125,3 +129,56 @@ def attention(q, k_all, v_all, positions, scale: float, window: int | None = Non
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("kgcs,skd->ckgd", probs, v_all.astype(F32))
     return out.reshape(C, H * Dh)
+
+
+def self_attention(w: dict, p: str, h, positions, cos, sin, k_cache, v_cache, layer: int, *, heads: int,
+                   kv_heads: int, head_dim: int, scale: float, window: int | None = None,
+                   qk_norm_eps: float | None = None, qk_norm_one_plus: bool = False,
+                   softcap: float | None = None):
+    """The attention half of a decoder layer, on normed input h: [C, D] -> ([C, D], caches).
+
+    Weights under prefix `p` with HF names: self_attn.{q,k,v,o}_proj.{weight,bias?} and, when
+    qk_norm_eps is set, self_attn.{q,k}_norm.weight (per-head RMSNorm before rotary).
+    """
+    C = h.shape[0]
+    g = lambda name: w.get(f"{p}.self_attn.{name}")  # noqa: E731 - absent biases are None
+    q = linear(h, g("q_proj.weight"), g("q_proj.bias")).reshape(C, heads, head_dim)
+    k = linear(h, g("k_proj.weight"), g("k_proj.bias")).reshape(C, kv_heads, head_dim)
+    v = linear(h, g("v_proj.weight"), g("v_proj.bias")).reshape(C, kv_heads, head_dim)
+    if qk_norm_eps is not None:
+        q = rms_norm(q, g("q_norm.weight"), qk_norm_eps, one_plus=qk_norm_one_plus)
+        k = rms_norm(k, g("k_norm.weight"), qk_norm_eps, one_plus=qk_norm_one_plus)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_cache = write_cache(k_cache, layer, positions, k)
+    v_cache = write_cache(v_cache, layer, positions, v)
+    a = attention(q, k_cache[layer], v_cache[layer], positions, scale, window, softcap)
+    return linear(a, g("o_proj.weight"), g("o_proj.bias")), k_cache, v_cache
+
+
+def gated_mlp(w: dict, p: str, h, act=jax.nn.silu):
+    """SwiGLU-style MLP with HF names {p}.{gate,up,down}_proj.{weight,bias?}."""
+    g = lambda name: w.get(f"{p}.{name}")  # noqa: E731
+    gate = linear(h, g("gate_proj.weight"), g("gate_proj.bias"))
+    up = linear(h, g("up_proj.weight"), g("up_proj.bias"))
+    return linear(act(gate) * up, g("down_proj.weight"), g("down_proj.bias"))
+
+
+def attention_shapes(p: str, D: int, H: int, KVH: int, Dh: int, *, qkv_bias: bool = False,
+                     o_bias: bool = False, qk_norm: bool = False) -> dict:
+    shapes = {f"{p}.self_attn.q_proj.weight": (H * Dh, D), f"{p}.self_attn.k_proj.weight": (KVH * Dh, D),
+              f"{p}.self_attn.v_proj.weight": (KVH * Dh, D), f"{p}.self_attn.o_proj.weight": (D, H * Dh)}
+    if qkv_bias:
+        shapes |= {f"{p}.self_attn.q_proj.bias": (H * Dh,), f"{p}.self_attn.k_proj.bias": (KVH * Dh,),
+                   f"{p}.self_attn.v_proj.bias": (KVH * Dh,)}
+    if o_bias:
+        shapes[f"{p}.self_attn.o_proj.bias"] = (D,)
+    if qk_norm:
+        shapes |= {f"{p}.self_attn.q_norm.weight": (Dh,), f"{p}.self_attn.k_norm.weight": (Dh,)}
+    return shapes
+
+
+def mlp_shapes(p: str, D: int, I: int, *, bias: bool = False) -> dict:
+    shapes = {f"{p}.gate_proj.weight": (I, D), f"{p}.up_proj.weight": (I, D), f"{p}.down_proj.weight": (D, I)}
+    if bias:
+        shapes |= {f"{p}.gate_proj.bias": (I,), f"{p}.up_proj.bias": (I,), f"{p}.down_proj.bias": (D,)}
+    return shapes

@@ -29,6 +29,21 @@ class LoadStats:
     weight_bytes: int = 0
 
 
+def check_device(target: str) -> None:
+    """Fail early, before any compiling, when the target's device is not there."""
+    import iree.runtime as rt
+
+    if target not in DRIVERS:
+        raise ValueError(f"unknown device {target!r}; known: {', '.join(DRIVERS)}")
+    if target == "cuda":
+        try:
+            devices = rt.get_driver("cuda").query_available_devices()
+        except Exception as e:  # noqa: BLE001 - no driver library, no GPU, ...
+            raise RuntimeError(f"--device cuda: no usable CUDA driver or GPU here ({e})") from None
+        if not devices:
+            raise RuntimeError("--device cuda: the CUDA driver reports no GPU")
+
+
 def _device_config(target: str):
     import iree.runtime as rt
 

@@ -1,0 +1,122 @@
+"""Qwen3-MoE: Qwen3 attention (q/k RMSNorm) with top-k routed SwiGLU experts.
+
+Experts are stacked as MLX stores them: mlp.switch_mlp.{gate,up,down}_proj.weight [E, out, in];
+the router is mlp.gate.weight [E, D]. Routing follows HF: softmax in f32 over all experts,
+top-k, renormalised when norm_topk_prob.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from . import layers as L
+from .family import config_fields, freeze, layer_names
+
+MODEL_TYPE = "qwen3_moe"
+F32 = jnp.float32
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple | None
+    num_experts: int
+    num_experts_per_tok: int
+    norm_topk_prob: bool
+    sparse_layers: tuple[bool, ...]
+    attention_bias: bool
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_checkpoint(cls, cc) -> "Config":
+        f = config_fields(cc, "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                          "num_hidden_layers", "num_attention_heads", "rms_norm_eps", "num_experts_per_tok")
+        experts = cc.num_experts
+        if not experts:
+            raise ValueError(f"{cc.path}: qwen3_moe needs num_experts (4.x) or num_local_experts (5.x)")
+        step = cc.raw.get("decoder_sparse_step", 1)
+        dense_only = set(cc.raw.get("mlp_only_layers") or [])
+        sparse = tuple(i not in dense_only and (i + 1) % step == 0 for i in range(f["num_hidden_layers"]))
+        rope = cc.rope()
+        return cls(**f, num_key_value_heads=cc.raw.get("num_key_value_heads") or f["num_attention_heads"],
+                   head_dim=cc.raw.get("head_dim") or f["hidden_size"] // f["num_attention_heads"],
+                   rope_theta=rope.theta, rope_scaling=freeze(rope.scaling), num_experts=experts,
+                   norm_topk_prob=bool(cc.raw.get("norm_topk_prob", False)), sparse_layers=sparse,
+                   attention_bias=bool(cc.raw.get("attention_bias", False)),
+                   tie_word_embeddings=bool(cc.raw.get("tie_word_embeddings", False)))
+
+
+def weight_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    D, E, I = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, D)
+    for i, p in layer_names(cfg.num_hidden_layers):
+        shapes |= {f"{p}.input_layernorm.weight": (D,), f"{p}.post_attention_layernorm.weight": (D,)}
+        shapes |= L.attention_shapes(p, D, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                                     qkv_bias=cfg.attention_bias, o_bias=cfg.attention_bias, qk_norm=True)
+        if cfg.sparse_layers[i]:
+            shapes |= {f"{p}.mlp.gate.weight": (E, D),
+                       f"{p}.mlp.switch_mlp.gate_proj.weight": (E, I, D),
+                       f"{p}.mlp.switch_mlp.up_proj.weight": (E, I, D),
+                       f"{p}.mlp.switch_mlp.down_proj.weight": (E, D, I)}
+        else:
+            shapes |= L.mlp_shapes(f"{p}.mlp", D, cfg.intermediate_size)
+    return shapes
+
+
+def cache_shape(cfg: Config, capacity: int) -> tuple[int, ...]:
+    return (cfg.num_hidden_layers, capacity, cfg.num_key_value_heads, cfg.head_dim)
+
+
+def moe(cfg: Config, w: dict, p: str, h):
+    """h: [C, D] -> [C, D]. One token: gather its k experts (reads k/E of the weights).
+    Several tokens: run every expert and weight by the routing (zero for unselected)."""
+    C = h.shape[0]
+    probs = jax.nn.softmax(L.linear(h, w[f"{p}.gate.weight"]), axis=-1)  # [C, E]
+    top_p, top_i = jax.lax.top_k(probs, cfg.num_experts_per_tok)  # [C, k]
+    if cfg.norm_topk_prob:
+        top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+    wg, wu, wd = (w[f"{p}.switch_mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
+    x = h.astype(wg.dtype)
+    dot = lambda eq, a, b: jnp.einsum(eq, a, b, preferred_element_type=F32)  # noqa: E731
+    if C == 1:
+        idx = top_i[0]
+        g, u = dot("d,kid->ki", x[0], wg[idx]), dot("d,kid->ki", x[0], wu[idx])
+        y = dot("ki,kdi->kd", (jax.nn.silu(g) * u).astype(wd.dtype), wd[idx])  # [k, D]
+        return (top_p[0][:, None] * y).sum(0)[None]
+    route = jnp.zeros_like(probs).at[jnp.arange(C)[:, None], top_i].set(top_p)  # [C, E]
+    g, u = dot("cd,eid->cei", x, wg), dot("cd,eid->cei", x, wu)
+    y = dot("cei,edi->ced", (jax.nn.silu(g) * u).astype(wd.dtype), wd)  # [C, E, D]
+    return jnp.einsum("ce,ced->cd", route, y)
+
+
+def forward(cfg: Config, w: dict, tokens, positions, k_cache, v_cache):
+    cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+    x = w["model.embed_tokens.weight"][tokens].astype(F32)
+    for i, p in layer_names(cfg.num_hidden_layers):
+        h = L.rms_norm(x, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
+        a, k_cache, v_cache = L.self_attention(
+            w, p, h, positions, cos, sin, k_cache, v_cache, i, heads=cfg.num_attention_heads,
+            kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, scale=cfg.head_dim**-0.5,
+            qk_norm_eps=cfg.rms_norm_eps)
+        x = x + a
+        h = L.rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        x = x + (moe(cfg, w, f"{p}.mlp", h) if cfg.sparse_layers[i] else L.gated_mlp(w, f"{p}.mlp", h))
+    return L.rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps), k_cache, v_cache
+
+
+def lm_head(cfg: Config, w: dict, h):
+    return L.linear(h, w["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"])

@@ -1,0 +1,158 @@
+"""Generation in layers: load_model -> generate_step (token ids) -> stream_generate (text).
+
+Nothing here imports jax. Without a bundle, the model is compiled for the CPU on first use
+through the artifact cache, which needs the `compile` extra.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .bundle import check_compatible, read_manifest
+from .sampling import SamplingParams, make_sampler
+from .resident import gather_weights
+from .session import Session, check_device
+from .tokenizer import Tokenizer, find_stop
+
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+
+
+class ModelError(ValueError):
+    """A model, bundle or request that can't be run, with a message meant for the user."""
+
+
+@dataclass
+class Model:
+    session: Session
+    tokenizer: Tokenizer
+    model_dir: Path
+    load_s: float
+
+
+def load_model(model_dir: Path, *, device: str = "cpu", bundle: Path | None = None,
+               max_context: int | None = None) -> Model:
+    from .compile.family import SUPPORTED, UnsupportedModel
+    from .weights import open_checkpoint
+    from .weights.config import read_config
+
+    t0 = time.perf_counter()
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelError(f"model directory {model_dir} does not exist or is not a directory")
+    cc = read_config(model_dir)
+    if cc.model_type not in SUPPORTED:
+        raise UnsupportedModel(f"{cc.path}: model_type {cc.model_type!r} is not supported; "
+                               f"supported: {', '.join(SUPPORTED)}")
+    check_device(device)
+    if bundle is None:
+        bundle = _compile_for(model_dir, device, max_context)
+    manifest = read_manifest(bundle)
+    build = check_compatible(manifest, bundle, cc.raw, device)
+    weights = gather_weights(open_checkpoint(model_dir), list(build.weight_names), build.weight_dtype)
+    for name, shape in zip(build.weight_names, build.weight_shapes):
+        if tuple(weights[name].shape) != tuple(shape):
+            raise ModelError(f"{model_dir}: tensor {name} has shape {weights[name].shape}, "
+                             f"the compiled model expects {tuple(shape)}")
+    session = Session(bundle, build, weights, max_context=manifest.max_context,
+                      prefill_chunk=manifest.prefill_chunk)
+    del weights  # the device holds them now
+    return Model(session, Tokenizer.from_dir(model_dir), model_dir, time.perf_counter() - t0)
+
+
+def _compile_for(model_dir: Path, target: str, max_context: int | None) -> Path:
+    try:
+        from .compile.build import DEFAULT_MAX_CONTEXT, build_target
+    except ImportError as e:
+        raise ModelError(f"no --bundle given and the compile step is not installed ({e.name} missing): "
+                         "install iree-runner[compile] or pass a bundle made by `iree-generate compile`") from None
+    return build_target(model_dir, target, max_context=max_context or DEFAULT_MAX_CONTEXT)
+
+
+def generate_step(session: Session, prompt: list[int], sampler, max_tokens: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yields (token, logits it was sampled from) until max_tokens or the context is full."""
+    session.reset()
+    logits = session.prefill(prompt)
+    tokens = list(prompt)
+    for i in range(max_tokens):
+        token = sampler(logits, tokens)
+        tokens.append(token)
+        yield token, logits
+        if i + 1 == max_tokens or session.pos >= session.max_context:
+            return
+        logits = session.decode(token)
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prompt_tps: float = 0.0
+    decode_tps: float = 0.0
+    ttft_s: float = 0.0
+    peak_memory_mb: float = 0.0
+
+    def line(self) -> str:
+        return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
+                f"decode: {self.generated_tokens} tokens, {self.decode_tps:.1f} tok/s | "
+                f"ttft {self.ttft_s * 1000:.0f} ms | peak memory {self.peak_memory_mb:.0f} MB")
+
+
+@dataclass
+class Response:
+    text: str  # new text since the last response
+    token: int | None
+    finish_reason: str | None = None  # "stop" | "length" on the last response
+    stats: Stats = field(default_factory=Stats)
+    tokens: list[int] = field(default_factory=list)  # all generated ids, on the last response
+
+
+def stream_generate(model: Model, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
+                    stop_strings: tuple[str, ...] = ()) -> Iterator[Response]:
+    """Text segments as they become final: stop strings are held back until they can't match."""
+    if len(prompt_ids) >= model.session.max_context:
+        raise ModelError(f"prompt of {len(prompt_ids)} tokens does not fit the compiled context of "
+                         f"{model.session.max_context} tokens (compile with a larger --max-context)")
+    params.validate()
+    sampler = make_sampler(params)
+    detok = model.tokenizer.detokenizer()
+    eos = model.tokenizer.eos_token_ids
+    stats = Stats(prompt_tokens=len(prompt_ids))
+    pending = ""  # decoded text not yet emitted (may be the start of a stop string)
+    hold = max((len(s) for s in stop_strings), default=1) - 1
+    t0 = time.perf_counter()
+    finish = "length"
+    generated: list[int] = []
+    for n, (token, _) in enumerate(generate_step(model.session, prompt_ids, sampler, max_tokens)):
+        if n == 0:
+            stats.ttft_s = time.perf_counter() - t0
+        stats.generated_tokens = n + 1
+        generated.append(token)
+        if token in eos:
+            finish = "stop"
+            break
+        pending += detok.add_token(token)
+        cut = find_stop(pending, list(stop_strings)) if stop_strings else None
+        if cut is not None:
+            pending, finish = pending[:cut], "stop"
+            break
+        emit = len(pending) - hold if stop_strings else len(pending)
+        if emit > 0:
+            yield Response(pending[:emit], token, stats=stats)
+            pending = pending[emit:]
+    if finish == "length" or (generated and generated[-1] in eos):  # flush bytes the detokenizer still holds
+        pending += detok.finalize()
+        cut = find_stop(pending, list(stop_strings)) if stop_strings else None
+        if cut is not None:
+            pending, finish = pending[:cut], "stop"
+    total = time.perf_counter() - t0
+    stats.prompt_tps = stats.prompt_tokens / stats.ttft_s if stats.ttft_s else 0.0
+    decode_s = total - stats.ttft_s
+    stats.decode_tps = (stats.generated_tokens - 1) / decode_s if stats.generated_tokens > 1 and decode_s > 0 else 0.0
+    stats.peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    yield Response(pending, None, finish, stats, generated)

@@ -1,0 +1,54 @@
+"""Gather the tensors a compiled model expects, by name, from a checkpoint (numpy only).
+
+Compiled models name their weights as MLX checkpoints do. HF checkpoints differ only for MoE
+experts: per-expert tensors (`mlp.experts.{e}.gate_proj.weight`, transformers 4.x) or fused ones
+(`mlp.experts.gate_up_proj` [E, 2I, D] and `mlp.experts.down_proj`, transformers 5.x in memory)
+where MLX stacks `mlp.switch_mlp.{gate,up,down}_proj.weight` [E, out, in].
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+SWITCH = re.compile(r"^(?P<p>.+)\.mlp\.switch_mlp\.(?P<proj>gate|up|down)_proj\.weight$")
+
+
+class MissingWeight(ValueError):
+    pass
+
+
+def gather_weights(ckpt, names: list[str], dtype) -> dict[str, np.ndarray]:
+    """{name: array in dtype} for every name; a clear error for one the checkpoint lacks."""
+    direct = [n for n in names if n in ckpt]
+    out = ckpt.load_all(np.dtype(dtype), names=direct)
+    for name in names:
+        if name not in out:
+            out[name] = _stacked_experts(ckpt, name, dtype)
+    return out
+
+
+def _stacked_experts(ckpt, name: str, dtype) -> np.ndarray:
+    m = SWITCH.match(name)
+    if m is None:
+        raise MissingWeight(f"{ckpt.model_dir}: the checkpoint has no tensor {name!r}, which the model needs")
+    p, proj = m["p"], m["proj"]
+    per_expert = [f"{p}.mlp.experts.{e}.{proj}_proj.weight" for e in range(_count_experts(ckpt, p))]
+    if per_expert and all(n in ckpt for n in per_expert):
+        return np.stack([ckpt.load(n, dtype) for n in per_expert])
+    fused = f"{p}.mlp.experts.gate_up_proj" if proj in ("gate", "up") else f"{p}.mlp.experts.down_proj"
+    if fused in ckpt:
+        t = ckpt.load(fused, dtype)
+        if proj == "down":
+            return t
+        half = t.shape[1] // 2  # HF chunks gate_up into (gate, up) along the output dimension
+        return np.ascontiguousarray(t[:, :half] if proj == "gate" else t[:, half:])
+    raise MissingWeight(f"{ckpt.model_dir}: the checkpoint has no tensor {name!r} nor per-expert "
+                        f"{p}.mlp.experts.N.{proj}_proj.weight nor fused {fused}")
+
+
+def _count_experts(ckpt, prefix: str) -> int:
+    pat = re.compile(re.escape(prefix) + r"\.mlp\.experts\.(\d+)\.")
+    found = {int(m[1]) for n in ckpt.names() if (m := pat.match(n))}
+    return max(found) + 1 if found else 0
