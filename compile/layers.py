@@ -102,7 +102,10 @@ def write_cache(cache, layer: int, positions, new):
     """
     S = cache.shape[1]
     rows = jnp.minimum(positions, S - 1)
-    return cache.at[layer, rows].set(new.astype(cache.dtype))
+    # The barrier keeps IREE from fusing the producer (rotary) into the scatter, which its CUDA
+    # codegen fails on ("failed to apply fusion + hoisting patterns").
+    new = jax.lax.optimization_barrier(new.astype(cache.dtype))
+    return cache.at[layer, rows].set(new)
 
 
 def attention(q, k_all, v_all, positions, scale: float, window: int | None = None,
