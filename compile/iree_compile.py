@@ -23,9 +23,10 @@ WEIGHT_DTYPE = {"cpu": "float32", "cuda": "float16"}
 
 
 def compiler_version() -> str:
-    from iree.compiler import version
+    """The iree-base-compiler release, comparable with iree-base-runtime's (bundle.runtime_version)."""
+    import importlib.metadata
 
-    return version.VERSION
+    return importlib.metadata.version("iree-base-compiler")
 
 
 def iree_compile_path() -> str:
