@@ -1,9 +1,14 @@
 """Export a family's step function to StableHLO with `jax.export`.
 
 One pure function serves prefill and decode: it runs C tokens at positions start..start+C-1
-against a fixed-capacity KV cache and returns the logits of row `last` only. Prefill is that
-function with C = the chunk size (prompts run chunk by chunk); decode is C = 1. Caches are
-donated, so IREE updates them in place.
+against a fixed-capacity KV cache and returns the logits of row `last` and their argmax (so
+greedy decoding reads back one int, not the vocabulary). Prefill is that function with C = the
+chunk size (prompts run chunk by chunk); decode is C = 1. Caches are donated, so IREE updates
+them in place.
+
+Weight layouts: "args" passes each weight as its own argument; "flat" passes one buffer
+holding all of them back to back, sliced statically inside the graph, so a call marshals two
+caches and one weight buffer instead of hundreds of arguments.
 """
 
 from __future__ import annotations
@@ -14,48 +19,75 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+LAYOUTS = ("args", "flat")
+
 
 @dataclass(frozen=True)
 class StepSpec:
     """What the exported function looks like; recorded in the bundle manifest for the runtime."""
 
-    weight_names: tuple[str, ...]  # in argument order (jax flattens a dict by sorted key)
+    weight_names: tuple[str, ...]  # in argument / buffer order (jax flattens a dict by sorted key)
     weight_shapes: tuple[tuple[int, ...], ...]
     weight_dtype: str  # "float32" | "float16"
     cache_shape: tuple[int, ...]  # K and V each; capacity already includes the chunk slack
     cache_dtype: str
+    weight_layout: str = "args"
+
+    def flat_offsets(self) -> list[int]:
+        sizes = [int(np.prod(s)) for s in self.weight_shapes]
+        return [int(x) for x in np.cumsum([0, *sizes])]
 
 
 def make_step(family, cfg):
     def step(weights, k_cache, v_cache, tokens, start, last):
-        # tokens: [C] int32, start/last: scalar int32 -> logits [V] f32, caches
+        # tokens: [C] int32, start/last: scalar int32 -> logits [V] f32, argmax, caches
         positions = start + jnp.arange(tokens.shape[0], dtype=jnp.int32)
         h, k_cache, v_cache = family.forward(cfg, weights, tokens, positions, k_cache, v_cache)
-        return family.lm_head(cfg, weights, h[last]), k_cache, v_cache
+        logits = family.lm_head(cfg, weights, h[last])
+        return logits, jnp.argmax(logits).astype(jnp.int32), k_cache, v_cache
 
     return step
 
 
-def step_spec(family, cfg, *, capacity: int, weight_dtype: str, cache_dtype: str = "float32") -> StepSpec:
+def make_flat_step(family, cfg, spec: StepSpec):
+    step = make_step(family, cfg)
+    offsets = spec.flat_offsets()
+
+    def flat_step(flat, k_cache, v_cache, tokens, start, last):
+        weights = {n: flat[offsets[i]:offsets[i + 1]].reshape(s)
+                   for i, (n, s) in enumerate(zip(spec.weight_names, spec.weight_shapes))}
+        return step(weights, k_cache, v_cache, tokens, start, last)
+
+    return flat_step
+
+
+def step_spec(family, cfg, *, capacity: int, weight_dtype: str, cache_dtype: str = "float32",
+              weight_layout: str = "args") -> StepSpec:
+    if weight_layout not in LAYOUTS:
+        raise ValueError(f"weight layout {weight_layout!r}; known: {', '.join(LAYOUTS)}")
     shapes = family.weight_shapes(cfg)
     names = tuple(sorted(shapes))
     return StepSpec(names, tuple(tuple(shapes[n]) for n in names), weight_dtype,
-                    tuple(family.cache_shape(cfg, capacity)), cache_dtype)
+                    tuple(family.cache_shape(cfg, capacity)), cache_dtype, weight_layout)
 
 
 def export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str) -> str:
     """StableHLO text of the step for `tokens` tokens per call, its module renamed."""
     wdt = np.dtype(spec.weight_dtype)
-    weights = {n: jax.ShapeDtypeStruct(s, wdt) for n, s in zip(spec.weight_names, spec.weight_shapes)}
+    if spec.weight_layout == "flat":
+        fn = make_flat_step(family, cfg, spec)
+        weights = jax.ShapeDtypeStruct((spec.flat_offsets()[-1],), wdt)
+    else:
+        fn = make_step(family, cfg)
+        weights = {n: jax.ShapeDtypeStruct(s, wdt) for n, s in zip(spec.weight_names, spec.weight_shapes)}
     cache = jax.ShapeDtypeStruct(spec.cache_shape, np.dtype(spec.cache_dtype))
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    fn = jax.jit(make_step(family, cfg), donate_argnums=(1, 2))
-    exported = jax.export.export(fn)(weights, cache, cache, jax.ShapeDtypeStruct((tokens,), jnp.int32),
-                                     scalar, scalar)
+    exported = jax.export.export(jax.jit(fn, donate_argnums=(1, 2)))(
+        weights, cache, cache, jax.ShapeDtypeStruct((tokens,), jnp.int32), scalar, scalar)
     text = exported.mlir_module()
-    # Every jax export is `module @jit_step`; prefill and decode share one runtime context,
+    # Every jax export is `module @jit_<fn>`; prefill and decode share one runtime context,
     # so each gets its own module name.
-    head = "module @jit_step"
+    head = f"module @jit_{fn.__name__}"
     if head not in text:
-        raise RuntimeError("unexpected jax export: no 'module @jit_step' header")
+        raise RuntimeError(f"unexpected jax export: no {head!r} header")
     return text.replace(head, f"module @{module_name}", 1)

@@ -18,7 +18,7 @@ from .bundle import check_compatible, read_manifest
 from .sampling import SamplingParams, make_sampler
 from .resident import gather_weights
 from .session import Session, check_device
-from .tokenizer import Tokenizer, find_stop
+from .tokenizer import Tokenizer, find_stop, stop_holdback
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 
@@ -69,23 +69,28 @@ def _compile_for(model_dir: Path, target: str, max_context: int | None) -> Path:
     try:
         from .compile.build import DEFAULT_MAX_CONTEXT, build_target
     except ImportError as e:
-        raise ModelError(f"no --bundle given and the compile step is not installed ({e.name} missing): "
+        raise ModelError(f"no --bundle given and the compile step is not installed ({e}): "
                          "install iree-runner[compile] or pass a bundle made by `iree-generate compile`") from None
     return build_target(model_dir, target, max_context=max_context or DEFAULT_MAX_CONTEXT)
 
 
-def generate_step(session: Session, prompt: list[int], sampler, max_tokens: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Yields (token, logits it was sampled from) until max_tokens or the context is full."""
+def generate_step(session: Session, prompt: list[int], params: SamplingParams, max_tokens: int) -> Iterator[int]:
+    """Yields sampled token ids until max_tokens or the compiled context is full.
+
+    Plain greedy takes the argmax computed on the device, so one int crosses back per step;
+    other sampling reads the logits row and samples on the host."""
+    on_device = params.temperature == 0 and params.repetition_penalty == 1.0
+    sampler = make_sampler(params)
     session.reset()
-    logits = session.prefill(prompt)
+    out = session.prefill(prompt, greedy=on_device)
     tokens = list(prompt)
     for i in range(max_tokens):
-        token = sampler(logits, tokens)
+        token = out if on_device else sampler(out, tokens)
         tokens.append(token)
-        yield token, logits
+        yield token
         if i + 1 == max_tokens or session.pos >= session.max_context:
             return
-        logits = session.decode(token)
+        out = session.decode(token, greedy=on_device)
 
 
 @dataclass
@@ -119,16 +124,14 @@ def stream_generate(model: Model, prompt_ids: list[int], params: SamplingParams,
         raise ModelError(f"prompt of {len(prompt_ids)} tokens does not fit the compiled context of "
                          f"{model.session.max_context} tokens (compile with a larger --max-context)")
     params.validate()
-    sampler = make_sampler(params)
     detok = model.tokenizer.detokenizer()
     eos = model.tokenizer.eos_token_ids
     stats = Stats(prompt_tokens=len(prompt_ids))
     pending = ""  # decoded text not yet emitted (may be the start of a stop string)
-    hold = max((len(s) for s in stop_strings), default=1) - 1
     t0 = time.perf_counter()
     finish = "length"
     generated: list[int] = []
-    for n, (token, _) in enumerate(generate_step(model.session, prompt_ids, sampler, max_tokens)):
+    for n, token in enumerate(generate_step(model.session, prompt_ids, params, max_tokens)):
         if n == 0:
             stats.ttft_s = time.perf_counter() - t0
         stats.generated_tokens = n + 1
@@ -141,7 +144,7 @@ def stream_generate(model: Model, prompt_ids: list[int], params: SamplingParams,
         if cut is not None:
             pending, finish = pending[:cut], "stop"
             break
-        emit = len(pending) - hold if stop_strings else len(pending)
+        emit = len(pending) - stop_holdback(pending, list(stop_strings)) if stop_strings else len(pending)
         if emit > 0:
             yield Response(pending[:emit], token, stats=stats)
             pending = pending[emit:]

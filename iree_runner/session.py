@@ -68,7 +68,12 @@ class Session:
         self._decode = self._ctx.modules.decode["main"]
         self.stats = LoadStats()
         t0 = time.perf_counter()
-        self._weights = [rt.asdevicearray(device, weights[n]) for n in build.weight_names]
+        if build.weight_layout == "flat":  # one buffer, weights back to back in manifest order
+            flat = np.concatenate([weights[n].reshape(-1) for n in build.weight_names])
+            self._weights = [rt.asdevicearray(device, flat)]
+            del flat
+        else:
+            self._weights = [rt.asdevicearray(device, weights[n]) for n in build.weight_names]
         self.stats.upload_s = time.perf_counter() - t0
         self.stats.weight_bytes = sum(weights[n].nbytes for n in build.weight_names)
         self._device = device
@@ -83,13 +88,16 @@ class Session:
         self._v = rt.asdevicearray(self._device, zeros)
         self.pos = 0
 
-    def _run(self, fn, tokens: np.ndarray, last: int) -> np.ndarray:
-        logits, self._k, self._v = fn(*self._weights, self._k, self._v, tokens,
-                                      np.array(self.pos, np.int32), np.array(last, np.int32))
-        return logits.to_host()
+    def _run(self, fn, tokens: np.ndarray, last: int, greedy: bool):
+        logits, token, self._k, self._v = fn(*self._weights, self._k, self._v, tokens,
+                                             np.array(self.pos, np.int32), np.array(last, np.int32))
+        # Only what is asked for crosses back: one int for greedy, else the logits row.
+        return int(token.to_host()) if greedy else logits.to_host()
 
-    def prefill(self, tokens: list[int]) -> np.ndarray:
-        """Run the prompt (continuing the current sequence) chunk by chunk; logits of its last token."""
+    def prefill(self, tokens: list[int], greedy: bool = False):
+        """Run the prompt (continuing the current sequence) chunk by chunk.
+
+        Returns the logits of its last token, or with greedy=True their argmax (an int)."""
         n = len(tokens)
         if n == 0:
             raise ValueError("prefill needs at least one token")
@@ -101,14 +109,14 @@ class Session:
             part = ids[start:start + self.chunk]
             padded = np.zeros(self.chunk, np.int32)
             padded[:len(part)] = part
-            logits = self._run(self._prefill, padded, len(part) - 1)
+            out = self._run(self._prefill, padded, len(part) - 1, greedy)
             self.pos += len(part)
-        return logits
+        return out
 
-    def decode(self, token: int) -> np.ndarray:
-        """Append one token; logits for the next."""
+    def decode(self, token: int, greedy: bool = False):
+        """Append one token; logits for the next (or their argmax with greedy=True)."""
         if self.pos + 1 > self.max_context:
             raise ContextFull(f"the compiled context of {self.max_context} tokens is full")
-        logits = self._run(self._decode, np.array([token], np.int32), 0)
+        out = self._run(self._decode, np.array([token], np.int32), 0, greedy)
         self.pos += 1
-        return logits
+        return out
