@@ -1,0 +1,246 @@
+"""Next-token selection from logits: greedy, or sampling with the processors of transformers'
+`generate` in its order: repetition penalty, then temperature, top-k, top-p and min-p.
+
+Each step is a separate function on a 1-D float32 numpy array so it can be checked against
+transformers' logits processors; removed tokens get -inf, like their `filter_value`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "SamplingParams",
+    "make_sampler",
+    "process_logits",
+    "filter_logits",
+    "apply_repetition_penalty",
+    "apply_temperature",
+    "top_k_filter",
+    "top_p_filter",
+    "min_p_filter",
+]
+
+_DRAW_BLOCK = 1024
+
+Sampler = Callable[[np.ndarray, Sequence[int]], int]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    seed: int | None = None  # None = fresh entropy
+
+    def validate(self) -> None:
+        def fail(option: str, expected: str, value) -> None:
+            raise ValueError(f"sampling option {option} must be {expected}, got {value!r}")
+
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            fail("temperature", "a finite number >= 0 (0 = greedy)", self.temperature)
+        if not _is_int(self.top_k) or self.top_k < 0:
+            fail("top_k", "an integer >= 0 (0 = off)", self.top_k)
+        if not _is_real(self.top_p) or not (0 < self.top_p <= 1):
+            fail("top_p", "in (0, 1] (1 = off)", self.top_p)
+        if not _is_real(self.min_p) or not (0 <= self.min_p < 1):
+            fail("min_p", "in [0, 1) (0 = off)", self.min_p)
+        if not _is_real(self.repetition_penalty) or not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            fail("repetition_penalty", "a finite number > 0 (1 = off)", self.repetition_penalty)
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            fail("seed", "None or an integer >= 0", self.seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _as_logits(logits) -> np.ndarray:
+    logits = np.asarray(logits)
+    if logits.ndim != 1 or logits.size == 0:
+        raise ValueError(f"logits must be a non-empty 1-D array [vocab], got shape {logits.shape}")
+    if not np.issubdtype(logits.dtype, np.floating):
+        raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
+    logits = logits.astype(np.float32, copy=False)
+    if np.isnan(logits.max()) or logits.max() == np.inf:  # max propagates NaN
+        raise ValueError("logits contain NaN or +inf")
+    return logits
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    # float32 like transformers' processors on float32 scores; -inf -> probability 0.
+    shifted = logits - logits.max()
+    e = np.exp(shifted)
+    return e / e.sum(dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Processing steps. The public functions check their input and return a new array; the private
+# ones trust a float32 vector and may return it unchanged when they have nothing to do.
+
+_NEG_INF = np.float32(-np.inf)
+
+
+def _penalize(logits: np.ndarray, tokens: Sequence[int], penalty: float) -> np.ndarray:
+    if penalty == 1.0 or len(tokens) == 0:
+        return logits
+    seen = np.unique(np.asarray(tokens, dtype=np.int64))
+    seen = seen[(seen >= 0) & (seen < logits.shape[0])]
+    out = logits.copy()
+    score = out[seen]
+    out[seen] = np.where(score < 0, score * np.float32(penalty), score / np.float32(penalty))
+    return out
+
+
+def _top_k(logits: np.ndarray, top_k: int) -> np.ndarray:
+    if top_k <= 0 or top_k >= logits.shape[0]:
+        return logits
+    kth = np.partition(logits, -top_k)[-top_k]
+    return np.where(logits < kth, _NEG_INF, logits)
+
+
+def _top_p(logits: np.ndarray, top_p: float) -> np.ndarray:
+    if top_p >= 1.0:
+        return logits
+    # The tokens removed are a prefix of the ascending order, so they are the ones below the
+    # first kept value: a sort of the values is enough (no argsort, no scatter).
+    ascending = np.sort(logits[np.isfinite(logits)])
+    cumulative = np.cumsum(_softmax(ascending), dtype=np.float32)
+    removed = int(np.searchsorted(cumulative, np.float32(1 - top_p), side="right"))
+    threshold = ascending[min(removed, len(ascending) - 1)]  # the top token always survives
+    return np.where(logits < threshold, _NEG_INF, logits)
+
+
+def _min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
+    if min_p <= 0:
+        return logits
+    probs = _softmax(logits)
+    # The top token always survives: its probability is >= min_p * itself.
+    return np.where(probs < np.float32(min_p) * probs.max(), _NEG_INF, logits)
+
+
+def _filter(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    return _min_p(_top_p(_top_k(logits, params.top_k), params.top_p), params.min_p)
+
+
+def _process(logits: np.ndarray, tokens: Sequence[int], params: SamplingParams) -> np.ndarray:
+    out = _penalize(logits, tokens, params.repetition_penalty)
+    if not params.greedy and params.temperature != 1.0:
+        out = out / np.float32(params.temperature)
+    return _filter(out, params)
+
+
+def _fresh(result: np.ndarray, source: np.ndarray) -> np.ndarray:
+    return result.copy() if result is source else result
+
+
+def apply_repetition_penalty(logits: np.ndarray, tokens: Sequence[int], penalty: float) -> np.ndarray:
+    """RepetitionPenaltyLogitsProcessor: for each distinct token already seen,
+    logit < 0 ? logit * penalty : logit / penalty (ids outside the vocabulary are ignored)."""
+    logits = _as_logits(logits)
+    return _fresh(_penalize(logits, tokens, penalty), logits)
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """TemperatureLogitsWarper: logits / temperature (temperature > 0)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature for scaling must be > 0, got {temperature!r}")
+    return _as_logits(logits) / np.float32(temperature)
+
+
+def top_k_filter(logits: np.ndarray, top_k: int) -> np.ndarray:
+    """TopKLogitsWarper: keep logits >= the k-th largest (ties at the border survive)."""
+    logits = _as_logits(logits)
+    return _fresh(_top_k(logits, top_k), logits)
+
+
+def top_p_filter(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """TopPLogitsWarper: in ascending order, drop the tokens whose cumulative probability is
+    <= 1 - top_p; the most likely token always survives. Tokens tied with the smallest kept
+    logit all survive (HF's unstable sort keeps an arbitrary subset of such ties)."""
+    logits = _as_logits(logits)
+    return _fresh(_top_p(logits, top_p), logits)
+
+
+def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """MinPLogitsWarper: drop tokens with probability < min_p * (top probability)."""
+    logits = _as_logits(logits)
+    return _fresh(_min_p(logits, min_p), logits)
+
+
+def filter_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """top-k, then top-p, then min-p; removed tokens are -inf."""
+    logits = _as_logits(logits)
+    return _fresh(_filter(logits, params), logits)
+
+
+def process_logits(logits: np.ndarray, tokens: Sequence[int], params: SamplingParams) -> np.ndarray:
+    """The logits a sampling step draws from: repetition penalty, temperature (unless greedy),
+    then the filters, in the order of transformers' generate."""
+    logits = _as_logits(logits)
+    return _fresh(_process(logits, tokens, params), logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers
+
+
+def make_sampler(params: SamplingParams) -> Sampler:
+    """(logits [V], tokens so far incl. the prompt) -> next token id.
+
+    temperature 0: argmax (lowest id on ties) of the logits after the repetition penalty, which
+    transformers applies in greedy decoding too. Otherwise one draw from softmax(process_logits)
+    with a numpy Generator seeded by params.seed: the same seed gives the same tokens.
+    """
+    params.validate()
+    if params.greedy:
+        def greedy(logits: np.ndarray, tokens: Sequence[int] = ()) -> int:
+            return int(np.argmax(_penalize(_as_logits(logits), tokens, params.repetition_penalty)))
+
+        return greedy
+
+    rng = np.random.default_rng(params.seed)
+
+    def sample(logits: np.ndarray, tokens: Sequence[int] = ()) -> int:
+        return _draw(_process(_as_logits(logits), tokens, params), rng)
+
+    return sample
+
+
+def _draw(logits: np.ndarray, rng: np.random.Generator) -> int:
+    """Inverse-CDF draw from softmax(logits): one uniform number per token drawn, so a seed
+    gives a reproducible sequence. -inf tokens have zero width and are never drawn."""
+    top = logits.max()
+    if top == -np.inf:
+        raise ValueError("every token was filtered out")
+    weights = np.exp(logits - top)  # float32, like the processors; -inf -> 0
+    # Two-level inverse CDF (block sums, then one block) in float64: a float64 cumsum over a
+    # 150k vocabulary costs milliseconds per token.
+    padded = np.concatenate([weights, np.zeros(-len(weights) % _DRAW_BLOCK, np.float32)])
+    blocks = padded.reshape(-1, _DRAW_BLOCK)  # [n_blocks, block]
+    block_cumulative = np.cumsum(blocks.sum(axis=1, dtype=np.float64))
+    target = rng.random() * block_cumulative[-1]
+    block = min(int(np.searchsorted(block_cumulative, target, side="right")), len(blocks) - 1)
+    while block_cumulative[block] == (block_cumulative[block - 1] if block else 0.0):
+        block -= 1  # float edge (target == total) landed past the last block with weight
+    within = target - (block_cumulative[block - 1] if block else 0.0)
+    cumulative = np.cumsum(blocks[block], dtype=np.float64)
+    offset = min(int(np.searchsorted(cumulative, within, side="right")), _DRAW_BLOCK - 1)
+    # side="right" skips zero-width entries; at the end of the block only on a float edge.
+    while blocks[block, offset] == 0:
+        offset -= 1
+    return block * _DRAW_BLOCK + offset
