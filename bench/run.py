@@ -1,0 +1,287 @@
+"""Generation benchmark: iree-runner against its peers in the same run, on the same device.
+
+For each model (bench/configs/, random weights) and variant (MLX 4-bit with BF16 scales, f16):
+load time (files -> device-resident weights), prefill tok/s on a 512-token prompt, time to first
+token, decode tok/s at batch 1 over 128 new tokens, device memory. Peers, same weights and
+shapes: JAX/XLA running our own model code under jax.jit; HF transformers (torch, eager).
+The roofline is the bytes a decode step must read (weights + the live KV cache) divided by the
+copy bandwidth measured in the same run.
+
+  python bench/run.py --ckpts DIR --bundles DIR --device cuda --json OUT.json
+(bundles: DIR/<model>/ made by `iree-generate compile --target cuda`; checkpoints by
+bench/make_checkpoints.py). Prints a markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROMPT_LEN, NEW_TOKENS = 512, 128
+
+
+def _sync_cuda():
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    except ImportError:
+        pass
+
+
+def copy_bandwidth_gbs(device: str) -> float:
+    """Bytes read + written per second by a large device-to-device copy (median of 10)."""
+    if device == "cuda":
+        import torch
+
+        a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+        b = torch.empty_like(a)
+        times = []
+        for _ in range(12):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            b.copy_(a)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        del a, b
+        return 2 * (1 << 30) / statistics.median(times[2:]) / 1e9
+    a = np.ones(1 << 28, np.uint8)
+    b = np.empty_like(a)
+    times = []
+    for _ in range(6):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        times.append(time.perf_counter() - t)
+    return 2 * a.nbytes / statistics.median(times[1:]) / 1e9
+
+
+def device_used_mb(device: str) -> float | None:
+    if device != "cuda":
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**20
+
+
+def decode_bytes(weights: dict, cfg_raw: dict, context: int, cache_bytes: int) -> int:
+    """Bytes one decode step must read: every weight (the embedding only as lm_head, when tied,
+    else one row) plus K and V of `context` positions."""
+    total = 0
+    for name, w in weights.items():
+        if name == "model.embed_tokens.weight" and not cfg_raw.get("tie_word_embeddings"):
+            total += w.nbytes // w.shape[0]
+        else:
+            total += w.nbytes
+    kvh = cfg_raw.get("num_key_value_heads") or cfg_raw["num_attention_heads"]
+    dh = cfg_raw.get("head_dim") or cfg_raw["hidden_size"] // cfg_raw["num_attention_heads"]
+    return total + 2 * cfg_raw["num_hidden_layers"] * context * kvh * dh * cache_bytes
+
+
+def _timed_generation(prefill, decode, prompt, sync=_sync_cuda):
+    """prefill(prompt) -> token; decode(token) -> token: greedy, each runtime taking the argmax
+    on the device and reading back one int per step."""
+    sync()
+    t0 = time.perf_counter()
+    token = prefill(prompt)
+    ttft = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for _ in range(NEW_TOKENS - 1):
+        token = decode(token)
+    decode_s = time.perf_counter() - t1
+    return {"prefill_tps": len(prompt) / ttft, "ttft_ms": ttft * 1e3, "decode_tps": (NEW_TOKENS - 1) / decode_s}
+
+
+def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tuple[dict, dict]:
+    from iree_runner.bundle import check_compatible, read_manifest
+    from iree_runner.resident import gather_weights
+    from iree_runner.session import Session
+    from iree_runner.weights import open_checkpoint
+
+    before = device_used_mb(device)
+    t0 = time.perf_counter()
+    manifest = read_manifest(bundle)
+    build = check_compatible(manifest, bundle, json.loads((ckpt / "config.json").read_text()), device)
+    weights = gather_weights(open_checkpoint(ckpt), list(build.weight_names), build.weight_dtype)
+    t_host = time.perf_counter() - t0
+    s = Session(bundle, build, weights, max_context=manifest.max_context, prefill_chunk=manifest.prefill_chunk)
+    load_s = time.perf_counter() - t0
+
+    def prefill(p):
+        s.reset()
+        return s.prefill(p, greedy=True)
+
+    def decode(t):
+        return s.decode(t, greedy=True)
+
+    _timed_generation(prefill, decode, prompt[:64])  # warm-up
+    r = _timed_generation(prefill, decode, prompt)
+    r |= {"load_s": load_s, "host_dequant_s": t_host, "device_mb": device_used_mb(device) - before}
+    return r, weights
+
+
+def bench_jax(ckpt: Path, device: str, prompt: list[int], weights: dict, chunk: int, max_context: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from iree_runner.compile import export, family
+    from iree_runner.weights import read_config
+
+    cc = read_config(ckpt)
+    fam = family.family_module(cc.model_type)
+    cfg = fam.Config.from_checkpoint(cc)
+    spec = export.step_spec(fam, cfg, capacity=max_context + chunk, weight_dtype=next(iter(weights.values())).dtype.name)
+    dev = jax.devices("gpu" if device == "cuda" else "cpu")[0]
+    w = {n: jax.device_put(weights[n], dev) for n in spec.weight_names}
+    step = jax.jit(export.make_step(fam, cfg), donate_argnums=(1, 2))
+    state = {}
+
+    def reset():
+        z = jnp.zeros(spec.cache_shape, jnp.float32, device=dev)
+        state.update(k=z, v=jnp.zeros_like(z), pos=0)
+
+    def run(tokens, last):
+        _, token, state["k"], state["v"] = step(w, state["k"], state["v"], tokens, np.int32(state["pos"]), np.int32(last))
+        return int(token)
+
+    def prefill(p):
+        reset()
+        for i in range(0, len(p), chunk):
+            part = np.zeros(chunk, np.int32)
+            n = len(p[i:i + chunk])
+            part[:n] = p[i:i + chunk]
+            token = run(part, n - 1)
+            state["pos"] += n
+        return token
+
+    def decode(t):
+        token = run(np.array([t], np.int32), 0)
+        state["pos"] += 1
+        return token
+
+    _timed_generation(prefill, decode, prompt[:64])
+    return _timed_generation(prefill, decode, prompt)
+
+
+def bench_torch(f16_ckpt: Path, device: str, prompt: list[int]) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float16 if device == "cuda" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(f16_ckpt, dtype=dtype).to(device).eval()
+    state = {}
+
+    @torch.no_grad()
+    def prefill(p):
+        out = model(torch.tensor([p], device=device), use_cache=True)
+        state["past"] = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    @torch.no_grad()
+    def decode(t):
+        out = model(torch.tensor([[t]], device=device), past_key_values=state["past"], use_cache=True)
+        state["past"] = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    _timed_generation(prefill, decode, prompt[:64])
+    r = _timed_generation(prefill, decode, prompt)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return r
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} ({subprocess.getoutput('nproc')} cores)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpts", type=Path, required=True)
+    ap.add_argument("--bundles", type=Path, required=True)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    ap.add_argument("--models", default="qwen3-0.6b,llama-3.2-1b")
+    ap.add_argument("--peers", default="jax,torch")
+    ap.add_argument("--layouts", default="args", help="bundles DIR/<model>-<layout> to compare")
+    ap.add_argument("--json", type=Path, required=True)
+    args = ap.parse_args()
+    import importlib.metadata as md
+
+    bw = copy_bandwidth_gbs(args.device)
+    rows = []
+    prompt = np.random.default_rng(0).integers(100, 1000, PROMPT_LEN).tolist()
+    for model in args.models.split(","):
+        raw = json.loads((Path(__file__).parent / "configs" / f"{model}.json").read_text())
+        layouts = args.layouts.split(",")
+        for variant in ("4bit", "f16"):
+            ckpt = args.ckpts / f"{model}-{variant}"
+            for layout in layouts:
+                bundle = args.bundles / f"{model}-{layout}"
+                manifest = json.loads((bundle / "manifest.json").read_text())
+                r, weights = bench_ours(ckpt, bundle, args.device, prompt)
+                cache_bytes = 4  # f32 KV cache
+                need = decode_bytes(weights, raw, PROMPT_LEN + NEW_TOKENS // 2, cache_bytes)
+                roof = bw * 1e9 / need
+                rows.append({"model": model, "variant": variant, "runtime": f"iree-runner ({layout} weights)", **r,
+                             "bytes_per_token": need, "roofline_tps": roof, "roofline_frac": r["decode_tps"] / roof})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                if layout != layouts[-1]:
+                    del weights
+            if variant == "4bit" and "jax" in args.peers:
+                try:
+                    j = bench_jax(ckpt, args.device, prompt, weights, manifest["prefill_chunk"], manifest["max_context"])
+                    rows.append({"model": model, "variant": variant, "runtime": "jax-xla (our model code)", **j,
+                                 "roofline_frac": j["decode_tps"] / roof})
+                except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
+                    rows.append({"model": model, "variant": variant, "runtime": "jax-xla", "error": repr(e)[:300]})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            del weights
+        if "torch" in args.peers:
+            try:
+                t = bench_torch(args.ckpts / f"{model}-f16", args.device, prompt)
+                rows.append({"model": model, "variant": "f16", "runtime": "hf-transformers eager", **t})
+            except Exception as e:  # noqa: BLE001
+                rows.append({"model": model, "variant": "f16", "runtime": "hf-transformers", "error": repr(e)[:300]})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    result = {"device": device_name(args.device), "copy_bandwidth_gbs": bw,
+              "iree_runtime": md.version("iree-base-runtime"), "prompt_tokens": PROMPT_LEN,
+              "new_tokens": NEW_TOKENS, "command": " ".join(sys.argv), "rows": rows,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    print(table(result))
+
+
+def table(result: dict) -> str:
+    head = "| model | weights | runtime | load s | prefill tok/s | TTFT ms | decode tok/s | roofline % | device MB |"
+    lines = [f"{result['device']}, copy bandwidth {result['copy_bandwidth_gbs']:.0f} GB/s, "
+             f"IREE {result['iree_runtime']}", "", head, "|" + "---|" * 9]
+    f = lambda r, k, fmt: format(r[k], fmt) if r.get(k) is not None else "—"  # noqa: E731
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | failed: {r['error'][:80]} |||||||")
+            continue
+        frac = f"{100 * r['roofline_frac']:.0f}%" if r.get("roofline_frac") else "—"
+        lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | {f(r, 'load_s', '.2f')} | "
+                     f"{f(r, 'prefill_tps', '.0f')} | {f(r, 'ttft_ms', '.1f')} | {f(r, 'decode_tps', '.1f')} | "
+                     f"{frac} | {f(r, 'device_mb', '.0f')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
