@@ -49,9 +49,12 @@ def _to_hf_names(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def hf_model(ckpt_dir: Path):
-    """HF fp32 model carrying the checkpoint's f32-dequantized weights."""
+    """HF fp32 model carrying the checkpoint's weights (MLX ones dequantized in f32)."""
     from transformers import AutoModelForCausalLM
 
+    raw = json.loads((Path(ckpt_dir) / "config.json").read_text())
+    if "quantization" not in raw:  # plain safetensors: transformers loads them itself (f32 is exact)
+        return AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32).eval()
     cfg = _hf_config(ckpt_dir)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     ref = _to_hf_names(dequantized_reference(Path(ckpt_dir)))

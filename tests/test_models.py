@@ -16,8 +16,10 @@ from oracle import greedy, hf_model, margins
 
 # f32 on both sides; what differs is summation order. Seen: <1e-4 on these tiny models.
 LOGIT_ATOL = 2e-3
-# Greedy margins must dwarf the tolerance, or token equality would prove little.
-MIN_MARGIN = 1e-2
+# Greedy margins must dwarf the fp32 noise actually measured (our logits vs the oracle's), or
+# token equality would prove little: at every step top1 - top2 > NOISE_FACTOR * max error.
+NOISE_FACTOR = 10
+MIN_MARGIN = 1e-3
 NEW_TOKENS = 32
 MAX_CONTEXT = 128
 PROMPTS = (
@@ -36,12 +38,16 @@ CASES = (
     + [(f, "bfloat16", "hf", "v5") for f in FAMILIES]  # unquantized, as saved by transformers
     + [("llama", "float16", "mixed_3_6", "v4"), ("qwen3", "bfloat16", "mixed_2_6", "v4")]
 )
+# Random weights whose greedy path on PROMPTS comes near a tie (margin under NOISE_FACTOR x the
+# noise) get another seed, found by running this test: the margin is asserted, never waived.
+SEEDS = {("stablelm", "q4"): 1, ("gemma3_text", "q8"): 1}
 
 
 def checkpoint(family, dtype, quant, keys):
+    seed = SEEDS.get((family, quant), 0)
     if quant == "hf":
-        return hf_checkpoint(family, dtype, keys=keys)
-    return mlx_checkpoint(family, dtype, quant, keys=keys)
+        return hf_checkpoint(family, dtype, keys=keys, seed=seed)
+    return mlx_checkpoint(family, dtype, quant, keys=keys, seed=seed)
 
 
 def ours_greedy(model, prompt: list[int], n: int):
@@ -70,8 +76,12 @@ def test_greedy_matches_hf_fp32(family, dtype, quant, keys):
         prompt = ours.tokenizer.encode_prompt(text, chat=False)
         assert prompt == hf_tok(text).input_ids
         want, want_logits = greedy(oracle, prompt, NEW_TOKENS)
-        assert margins(want_logits).min() > MIN_MARGIN, f"near-tie in the oracle for {text!r}: pick another seed"
         got, got_logits = ours_greedy(ours, prompt, NEW_TOKENS)
-        assert got == want, f"{text!r}: first divergence at token {next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)}"
-        err = np.abs(got_logits - want_logits).max()
-        assert err < LOGIT_ATOL, f"{text!r}: max logit error {err:.2e}"
+        n = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), NEW_TOKENS)
+        # Compare logits only up to the first divergence (after it the contexts differ).
+        err = np.abs(got_logits[:n + 1] - want_logits[:n + 1]).max()
+        assert err < LOGIT_ATOL, f"{text!r}: max logit error {err:.2e} (tokens agree up to {n})"
+        margin = margins(want_logits).min()
+        assert margin > max(MIN_MARGIN, NOISE_FACTOR * err), \
+            f"{text!r}: oracle margin {margin:.2e} is not well above the fp32 noise {err:.2e}: pick another seed"
+        assert got == want, f"{text!r}: first divergence at token {n}"

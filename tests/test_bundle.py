@@ -1,0 +1,143 @@
+"""Ahead-of-time bundles and the artifact cache: what is refused, what is rebuilt, what is reused.
+
+Also: the runtime never imports jax, and runs a bundle in a process where jax can't be imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from checkpoints import FAMILIES, mlx_checkpoint
+from iree_runner.bundle import BundleError, check_compatible, read_manifest
+from iree_runner.compile import build
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    return mlx_checkpoint("qwen3", "bfloat16", "q4", keys="v4")
+
+
+@pytest.fixture(scope="module")
+def bundle(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle")
+    build.compile_bundle(ckpt, ["cpu", "cuda"], out, max_context=128)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_compiles_for_cpu_and_cuda(family, tmp_path):
+    """CI's ahead-of-time step: both targets, no GPU needed."""
+    m = build.compile_bundle(mlx_checkpoint(family, "bfloat16", "q4", keys="v4"), ["cpu", "cuda"], tmp_path,
+                             max_context=128)
+    assert set(m.targets) == {"cpu", "cuda"}
+    assert m.targets["cuda"].weight_dtype == "float16" and m.targets["cpu"].weight_dtype == "float32"
+    for t in m.targets.values():
+        for rel in t.files.values():
+            assert (tmp_path / rel).stat().st_size > 1000
+
+
+def test_manifest_describes_bundle(bundle, ckpt):
+    m = read_manifest(bundle)
+    raw = json.loads((ckpt / "config.json").read_text())
+    assert m.model_type == "qwen3" and m.max_context == 128
+    assert check_compatible(m, bundle, raw, "cpu").target == "cpu"
+    assert "--iree-opt-level=O3" in m.targets["cuda"].flags
+
+
+def test_refuses_other_target(bundle, ckpt, tmp_path):
+    m = read_manifest(bundle)
+    only_cpu = replace(m, targets={"cpu": m.targets["cpu"]})
+    raw = json.loads((ckpt / "config.json").read_text())
+    with pytest.raises(BundleError, match="not 'cuda'"):
+        check_compatible(only_cpu, bundle, raw, "cuda")
+
+
+def test_refuses_other_compiler_version(bundle, ckpt):
+    m = replace(read_manifest(bundle), compiler_version="2.0.0")
+    raw = json.loads((ckpt / "config.json").read_text())
+    with pytest.raises(BundleError, match="compiled by IREE 2.0.0"):
+        check_compatible(m, bundle, raw, "cpu")
+
+
+def test_refuses_other_model_config(bundle, ckpt):
+    raw = json.loads((ckpt / "config.json").read_text())
+    with pytest.raises(BundleError, match="num_hidden_layers"):
+        check_compatible(read_manifest(bundle), bundle, {**raw, "num_hidden_layers": 7}, "cpu")
+    other = json.loads((mlx_checkpoint("llama", "bfloat16", "q4", keys="v4") / "config.json").read_text())
+    with pytest.raises(BundleError, match="model_type 'qwen3'"):
+        check_compatible(read_manifest(bundle), bundle, other, "cpu")
+
+
+def test_same_architecture_other_quantization_is_accepted(bundle):
+    """The graph gets dequantized weights: a q8 or bf16 copy of the same model runs the same bundle."""
+    q8 = json.loads((mlx_checkpoint("qwen3", "float16", "q8", keys="v4") / "config.json").read_text())
+    check_compatible(read_manifest(bundle), bundle, q8, "cpu")
+
+
+def test_refuses_corrupt_bundle_file(bundle, ckpt, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    (copy / "cpu" / "decode.vmfb").write_bytes(b"garbage")
+    raw = json.loads((ckpt / "config.json").read_text())
+    with pytest.raises(BundleError, match="decode.vmfb: corrupt"):
+        check_compatible(read_manifest(copy), copy, raw, "cpu")
+
+
+def test_cache_reuses_rebuilds_and_rekeys(ckpt, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("IREE_RUNNER_CACHE", str(tmp_path))
+    first = build.build_target(ckpt, "cpu", max_context=64)
+    stamp = (first / "cpu" / "prefill.vmfb").stat().st_mtime_ns
+    assert build.build_target(ckpt, "cpu", max_context=64) == first
+    assert (first / "cpu" / "prefill.vmfb").stat().st_mtime_ns == stamp  # reused, not recompiled
+    (first / "cpu" / "prefill.vmfb").write_bytes(b"\0" * 100)  # corrupt artifact: rebuilt
+    assert build.build_target(ckpt, "cpu", max_context=64) == first
+    assert "rebuilding" in capsys.readouterr().err
+    check_compatible(read_manifest(first), first, json.loads((ckpt / "config.json").read_text()), "cpu")
+    assert build.build_target(ckpt, "cpu", max_context=96) != first  # another key
+    key = build.build_key(json.loads((ckpt / "config.json").read_text()), "cpu", 64, 32)
+    assert key != build.build_key(json.loads((ckpt / "config.json").read_text()), "cuda", 64, 32)
+
+
+def test_runtime_never_imports_jax():
+    code = ("import sys, iree_runner, iree_runner.cli, iree_runner.generate, iree_runner.session, "
+            "iree_runner.weights, iree_runner.bundle, iree_runner.tokenizer, iree_runner.sampling; "
+            "bad = [m for m in ('jax', 'jaxlib', 'torch', 'mlx', 'transformers', 'iree.compiler') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bundle_runs_without_jax(bundle, ckpt):
+    """A runtime-only install: jax and the compiler can't be imported, the bundle still runs,
+    with the same tokens as compiling on the fly."""
+    block = textwrap.dedent("""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split('.')[0] == 'jax' or name.startswith('iree.compiler'):
+                    raise ImportError('blocked for this test: ' + name)
+        sys.meta_path.insert(0, Block())
+        from iree_runner.cli import main
+        main()
+    """)
+    args = ["--model", str(ckpt), "--prompt", "hello world", "--max-tokens", "8", "--no-chat", "--format", "json"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-c", block, *args, "--bundle", str(bundle)], capture_output=True,
+                       text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    q = subprocess.run([sys.executable, "-c", block, *args], capture_output=True, text=True, env=env)
+    assert q.returncode == 2 and "compile" in q.stderr  # without a bundle it needs the compile extra
+    r = subprocess.run([sys.executable, "-m", "iree_runner.cli", *args, "--max-context", "128"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(p.stdout)["tokens"] == json.loads(r.stdout)["tokens"]
