@@ -66,22 +66,23 @@ def weight_shapes(cfg: DenseConfig) -> dict[str, tuple[int, ...]]:
 
 
 def cache_shape(cfg: DenseConfig, capacity: int) -> tuple[int, ...]:
-    return (cfg.num_hidden_layers, capacity, cfg.num_key_value_heads, cfg.head_dim)
+    return (capacity, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
 
 
 def forward(cfg: DenseConfig, w: dict, tokens, positions, k_cache, v_cache):
     """tokens, positions: [C] -> hidden states [C, D] after the final norm, updated caches."""
     cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
     x = w["model.embed_tokens.weight"][tokens].astype(jnp.float32)  # [C, D]
+    kv = L.KVCache(k_cache, v_cache, positions)
     for i, p in layer_names(cfg.num_hidden_layers):
         h = L.rms_norm(x, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
-        a, k_cache, v_cache = L.self_attention(
-            w, p, h, positions, cos, sin, k_cache, v_cache, i, heads=cfg.num_attention_heads,
+        a = L.self_attention(
+            w, p, h, cos, sin, kv, i, heads=cfg.num_attention_heads,
             kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, scale=cfg.head_dim**-0.5,
             qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None)
         x = x + a
         x = x + L.gated_mlp(w, f"{p}.mlp", L.rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps))
-    return L.rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps), k_cache, v_cache
+    return (L.rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps), *kv.commit())
 
 
 def lm_head(cfg: DenseConfig, w: dict, h):

@@ -38,13 +38,20 @@ class StepSpec:
         return [int(x) for x in np.cumsum([0, *sizes])]
 
 
+def first_argmax(x):
+    """argmax as two plain reductions (max, then the lowest index holding it). IREE's CUDA
+    codegen ran jnp.argmax's (value, index) reduction nearly serially: 3.8 ms for 152k logits."""
+    idx = jnp.arange(x.shape[0], dtype=jnp.int32)
+    return jnp.min(jnp.where(x == jnp.max(x), idx, jnp.int32(x.shape[0])))
+
+
 def make_step(family, cfg):
     def step(weights, k_cache, v_cache, tokens, start, last):
         # tokens: [C] int32, start/last: scalar int32 -> logits [V] f32, argmax, caches
         positions = start + jnp.arange(tokens.shape[0], dtype=jnp.int32)
         h, k_cache, v_cache = family.forward(cfg, weights, tokens, positions, k_cache, v_cache)
         logits = family.lm_head(cfg, weights, h[last])
-        return logits, jnp.argmax(logits).astype(jnp.int32), k_cache, v_cache
+        return logits, first_argmax(logits), k_cache, v_cache
 
     return step
 

@@ -82,7 +82,7 @@ def weight_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
 
 
 def cache_shape(cfg: Config, capacity: int) -> tuple[int, ...]:
-    return (cfg.num_hidden_layers, capacity, cfg.num_key_value_heads, cfg.head_dim)
+    return (capacity, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
 
 
 def forward(cfg: Config, w: dict, tokens, positions, k_cache, v_cache):
@@ -91,18 +91,19 @@ def forward(cfg: Config, w: dict, tokens, positions, k_cache, v_cache):
     norm = lambda x, name: L.rms_norm(x, w[name], cfg.rms_norm_eps, one_plus=True)  # noqa: E731
     # HF multiplies by sqrt(hidden) cast to the weights' dtype; on f32 weights that is f32.
     x = w["model.embed_tokens.weight"][tokens].astype(jnp.float32) * jnp.float32(math.sqrt(cfg.hidden_size))
+    kv = L.KVCache(k_cache, v_cache, positions)
     for i, p in layer_names(cfg.num_hidden_layers):
         kind = cfg.layer_types[i]
         cos, sin = rope[kind]
-        a, k_cache, v_cache = L.self_attention(
-            w, p, norm(x, f"{p}.input_layernorm.weight"), positions, cos, sin, k_cache, v_cache, i,
+        a = L.self_attention(
+            w, p, norm(x, f"{p}.input_layernorm.weight"), cos, sin, kv, i,
             heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
             scale=cfg.query_pre_attn_scalar**-0.5, window=cfg.sliding_window if kind == SLIDING else None,
             qk_norm_eps=cfg.rms_norm_eps, qk_norm_one_plus=True, softcap=cfg.attn_logit_softcapping)
         x = x + norm(a, f"{p}.post_attention_layernorm.weight")
         m = L.gated_mlp(w, f"{p}.mlp", norm(x, f"{p}.pre_feedforward_layernorm.weight"), act=L.gelu_tanh)
         x = x + norm(m, f"{p}.post_feedforward_layernorm.weight")
-    return norm(x, "model.norm.weight"), k_cache, v_cache
+    return (norm(x, "model.norm.weight"), *kv.commit())
 
 
 def lm_head(cfg: Config, w: dict, h):

@@ -20,6 +20,8 @@ TARGETS = tuple(TARGET_FLAGS)
 # Weights on the device: f32 on CPU for exact parity with the fp32 oracle; f16 on CUDA
 # (bf16 dot_general does not compile for CUDA in IREE 3.13).
 WEIGHT_DTYPE = {"cpu": "float32", "cuda": "float16"}
+# KV cache: f32 on CPU (oracle parity); f16 on CUDA halves what attention reads per token.
+CACHE_DTYPE = {"cpu": "float32", "cuda": "float16"}
 
 
 def compiler_version() -> str:

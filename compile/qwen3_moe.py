@@ -78,7 +78,7 @@ def weight_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
 
 
 def cache_shape(cfg: Config, capacity: int) -> tuple[int, ...]:
-    return (cfg.num_hidden_layers, capacity, cfg.num_key_value_heads, cfg.head_dim)
+    return (capacity, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
 
 
 def moe(cfg: Config, w: dict, p: str, h):
@@ -106,16 +106,17 @@ def moe(cfg: Config, w: dict, p: str, h):
 def forward(cfg: Config, w: dict, tokens, positions, k_cache, v_cache):
     cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
     x = w["model.embed_tokens.weight"][tokens].astype(F32)
+    kv = L.KVCache(k_cache, v_cache, positions)
     for i, p in layer_names(cfg.num_hidden_layers):
         h = L.rms_norm(x, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
-        a, k_cache, v_cache = L.self_attention(
-            w, p, h, positions, cos, sin, k_cache, v_cache, i, heads=cfg.num_attention_heads,
+        a = L.self_attention(
+            w, p, h, cos, sin, kv, i, heads=cfg.num_attention_heads,
             kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, scale=cfg.head_dim**-0.5,
             qk_norm_eps=cfg.rms_norm_eps)
         x = x + a
         h = L.rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps)
         x = x + (moe(cfg, w, f"{p}.mlp", h) if cfg.sparse_layers[i] else L.gated_mlp(w, f"{p}.mlp", h))
-    return L.rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps), k_cache, v_cache
+    return (L.rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps), *kv.commit())
 
 
 def lm_head(cfg: Config, w: dict, h):

@@ -66,24 +66,25 @@ def weight_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
 
 
 def cache_shape(cfg: Config, capacity: int) -> tuple[int, ...]:
-    return (cfg.num_hidden_layers, capacity, cfg.num_key_value_heads, cfg.head_dim)
+    return (capacity, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
 
 
 def forward(cfg: Config, w: dict, tokens, positions, k_cache, v_cache):
     cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling))
     norm = lambda x, name: L.layer_norm(x, w[f"{name}.weight"], w[f"{name}.bias"], cfg.layer_norm_eps)  # noqa: E731
     x = w["model.embed_tokens.weight"][tokens].astype(jnp.float32)
+    kv = L.KVCache(k_cache, v_cache, positions)
     for i, p in layer_names(cfg.num_hidden_layers):
         h = norm(x, f"{p}.input_layernorm")
-        a, k_cache, v_cache = L.self_attention(
-            w, p, h, positions, cos, sin, k_cache, v_cache, i, heads=cfg.num_attention_heads,
+        a = L.self_attention(
+            w, p, h, cos, sin, kv, i, heads=cfg.num_attention_heads,
             kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, scale=cfg.head_dim**-0.5)
         if cfg.use_parallel_residual:  # both branches read the same normed input
             x = x + a + L.gated_mlp(w, f"{p}.mlp", h)
         else:
             x = x + a
             x = x + L.gated_mlp(w, f"{p}.mlp", norm(x, f"{p}.post_attention_layernorm"))
-    return norm(x, "model.norm"), k_cache, v_cache
+    return (norm(x, "model.norm"), *kv.commit())
 
 
 def lm_head(cfg: Config, w: dict, h):

@@ -1,0 +1,39 @@
+"""Per-dispatch GPU times of one prefill chunk and one decode step of a bundle, with random weights.
+
+Run under Nsight Compute:  ncu --csv --metrics gpu__time_duration.sum python3 bench/profile_step.py BUNDLE
+(IREE names each dispatch after its work, e.g. decode_dispatch_7_matmul_1x3072x1024_f16xf16xf32,
+so the slow ones show up by name.) Also prints wall times of the two steps without the profiler.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from iree_runner.bundle import read_manifest
+from iree_runner.session import Session
+
+
+def main(bundle: Path, target: str = "cuda", steps: int = 1) -> None:
+    m = read_manifest(bundle)
+    b = m.targets[target]
+    rng = np.random.default_rng(0)
+    w = {n: (rng.standard_normal(s, dtype=np.float32) * 0.02).astype(b.weight_dtype)
+         for n, s in zip(b.weight_names, b.weight_shapes)}
+    s = Session(bundle, b, w, max_context=m.max_context, prefill_chunk=m.prefill_chunk)
+    prompt = rng.integers(100, 1000, m.prefill_chunk).tolist()
+    for _ in range(steps):
+        s.reset()
+        t0 = time.perf_counter()
+        tok = s.prefill(prompt, greedy=True)
+        t1 = time.perf_counter()
+        s.decode(tok, greedy=True)
+        t2 = time.perf_counter()
+        print(f"prefill chunk {1e3 * (t1 - t0):.2f} ms, decode step {1e3 * (t2 - t1):.2f} ms", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), *(sys.argv[2:3] or ["cuda"]), steps=int(sys.argv[3]) if len(sys.argv) > 3 else 1)
