@@ -15,4 +15,4 @@ export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 bench/make_checkpoints.py --out /tmp/ckpts --models "${MODELS:-qwen3-0.6b,llama-3.2-1b}" >&2
 python3 bench/run.py --ckpts /tmp/ckpts --bundles .gpu/bundles --device cuda --models "${MODELS:-qwen3-0.6b,llama-3.2-1b}" \
-  --layouts "${LAYOUTS:-args,flat}" --peers "${PEERS:-jax,torch}" --json "$OUT/bench.json" | tee "$OUT/table.md"
+  --layouts "${LAYOUTS:-args}" --peers "${PEERS:-jax,torch}" --json "$OUT/bench.json" | tee "$OUT/table.md"
