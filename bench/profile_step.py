@@ -35,5 +35,25 @@ def main(bundle: Path, target: str = "cuda", steps: int = 1) -> None:
         print(f"prefill chunk {1e3 * (t1 - t0):.2f} ms, decode step {1e3 * (t2 - t1):.2f} ms", file=sys.stderr)
 
 
+def summarize(csv_path: Path, top: int = 10) -> None:
+    """Group an `ncu --csv` log of one prefill chunk then one decode step by dispatch name."""
+    import io
+
+    import pandas as pd
+
+    text = csv_path.read_text()
+    df = pd.read_csv(io.StringIO(text[text.find('"ID"'):]))
+    df = df[df["Metric Name"] == "gpu__time_duration.sum"].copy()
+    df["us"] = pd.to_numeric(df["Metric Value"].astype(str).str.replace(",", ""), errors="coerce") / 1000
+    df["name"] = df["Kernel Name"].str.replace(r"^.*_dispatch_\d+_", "", regex=True)
+    half = len(df) // 2  # both calls launch about the same number of dispatches
+    for step, g in (("prefill chunk", df.iloc[:half]), ("decode step", df.iloc[half:])):
+        print(f"== {step}: {len(g)} dispatches, {g.us.sum():.0f} us on the GPU")
+        print(g.groupby("name").us.agg(["count", "sum", "mean"]).sort_values("sum", ascending=False).head(top).to_string())
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), *(sys.argv[2:3] or ["cuda"]), steps=int(sys.argv[3]) if len(sys.argv) > 3 else 1)
+    if sys.argv[1] == "--summarize":
+        summarize(Path(sys.argv[2]))
+    else:
+        main(Path(sys.argv[1]), *(sys.argv[2:3] or ["cuda"]), steps=int(sys.argv[3]) if len(sys.argv) > 3 else 1)

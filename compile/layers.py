@@ -127,16 +127,18 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
     own, causal over absolute positions; with `window`, a query at p sees keys in
     (p - window, p]. `softcap` squashes scores as softcap * tanh(scores / softcap).
     The softmax runs over the two key sets without concatenating them (IREE generated a very
-    slow kernel for the concatenated, odd-sized row). Products take the cache's dtype in
-    (f32 on CPU, f16 on CUDA) and accumulate in f32.
+    slow kernel for the concatenated, odd-sized row). Products accumulate in f32; a prefill
+    chunk feeds them in the cache's dtype (f16 on CUDA: 27 us vs 534 us in f32 for a 64-token
+    chunk of Qwen3-0.6B on an H200), a single decode token in f32 (15 us vs 153 us in f16).
     """
     C, H, Dh = q.shape
     k_old, v_old = kv.k_cache[:, layer], kv.v_cache[:, layer]  # [S, KVH, Dh]
     S, KVH, _ = k_old.shape
-    dt = k_old.dtype
+    dt = k_old.dtype if C > 1 else F32
     qg = q.reshape(C, KVH, H // KVH, Dh).astype(dt)
     k, v = k.astype(dt), v.astype(dt)
     dot = lambda eq, a, b: jnp.einsum(eq, a, b, preferred_element_type=F32)  # noqa: E731
+    k_old, v_old = k_old.astype(dt), v_old.astype(dt)
     s_old = dot("ckgd,skd->kgcs", qg, k_old) * scale  # [KVH, G, C, S]
     s_new = dot("ckgd,jkd->kgcj", qg, k) * scale  # [KVH, G, C, C]
     if softcap is not None:
@@ -151,7 +153,9 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
         new_ok = new_ok & (positions[None, :] > q_pos - window)
     s_old, s_new = jnp.where(old_ok, s_old, MASKED), jnp.where(new_ok, s_new, MASKED)
     m = jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
-    e_old, e_new = jnp.exp(s_old - m), jnp.exp(s_new - m)
+    # The barrier keeps IREE's CUDA codegen from fusing exp into the row sums below, which it
+    # fails to compile at prefill sizes ("failed to run translation", VectorDistribute).
+    e_old, e_new = jax.lax.optimization_barrier((jnp.exp(s_old - m), jnp.exp(s_new - m)))
     denom = e_old.sum(-1) + e_new.sum(-1)  # [KVH, G, C]
     out = dot("kgcs,skd->ckgd", e_old.astype(dt), v_old) + dot("kgcj,jkd->ckgd", e_new.astype(dt), v)
     return (out / jnp.transpose(denom, (2, 0, 1))[..., None]).reshape(C, H * Dh)
