@@ -217,7 +217,7 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     ap.add_argument("--models", default="qwen3-0.6b,llama-3.2-1b")
     ap.add_argument("--peers", default="jax,torch")
-    ap.add_argument("--layouts", default="args", help="bundles DIR/<model>-<layout> to compare")
+    ap.add_argument("--variants", default="", help="comma-separated suffixes: also run bundles DIR/<model>-<suffix>")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
     import importlib.metadata as md
@@ -227,20 +227,20 @@ def main() -> None:
     prompt = np.random.default_rng(0).integers(100, 1000, PROMPT_LEN).tolist()
     for model in args.models.split(","):
         raw = json.loads((Path(__file__).parent / "configs" / f"{model}.json").read_text())
-        layouts = args.layouts.split(",")
+        bundles = [""] + [f"-{v}" for v in args.variants.split(",") if v]
         for variant in ("4bit", "f16"):
             ckpt = args.ckpts / f"{model}-{variant}"
-            for layout in layouts:
-                bundle = args.bundles / f"{model}-{layout}"
+            for suffix in bundles:
+                bundle = args.bundles / f"{model}{suffix}"
                 manifest = json.loads((bundle / "manifest.json").read_text())
                 r, weights = bench_ours(ckpt, bundle, args.device, prompt)
                 cache_bytes = 4  # f32 KV cache
                 need = decode_bytes(weights, raw, PROMPT_LEN + NEW_TOKENS // 2, cache_bytes)
                 roof = bw * 1e9 / need
-                rows.append({"model": model, "variant": variant, "runtime": f"iree-runner ({layout} weights)", **r,
+                rows.append({"model": model, "variant": variant, "runtime": f"iree-runner{suffix}", **r,
                              "bytes_per_token": need, "roofline_tps": roof, "roofline_frac": r["decode_tps"] / roof})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-                if layout != layouts[-1]:
+                if suffix != bundles[-1]:
                     del weights
             if variant == "4bit" and "jax" in args.peers:
                 try:

@@ -24,7 +24,6 @@ from . import export, family, iree_compile
 
 DEFAULT_MAX_CONTEXT = 512
 DEFAULT_PREFILL_CHUNK = 32
-DEFAULT_LAYOUT = {"cpu": "args", "cuda": "args"}  # "flat" is measured in bench/run.py
 STEPS = ("prefill", "decode")
 
 
@@ -49,8 +48,7 @@ def _host_cpu() -> str:
         return platform.processor() or platform.machine()
 
 
-def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: int,
-              weight_layout: str = "args") -> str:
+def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: int) -> str:
     import jax
 
     parts = {
@@ -59,18 +57,17 @@ def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: in
         "flags": iree_compile.flags_for(target), "weight_dtype": iree_compile.WEIGHT_DTYPE[target],
         "cache_dtype": iree_compile.CACHE_DTYPE[target],
         "max_context": max_context, "prefill_chunk": prefill_chunk,
-        "host": _host_cpu() if target == "cpu" else None, "weight_layout": weight_layout,
+        "host": _host_cpu() if target == "cpu" else None,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX_CONTEXT,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, weight_layout: str | None = None) -> Path:
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Path:
     """A one-target bundle in the artifact cache for this model; compiled only if needed."""
     cc = read_config(model_dir)
     fam = family.family_module(cc.model_type)
-    weight_layout = weight_layout or DEFAULT_LAYOUT[target]
-    key = build_key(cc.raw, target, max_context, prefill_chunk, weight_layout)
+    key = build_key(cc.raw, target, max_context, prefill_chunk)
     entry = cache_dir() / key
     if (entry / MANIFEST).exists():
         try:
@@ -83,7 +80,7 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
     cfg = fam.Config.from_checkpoint(cc)
     spec = export.step_spec(fam, cfg, capacity=max_context + prefill_chunk,
                             weight_dtype=iree_compile.WEIGHT_DTYPE[target],
-                            cache_dtype=iree_compile.CACHE_DTYPE[target], weight_layout=weight_layout)
+                            cache_dtype=iree_compile.CACHE_DTYPE[target])
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
     try:
@@ -96,8 +93,7 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
             iree_compile.compile_mlir(mlir, tmp / rel, target, label=step)
             files[step], sums[rel] = rel, file_digest(tmp / rel)
         build = TargetBuild(target, key, iree_compile.flags_for(target), files, sums, spec.weight_names,
-                            spec.weight_shapes, spec.weight_dtype, spec.cache_shape, spec.cache_dtype,
-                            spec.weight_layout)
+                            spec.weight_shapes, spec.weight_dtype, spec.cache_shape, spec.cache_dtype)
         _manifest(cc, fam, cfg, max_context, prefill_chunk, {target: build}).write(tmp)
         try:
             tmp.replace(entry)
@@ -116,15 +112,14 @@ def _manifest(cc, fam, cfg, max_context, prefill_chunk, targets) -> Manifest:
 
 
 def compile_bundle(model_dir: Path, targets: list[str], out: Path, *, max_context: int = DEFAULT_MAX_CONTEXT,
-                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, weight_layout: str | None = None) -> Manifest:
+                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Manifest:
     """Build every target (through the cache) and gather them into one bundle at `out`."""
     cc = read_config(model_dir)
     fam = family.family_module(cc.model_type)
     builds = {}
     out.mkdir(parents=True, exist_ok=True)
     for target in targets:
-        entry = build_target(model_dir, target, max_context=max_context, prefill_chunk=prefill_chunk,
-                             weight_layout=weight_layout)
+        entry = build_target(model_dir, target, max_context=max_context, prefill_chunk=prefill_chunk)
         build = read_manifest(entry).targets[target]
         shutil.rmtree(out / target, ignore_errors=True)
         shutil.copytree(entry / target, out / target)

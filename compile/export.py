@@ -6,9 +6,8 @@ greedy decoding reads back one int, not the vocabulary). Prefill is that functio
 chunk size (prompts run chunk by chunk); decode is C = 1. Caches are donated, so IREE updates
 them in place.
 
-Weight layouts: "args" passes each weight as its own argument; "flat" passes one buffer
-holding all of them back to back, sliced statically inside the graph, so a call marshals two
-caches and one weight buffer instead of hundreds of arguments.
+Each weight is its own argument. (One flat buffer sliced inside the graph was measured on an
+H200 and decoded 40-60% slower; bench/results/2026-11-26-h200-latest.json.)
 """
 
 from __future__ import annotations
@@ -19,23 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-LAYOUTS = ("args", "flat")
-
-
 @dataclass(frozen=True)
 class StepSpec:
     """What the exported function looks like; recorded in the bundle manifest for the runtime."""
 
-    weight_names: tuple[str, ...]  # in argument / buffer order (jax flattens a dict by sorted key)
+    weight_names: tuple[str, ...]  # in argument order (jax flattens a dict by sorted key)
     weight_shapes: tuple[tuple[int, ...], ...]
     weight_dtype: str  # "float32" | "float16"
     cache_shape: tuple[int, ...]  # K and V each; capacity already includes the chunk slack
     cache_dtype: str
-    weight_layout: str = "args"
-
-    def flat_offsets(self) -> list[int]:
-        sizes = [int(np.prod(s)) for s in self.weight_shapes]
-        return [int(x) for x in np.cumsum([0, *sizes])]
 
 
 def first_argmax(x):
@@ -56,37 +47,18 @@ def make_step(family, cfg):
     return step
 
 
-def make_flat_step(family, cfg, spec: StepSpec):
-    step = make_step(family, cfg)
-    offsets = spec.flat_offsets()
-
-    def flat_step(flat, k_cache, v_cache, tokens, start, last):
-        weights = {n: flat[offsets[i]:offsets[i + 1]].reshape(s)
-                   for i, (n, s) in enumerate(zip(spec.weight_names, spec.weight_shapes))}
-        return step(weights, k_cache, v_cache, tokens, start, last)
-
-    return flat_step
-
-
-def step_spec(family, cfg, *, capacity: int, weight_dtype: str, cache_dtype: str = "float32",
-              weight_layout: str = "args") -> StepSpec:
-    if weight_layout not in LAYOUTS:
-        raise ValueError(f"weight layout {weight_layout!r}; known: {', '.join(LAYOUTS)}")
+def step_spec(family, cfg, *, capacity: int, weight_dtype: str, cache_dtype: str = "float32") -> StepSpec:
     shapes = family.weight_shapes(cfg)
     names = tuple(sorted(shapes))
     return StepSpec(names, tuple(tuple(shapes[n]) for n in names), weight_dtype,
-                    tuple(family.cache_shape(cfg, capacity)), cache_dtype, weight_layout)
+                    tuple(family.cache_shape(cfg, capacity)), cache_dtype)
 
 
 def export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str) -> str:
     """StableHLO text of the step for `tokens` tokens per call, its module renamed."""
     wdt = np.dtype(spec.weight_dtype)
-    if spec.weight_layout == "flat":
-        fn = make_flat_step(family, cfg, spec)
-        weights = jax.ShapeDtypeStruct((spec.flat_offsets()[-1],), wdt)
-    else:
-        fn = make_step(family, cfg)
-        weights = {n: jax.ShapeDtypeStruct(s, wdt) for n, s in zip(spec.weight_names, spec.weight_shapes)}
+    fn = make_step(family, cfg)
+    weights = {n: jax.ShapeDtypeStruct(s, wdt) for n, s in zip(spec.weight_names, spec.weight_shapes)}
     cache = jax.ShapeDtypeStruct(spec.cache_shape, np.dtype(spec.cache_dtype))
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     exported = jax.export.export(jax.jit(fn, donate_argnums=(1, 2)))(

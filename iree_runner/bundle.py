@@ -66,19 +66,18 @@ class TargetBuild:
     weight_dtype: str
     cache_shape: tuple[int, ...]
     cache_dtype: str
-    weight_layout: str = "args"  # "args": one argument per weight; "flat": one buffer, in order
 
     def to_json(self) -> dict:
         return {"key": self.key, "flags": list(self.flags), "files": self.files, "sha256": self.sha256,
                 "weights": [[n, list(s)] for n, s in zip(self.weight_names, self.weight_shapes)],
                 "weight_dtype": self.weight_dtype, "cache_shape": list(self.cache_shape),
-                "cache_dtype": self.cache_dtype, "weight_layout": self.weight_layout}
+                "cache_dtype": self.cache_dtype}
 
     @classmethod
     def from_json(cls, target: str, d: dict) -> "TargetBuild":
         return cls(target, d["key"], tuple(d["flags"]), dict(d["files"]), dict(d["sha256"]),
                    tuple(n for n, _ in d["weights"]), tuple(tuple(s) for _, s in d["weights"]),
-                   d["weight_dtype"], tuple(d["cache_shape"]), d["cache_dtype"], d.get("weight_layout", "args"))
+                   d["weight_dtype"], tuple(d["cache_shape"]), d["cache_dtype"])
 
 
 @dataclass(frozen=True)

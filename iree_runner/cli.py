@@ -91,9 +91,7 @@ def generate(model_dir, prompt, max_tokens, temperature, top_k, top_p, min_p, re
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
 @click.option("--max-context", type=int, default=None, help="Longest prompt + generation (default 512).")
 @click.option("--prefill-chunk", type=int, default=None, help="Prompt tokens per prefill call (default 32).")
-@click.option("--weight-layout", type=click.Choice(["args", "flat"]), default=None,
-              help="One argument per weight, or one flat buffer (default: per target).")
-def compile_cmd(model_dir, target, out, max_context, prefill_chunk, weight_layout):
+def compile_cmd(model_dir, target, out, max_context, prefill_chunk):
     """Compile a model ahead of time into a bundle that the runtime alone can run."""
     try:
         from .compile import build
@@ -105,8 +103,7 @@ def compile_cmd(model_dir, target, out, max_context, prefill_chunk, weight_layou
     try:
         manifest = build.compile_bundle(model_dir or DEFAULT_MODEL, targets, out,
                                         max_context=max_context or build.DEFAULT_MAX_CONTEXT,
-                                        prefill_chunk=prefill_chunk or build.DEFAULT_PREFILL_CHUNK,
-                                        weight_layout=weight_layout)
+                                        prefill_chunk=prefill_chunk or build.DEFAULT_PREFILL_CHUNK)
     except USER_ERRORS as e:
         _fail(str(e))
     click.echo(f"wrote {out} ({manifest.model_type}; targets: {', '.join(manifest.targets)})", err=True)

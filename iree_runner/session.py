@@ -68,12 +68,7 @@ class Session:
         self._decode = self._ctx.modules.decode["main"]
         self.stats = LoadStats()
         t0 = time.perf_counter()
-        if build.weight_layout == "flat":  # one buffer, weights back to back in manifest order
-            flat = np.concatenate([weights[n].reshape(-1) for n in build.weight_names])
-            self._weights = [rt.asdevicearray(device, flat)]
-            del flat
-        else:
-            self._weights = [rt.asdevicearray(device, weights[n]) for n in build.weight_names]
+        self._weights = [rt.asdevicearray(device, weights[n]) for n in build.weight_names]
         self.stats.upload_s = time.perf_counter() - t0
         self.stats.weight_bytes = sum(weights[n].nbytes for n in build.weight_names)
         self._device = device
