@@ -234,7 +234,7 @@ def main() -> None:
                 bundle = args.bundles / f"{model}{suffix}"
                 manifest = json.loads((bundle / "manifest.json").read_text())
                 r, weights = bench_ours(ckpt, bundle, args.device, prompt)
-                cache_bytes = 4  # f32 KV cache
+                cache_bytes = np.dtype(manifest["targets"][args.device]["cache_dtype"]).itemsize
                 need = decode_bytes(weights, raw, PROMPT_LEN + NEW_TOKENS // 2, cache_bytes)
                 roof = bw * 1e9 / need
                 rows.append({"model": model, "variant": variant, "runtime": f"iree-runner{suffix}", **r,
