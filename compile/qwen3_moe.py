@@ -97,7 +97,9 @@ def moe(cfg: Config, w: dict, p: str, h):
         g, u = dot("d,kid->ki", x[0], wg[idx]), dot("d,kid->ki", x[0], wu[idx])
         y = dot("ki,kdi->kd", (jax.nn.silu(g) * u).astype(wd.dtype), wd[idx])  # [k, D]
         return (top_p[0][:, None] * y).sum(0)[None]
-    route = jnp.zeros_like(probs).at[jnp.arange(C)[:, None], top_i].set(top_p)  # [C, E]
+    # Routing weights [C, E] by one-hot sums, not a scatter (IREE's CUDA codegen fails on it).
+    one_hot = top_i[..., None] == jnp.arange(cfg.num_experts, dtype=top_i.dtype)  # [C, k, E]
+    route = jnp.sum(jnp.where(one_hot, top_p[..., None], 0.0), axis=1)
     g, u = dot("cd,eid->cei", x, wg), dot("cd,eid->cei", x, wu)
     y = dot("cei,edi->ced", (jax.nn.silu(g) * u).astype(wd.dtype), wd)  # [C, E, D]
     return jnp.einsum("ce,ced->cd", route, y)
