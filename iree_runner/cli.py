@@ -14,7 +14,7 @@ import click
 
 from .sampling import SamplingParams
 
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, RuntimeError)
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, RuntimeError, FloatingPointError)
 
 
 class DefaultGroup(click.Group):

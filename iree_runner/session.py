@@ -59,6 +59,7 @@ class Session:
         import iree.runtime as rt
 
         self.build, self.max_context, self.chunk = build, max_context, prefill_chunk
+        self.vocab_size = build.weight_shapes[build.weight_names.index("model.embed_tokens.weight")][0]
         self._config = _device_config(build.target)
         device = self._config.device
         modules = [rt.VmModule.mmap(self._config.vm_instance, str(Path(bundle_dir) / build.files[s]))
@@ -87,7 +88,12 @@ class Session:
         logits, token, self._k, self._v = fn(*self._weights, self._k, self._v, tokens,
                                              np.array(self.pos, np.int32), np.array(last, np.int32))
         # Only what is asked for crosses back: one int for greedy, else the logits row.
-        return int(token.to_host()) if greedy else logits.to_host()
+        if not greedy:
+            return logits.to_host()
+        token = int(token.to_host())
+        if not 0 <= token < self.vocab_size:  # the argmax of NaN logits is out of range
+            raise FloatingPointError(f"the model produced non-finite logits at position {self.pos}")
+        return token
 
     def prefill(self, tokens: list[int], greedy: bool = False):
         """Run the prompt (continuing the current sequence) chunk by chunk.
