@@ -23,25 +23,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "bench"
 
-# Qwen3-0.6B: hidden 1024, 28 layers, 16 q / 8 kv heads of 128, MLP 3072, vocab 151936, tied.
-QWEN3_0_6B = dict(
-    model_type="qwen3",
-    architectures=["Qwen3ForCausalLM"],
-    hidden_size=1024,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    intermediate_size=3072,
-    vocab_size=151936,
-    tie_word_embeddings=True,
-    max_position_embeddings=40960,
-    rms_norm_eps=1e-6,
-    rope_theta=1_000_000.0,
-    hidden_act="silu",
-    attention_bias=False,
-    torch_dtype="bfloat16",
-)
+# The real Qwen3-0.6B config.json (hidden 1024, 28 layers, 16 q / 8 kv heads of 128, MLP 3072,
+# vocab 151936, tied), shared with the generation benchmark.
+QWEN3_0_6B = json.loads((REPO / "bench" / "configs" / "qwen3-0.6b.json").read_text())
 BITS, GROUP_SIZE = 4, 64
 
 
