@@ -195,11 +195,7 @@ def bench_torch(f16_ckpt: Path, device: str, prompt: list[int]) -> dict:
         return int(out.logits[0, -1].argmax())
 
     _timed_generation(prefill, decode, prompt[:64])
-    r = _timed_generation(prefill, decode, prompt)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return r
+    return _timed_generation(prefill, decode, prompt)
 
 
 def device_name(device: str) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from . import layers as L
-from .family import config_fields, freeze, layer_names
+from .family import config_fields, freeze, head_dim, kv_heads, layer_names
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ def config_from_checkpoint(cc, **flags) -> DenseConfig:
                          f"for model_type {cc.model_type!r} (expected 1.0)")
     return DenseConfig(
         **f,
-        num_key_value_heads=cc.raw.get("num_key_value_heads") or f["num_attention_heads"],
-        head_dim=cc.raw.get("head_dim") or f["hidden_size"] // f["num_attention_heads"],
+        num_key_value_heads=kv_heads(cc, f),
+        head_dim=head_dim(cc, f),
         rope_theta=rope.theta,
         rope_scaling=freeze(rope.scaling),
         tie_word_embeddings=bool(cc.raw.get("tie_word_embeddings", False)),

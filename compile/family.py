@@ -37,6 +37,16 @@ def config_fields(cc, *names: str) -> dict:
     return {n: cc.raw[n] for n in names}
 
 
+def kv_heads(cc, f: dict) -> int:
+    """num_key_value_heads, defaulting (as HF does) to the query heads: no GQA."""
+    return cc.raw.get("num_key_value_heads") or f["num_attention_heads"]
+
+
+def head_dim(cc, f: dict) -> int:
+    """head_dim, defaulting (as HF does) to hidden_size / num_attention_heads."""
+    return cc.raw.get("head_dim") or f["hidden_size"] // f["num_attention_heads"]
+
+
 def freeze(obj):
     """A dict (possibly nested) as a sorted tuple of items, so configs stay hashable."""
     if isinstance(obj, dict):

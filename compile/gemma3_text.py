@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from . import layers as L
-from .family import config_fields, freeze, layer_names
+from .family import config_fields, freeze, kv_heads, layer_names
 
 MODEL_TYPE = "gemma3_text"
 SLIDING, GLOBAL = "sliding_attention", "full_attention"
@@ -55,7 +55,7 @@ class Config:
             if r.partial_rotary_factor != 1.0:
                 raise ValueError(f"{cc.path}: partial rotary is not supported for gemma3 ({t})")
             rope.append((t, r.theta, freeze(r.scaling)))
-        return cls(**f, num_key_value_heads=cc.raw.get("num_key_value_heads") or f["num_attention_heads"],
+        return cls(**f, num_key_value_heads=kv_heads(cc, f),
                    rms_norm_eps=cc.raw.get("rms_norm_eps", 1e-6),
                    query_pre_attn_scalar=cc.raw.get("query_pre_attn_scalar", 256),  # HF default
                    layer_types=tuple(types), rope=tuple(rope),

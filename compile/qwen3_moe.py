@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from . import layers as L
-from .family import config_fields, freeze, layer_names
+from .family import config_fields, freeze, head_dim, kv_heads, layer_names
 
 MODEL_TYPE = "qwen3_moe"
 F32 = jnp.float32
@@ -50,8 +50,7 @@ class Config:
         dense_only = set(cc.raw.get("mlp_only_layers") or [])
         sparse = tuple(i not in dense_only and (i + 1) % step == 0 for i in range(f["num_hidden_layers"]))
         rope = cc.rope()
-        return cls(**f, num_key_value_heads=cc.raw.get("num_key_value_heads") or f["num_attention_heads"],
-                   head_dim=cc.raw.get("head_dim") or f["hidden_size"] // f["num_attention_heads"],
+        return cls(**f, num_key_value_heads=kv_heads(cc, f), head_dim=head_dim(cc, f),
                    rope_theta=rope.theta, rope_scaling=freeze(rope.scaling), num_experts=experts,
                    norm_topk_prob=bool(cc.raw.get("norm_topk_prob", False)), sparse_layers=sparse,
                    attention_bias=bool(cc.raw.get("attention_bias", False)),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from . import layers as L
-from .family import config_fields, freeze, layer_names
+from .family import config_fields, freeze, kv_heads, layer_names
 
 MODEL_TYPE = "stablelm"
 
@@ -36,11 +36,11 @@ class Config:
         if cc.raw.get("qk_layernorm"):
             raise ValueError(f"{cc.path}: qk_layernorm (per-head LayerNorm, StableLM 2 12B) is not supported yet")
         rope = cc.rope()
-        head_dim = f["hidden_size"] // f["num_attention_heads"]
-        return cls(**f, num_key_value_heads=cc.raw.get("num_key_value_heads") or f["num_attention_heads"],
-                   head_dim=head_dim, layer_norm_eps=cc.raw.get("layer_norm_eps", 1e-5),
+        dh = f["hidden_size"] // f["num_attention_heads"]  # HF's StableLM has no head_dim key
+        return cls(**f, num_key_value_heads=kv_heads(cc, f),
+                   head_dim=dh, layer_norm_eps=cc.raw.get("layer_norm_eps", 1e-5),
                    rope_theta=rope.theta, rope_scaling=freeze(rope.scaling),
-                   rotary_dim=int(head_dim * rope.partial_rotary_factor),
+                   rotary_dim=int(dh * rope.partial_rotary_factor),
                    use_qkv_bias=bool(cc.raw.get("use_qkv_bias", False)),
                    use_parallel_residual=bool(cc.raw.get("use_parallel_residual", False)),
                    tie_word_embeddings=bool(cc.raw.get("tie_word_embeddings", False)))

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-
 from .bundle import check_compatible, read_manifest
 from .sampling import SamplingParams, make_sampler
 from .resident import gather_weights

@@ -105,7 +105,6 @@ class Session:
         if self.pos + n > self.max_context:
             raise ContextFull(f"{self.pos + n} tokens exceed the compiled context of {self.max_context}")
         ids = np.asarray(tokens, np.int32)
-        logits = None
         for start in range(0, n, self.chunk):
             part = ids[start:start + self.chunk]
             padded = np.zeros(self.chunk, np.int32)
