@@ -1,7 +1,7 @@
 """Bisect CUDA numerics: the same step variants compiled for CPU and CUDA, compared on logits.
 
   # here (compiler installed): compile each variant for cpu and cuda, save the CPU logits
-  python bench/diag_cuda.py make DIR --model MODEL_DIR [--variants f16w-f32kv,f32w-f32kv]
+  python bench/diag_cuda.py make DIR --model MODEL_DIR|CONFIG.json [--variants f16w-f32kv,f32w-f32kv]
   # on the GPU machine (runtime only): run the cuda builds, print |cuda - cpu| per step
   python bench/diag_cuda.py check DIR
 
@@ -48,6 +48,10 @@ def make(root: Path, model: Path, variants: list[str]) -> None:
     from iree_runner.compile import export, family, iree_compile
     from iree_runner.weights import read_config
 
+    if model.is_file():  # a bare config.json, e.g. bench/configs/qwen3-0.6b.json
+        (root / "model").mkdir(parents=True, exist_ok=True)
+        (root / "model" / "config.json").write_text(model.read_text())
+        model = root / "model"
     cc = read_config(model)
     fam = family.family_module(cc.model_type)
     cfg = fam.Config.from_checkpoint(cc)
