@@ -255,7 +255,10 @@ def main() -> None:
                 rows.append({"model": model, "variant": "f16", "runtime": "hf-transformers", "error": repr(e)[:300]})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     result = {"device": device_name(args.device), "copy_bandwidth_gbs": bw,
-              "iree_runtime": md.version("iree-base-runtime"), "prompt_tokens": PROMPT_LEN,
+              "iree_runtime": md.version("iree-base-runtime"),
+              "iree_compiler": sorted({json.loads((args.bundles / m / "manifest.json").read_text())["compiler_version"]
+                                       for m in args.models.split(",")}),
+              "prompt_tokens": PROMPT_LEN,
               "new_tokens": NEW_TOKENS, "command": " ".join(sys.argv), "rows": rows,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.json.parent.mkdir(parents=True, exist_ok=True)
