@@ -30,7 +30,6 @@ class Model:
     session: Session
     tokenizer: Tokenizer
     model_dir: Path
-    load_s: float
 
 
 def load_model(model_dir: Path, *, device: str = "cpu", bundle: Path | None = None,
@@ -39,7 +38,6 @@ def load_model(model_dir: Path, *, device: str = "cpu", bundle: Path | None = No
     from .weights import open_checkpoint
     from .weights.config import read_config
 
-    t0 = time.perf_counter()
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelError(f"model directory {model_dir} does not exist or is not a directory")
@@ -60,7 +58,7 @@ def load_model(model_dir: Path, *, device: str = "cpu", bundle: Path | None = No
     session = Session(bundle, build, weights, max_context=manifest.max_context,
                       prefill_chunk=manifest.prefill_chunk)
     del weights  # the device holds them now
-    return Model(session, Tokenizer.from_dir(model_dir), model_dir, time.perf_counter() - t0)
+    return Model(session, Tokenizer.from_dir(model_dir), model_dir)
 
 
 def _compile_for(model_dir: Path, target: str, max_context: int | None) -> Path:
@@ -78,7 +76,7 @@ def generate_step(session: Session, prompt: list[int], params: SamplingParams, m
     Plain greedy takes the argmax computed on the device, so one int crosses back per step;
     other sampling reads the logits row and samples on the host."""
     on_device = params.temperature == 0 and params.repetition_penalty == 1.0
-    sampler = make_sampler(params)
+    sampler = None if on_device else make_sampler(params)
     session.reset()
     out = session.prefill(prompt, greedy=on_device)
     tokens = list(prompt)
@@ -125,6 +123,7 @@ def stream_generate(model: Model, prompt_ids: list[int], params: SamplingParams,
     detok = model.tokenizer.detokenizer()
     eos = model.tokenizer.eos_token_ids
     stats = Stats(prompt_tokens=len(prompt_ids))
+    stops = list(stop_strings)
     pending = ""  # decoded text not yet emitted (may be the start of a stop string)
     t0 = time.perf_counter()
     finish = "length"
@@ -138,17 +137,17 @@ def stream_generate(model: Model, prompt_ids: list[int], params: SamplingParams,
             finish = "stop"
             break
         pending += detok.add_token(token)
-        cut = find_stop(pending, list(stop_strings)) if stop_strings else None
+        cut = find_stop(pending, stops) if stops else None
         if cut is not None:
             pending, finish = pending[:cut], "stop"
             break
-        emit = len(pending) - stop_holdback(pending, list(stop_strings)) if stop_strings else len(pending)
+        emit = len(pending) - stop_holdback(pending, stops) if stops else len(pending)
         if emit > 0:
             yield Response(pending[:emit], token, stats=stats)
             pending = pending[emit:]
     if finish == "length" or (generated and generated[-1] in eos):  # flush bytes the detokenizer still holds
         pending += detok.finalize()
-        cut = find_stop(pending, list(stop_strings)) if stop_strings else None
+        cut = find_stop(pending, stops) if stops else None
         if cut is not None:
             pending, finish = pending[:cut], "stop"
     total = time.perf_counter() - t0

@@ -24,7 +24,6 @@ class ContextFull(ValueError):
 
 @dataclass
 class LoadStats:
-    weights_s: float = 0.0
     upload_s: float = 0.0
     weight_bytes: int = 0
 
