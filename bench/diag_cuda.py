@@ -5,6 +5,10 @@
   # on the GPU machine (runtime only): run the cuda builds, print |cuda - cpu| per step
   python bench/diag_cuda.py check DIR
 
+--layers N keeps the config but N layers (shapes unchanged, compiles fast). --probe also builds
+a prefill "probe" whose outputs include every intermediate (layer functions and the attention
+taps of compile/layers.py); `check` then prints, in graph order, where CUDA first leaves the CPU.
+
 Weights are random (numpy default_rng(0), std 0.02) and made identically on both machines from
 the seed, so only config.json travels. A variant is "<weights>w-<cache>kv" with dtypes f16/f32.
 Seen 2026-11-26 (H100, IREE 3.13): tiny llama f16w-f16kv wrong, f16w-f32kv and f32w-f32kv
@@ -32,26 +36,108 @@ def random_weights(names, shapes, dtype) -> dict:
     return {n: (rng.standard_normal(s, dtype=np.float32) * 0.02).astype(dtype) for n, s in zip(names, shapes)}
 
 
-def run(variant: Path, target: str) -> np.ndarray:
+def session_for(variant: Path, target: str) -> Session:
     meta = json.loads((variant / "meta.json").read_text())
     b = TargetBuild(target, "diag", (), {s: f"{target}/{s}.vmfb" for s in ("prefill", "decode")}, {},
                     tuple(meta["names"]), tuple(tuple(s) for s in meta["shapes"]), meta["wd"],
                     tuple(meta["cache_shape"]), meta["cd"])
-    s = Session(variant, b, random_weights(b.weight_names, b.weight_shapes, meta["wd"]),
-                max_context=MAX_CONTEXT, prefill_chunk=CHUNK)
+    return Session(variant, b, random_weights(b.weight_names, b.weight_shapes, meta["wd"]),
+                   max_context=MAX_CONTEXT, prefill_chunk=CHUNK)
+
+
+def run(variant: Path, target: str) -> np.ndarray:
+    s = session_for(variant, target)
     out = [s.prefill(list(range(5, 5 + CHUNK)))]
     out += [s.decode(t) for t in FOLLOW]
     return np.stack(out)
 
 
-def make(root: Path, model: Path, variants: list[str]) -> None:
+def probe_step(fam, cfg):
+    """The step with every tapped intermediate as an extra output (labels come back too)."""
+    import jax
+
+    from iree_runner.compile import export
+    from iree_runner.compile import layers as L
+
+    def step(weights, k_cache, v_cache, tokens, start, last):
+        names = ["linear", "rms_norm", "apply_rope", "attention", "gated_mlp", "top_k"]
+        saved = {n: getattr(L, n) for n in names}
+        moe = getattr(fam, "moe", None)
+        top_k = jax.lax.top_k
+
+        def recording(n, f):
+            def wrapped(*a, **k):
+                out = f(*a, **k)
+                if isinstance(out, (tuple, list)):  # lax.top_k returns a list
+                    return tuple(L.tap(f"{n}.{i}", t) for i, t in enumerate(out))
+                return L.tap(n, out)
+            return wrapped
+
+        L.TAPS = []
+        try:
+            for n in names:
+                setattr(L, n, recording(n, saved[n]))
+            if moe is not None:
+                fam.moe = recording("moe", moe)
+            jax.lax.top_k = recording("lax.top_k", top_k)
+            out = export.make_step(fam, cfg)(weights, k_cache, v_cache, tokens, start, last)
+            taps = list(L.TAPS)
+        finally:
+            L.TAPS = None
+            jax.lax.top_k = top_k
+            for n in names:
+                setattr(L, n, saved[n])
+            if moe is not None:
+                fam.moe = moe
+        step.labels = [n for n, _ in taps]
+        return (*out, *(t for _, t in taps))
+
+    return step
+
+
+def export_probe(fam, cfg, spec) -> tuple[str, list[str]]:
+    import jax
+
+    wdt = np.dtype(spec.weight_dtype)
+    fn = probe_step(fam, cfg)
+    weights = {n: jax.ShapeDtypeStruct(s, wdt) for n, s in zip(spec.weight_names, spec.weight_shapes)}
+    cache = jax.ShapeDtypeStruct(spec.cache_shape, np.dtype(spec.cache_dtype))
+    scalar = jax.ShapeDtypeStruct((), np.int32)
+    exported = jax.export.export(jax.jit(fn))(weights, cache, cache, jax.ShapeDtypeStruct((CHUNK,), np.int32),
+                                             scalar, scalar)
+    return exported.mlir_module().replace("module @jit_step", "module @probe", 1), fn.labels
+
+
+def run_probe(variant: Path, target: str) -> list[np.ndarray]:
+    import iree.runtime as rt
+
+    from iree_runner.session import DRIVERS
+
+    meta = json.loads((variant / "meta.json").read_text())
+    config = rt.Config(DRIVERS[target])
+    ctx = rt.SystemContext(vm_modules=[rt.VmModule.mmap(config.vm_instance, str(variant / target / "probe.vmfb"))],
+                           config=config)
+    w = random_weights(meta["names"], meta["shapes"], meta["wd"])
+    cache = np.zeros(meta["cache_shape"], meta["cd"])
+    outs = ctx.modules.probe["main"](*(w[n] for n in meta["names"]), cache, cache,
+                                     np.arange(5, 5 + CHUNK, dtype=np.int32), np.int32(0), np.int32(CHUNK - 1))
+    return [np.asarray(o.to_host()) for o in outs]
+
+
+def make(root: Path, model: Path, variants: list[str], layers: int | None = None, probe: bool = False) -> None:
     from iree_runner.compile import export, family, iree_compile
     from iree_runner.weights import read_config
 
-    if model.is_file():  # a bare config.json, e.g. bench/configs/qwen3-0.6b.json
-        (root / "model").mkdir(parents=True, exist_ok=True)
-        (root / "model" / "config.json").write_text(model.read_text())
-        model = root / "model"
+    raw = json.loads((model if model.is_file() else model / "config.json").read_text())
+    if layers:
+        raw["num_hidden_layers"] = layers
+        if raw.get("layer_types"):
+            raw["layer_types"] = raw["layer_types"][:layers]
+        if raw.get("mlp_only_layers"):
+            raw["mlp_only_layers"] = [i for i in raw["mlp_only_layers"] if i < layers]
+    (root / "model").mkdir(parents=True, exist_ok=True)
+    (root / "model" / "config.json").write_text(json.dumps(raw))
+    model = root / "model"
     cc = read_config(model)
     fam = family.family_module(cc.model_type)
     cfg = fam.Config.from_checkpoint(cc)
@@ -67,19 +153,66 @@ def make(root: Path, model: Path, variants: list[str]) -> None:
                 subprocess.run([iree_compile.iree_compile_path(), str(mlir), *iree_compile.flags_for(target),
                                 "-o", str(d / target / f"{step}.vmfb")], check=True)
                 mlir.unlink()
+            if probe:
+                text, labels = export_probe(fam, cfg, spec)
+                mlir = d / "probe.mlir"
+                mlir.write_text(text)
+                subprocess.run([iree_compile.iree_compile_path(), str(mlir), *iree_compile.flags_for(target),
+                                "-o", str(d / target / "probe.vmfb")], check=True)
+                mlir.unlink()
+                (d / "labels.json").write_text(json.dumps(["logits", "argmax", "k_cache", "v_cache", *labels]))
         (d / "meta.json").write_text(json.dumps({"names": spec.weight_names, "shapes": spec.weight_shapes,
                                                  "wd": wd, "cd": cd, "cache_shape": spec.cache_shape}))
         logits = run(d, "cpu")
-        np.save(d / "cpu_logits.npy", logits)
+        np.savez_compressed(d / "cpu_logits.npz", _coarse(logits))
         print(f"{name}: cpu finite {bool(np.isfinite(logits).all())}, argmax {logits.argmax(-1).tolist()}")
+        if probe:  # samples of each intermediate, so the file stays small (it travels to the GPU)
+            outs = run_probe(d, "cpu")
+            np.savez_compressed(d / "cpu_probe.npz", *(_sample(x) for x in outs),
+                                absmax=np.array([_absmax(x) for x in outs]))
+
+
+def _sample(x: np.ndarray, n: int = 4096) -> np.ndarray:
+    flat = x.reshape(-1)
+    return flat[::max(1, flat.size // n)][:n]
+
+
+def _absmax(x: np.ndarray) -> float:
+    return float(np.abs(x).max()) if x.size else 0.0
+
+
+def _coarse(x: np.ndarray) -> np.ndarray:
+    if x.dtype != np.float32:
+        return x
+    return (x.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def compare_probe(d: Path) -> None:
+    labels = json.loads((d / "labels.json").read_text())
+    ref = np.load(d / "cpu_probe.npz")
+    got = run_probe(d, "cuda")
+    first_bad = None
+    for i, (label, g) in enumerate(zip(labels, got)):
+        r, scale = ref[f"arr_{i}"], float(ref["absmax"][i])  # a strided sample, the whole array's max
+        gs = _sample(g)
+        err = float(np.abs(gs.astype(np.float64) - r).max()) if gs.size else 0.0
+        bad = not np.isfinite(g).all() or err > 1e-2 * max(scale, 1e-3)
+        if bad and first_bad is None:
+            first_bad = (i, label)
+        print(f"  {i:3d} {label:12s} {str(g.shape):18s} finite {bool(np.isfinite(g).all())!s:5s} "
+              f"cpu finite {bool(np.isfinite(scale))!s:5s} max|d| (sampled) {err:.3g} max|cpu| {scale:.3g} "
+              f"max|cuda| {_absmax(g):.3g}"
+              f"{'  <-- first bad' if first_bad == (i, label) else ''}", flush=True)
 
 
 def check(root: Path) -> None:
     for d in sorted(p for p in root.iterdir() if (p / "meta.json").exists()):
-        got, ref = run(d, "cuda"), np.load(d / "cpu_logits.npy")
+        got, ref = run(d, "cuda"), np.load(d / "cpu_logits.npz")["arr_0"]
         print(f"{d.name}: finite {bool(np.isfinite(got).all())}, max |cuda - cpu| per step "
               f"{np.abs(got - ref).max(-1).round(4).tolist()}, argmax cuda {got.argmax(-1).tolist()} "
               f"cpu {ref.argmax(-1).tolist()}", flush=True)
+        if (d / "cuda" / "probe.vmfb").exists():
+            compare_probe(d)
 
 
 if __name__ == "__main__":
@@ -88,5 +221,7 @@ if __name__ == "__main__":
     ap.add_argument("dir", type=Path)
     ap.add_argument("--model", type=Path)
     ap.add_argument("--variants", default="f16w-f32kv,f32w-f32kv,f16w-f16kv")
+    ap.add_argument("--layers", type=int, help="keep only this many layers")
+    ap.add_argument("--probe", action="store_true", help="also build the intermediates probe")
     a = ap.parse_args()
-    make(a.dir, a.model, a.variants.split(",")) if a.action == "make" else check(a.dir)
+    make(a.dir, a.model, a.variants.split(","), a.layers, a.probe) if a.action == "make" else check(a.dir)

@@ -94,13 +94,19 @@ def _timed_generation(prefill, decode, prompt, sync=_sync_cuda):
     on the device and reading back one int per step."""
     sync()
     t0 = time.perf_counter()
-    token = prefill(prompt)
+    tokens = [prefill(prompt)]
     ttft = time.perf_counter() - t0
     t1 = time.perf_counter()
     for _ in range(NEW_TOKENS - 1):
-        token = decode(token)
+        tokens.append(decode(tokens[-1]))
     decode_s = time.perf_counter() - t1
-    return {"prefill_tps": len(prompt) / ttft, "ttft_ms": ttft * 1e3, "decode_tps": (NEW_TOKENS - 1) / decode_s}
+    return {"prefill_tps": len(prompt) / ttft, "ttft_ms": ttft * 1e3, "decode_tps": (NEW_TOKENS - 1) / decode_s,
+            "tokens": tokens}
+
+
+def leading_agreement(a: list[int], b: list[int]) -> int:
+    """Greedy tokens equal before the first divergence (a correctness check beside the timing)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tuple[dict, dict]:
@@ -128,6 +134,8 @@ def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tupl
     _timed_generation(prefill, decode, prompt[:64])  # warm-up
     r = _timed_generation(prefill, decode, prompt)
     r |= {"load_s": load_s, "host_dequant_s": t_host, "device_mb": device_used_mb(device) - before}
+    s.reset()
+    r["prompt_logits"] = np.asarray(s.prefill(prompt), np.float32)  # to compare with the JAX peer
     return r, weights
 
 
@@ -152,7 +160,8 @@ def bench_jax(ckpt: Path, device: str, prompt: list[int], weights: dict, chunk: 
         state.update(k=z, v=jnp.zeros_like(z), pos=0)
 
     def run(tokens, last):
-        _, token, state["k"], state["v"] = step(w, state["k"], state["v"], tokens, np.int32(state["pos"]), np.int32(last))
+        state["logits"], token, state["k"], state["v"] = step(w, state["k"], state["v"], tokens,
+                                                              np.int32(state["pos"]), np.int32(last))
         return int(token)
 
     def prefill(p):
@@ -171,7 +180,10 @@ def bench_jax(ckpt: Path, device: str, prompt: list[int], weights: dict, chunk: 
         return token
 
     _timed_generation(prefill, decode, prompt[:64])
-    return _timed_generation(prefill, decode, prompt)
+    r = _timed_generation(prefill, decode, prompt)
+    prefill(prompt)
+    r["prompt_logits"] = np.asarray(state["logits"], np.float32)
+    return r
 
 
 def bench_torch(f16_ckpt: Path, device: str, prompt: list[int]) -> dict:
@@ -224,6 +236,7 @@ def main() -> None:
     for model in args.models.split(","):
         raw = json.loads((Path(__file__).parent / "configs" / f"{model}.json").read_text())
         bundles = [""] + [f"-{v}" for v in args.variants.split(",") if v]
+        ours_tokens = {}
         for variant in ("4bit", "f16"):
             ckpt = args.ckpts / f"{model}-{variant}"
             for suffix in bundles:
@@ -233,6 +246,9 @@ def main() -> None:
                 cache_bytes = np.dtype(manifest["targets"][args.device]["cache_dtype"]).itemsize
                 need = decode_bytes(weights, raw, PROMPT_LEN + NEW_TOKENS // 2, cache_bytes)
                 roof = bw * 1e9 / need
+                logits = r.pop("prompt_logits")
+                if suffix == "":
+                    ours_tokens[variant], ours_logits = r["tokens"], logits
                 rows.append({"model": model, "variant": variant, "runtime": f"iree-runner{suffix}", **r,
                              "bytes_per_token": need, "roofline_tps": roof, "roofline_frac": r["decode_tps"] / roof})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -241,8 +257,12 @@ def main() -> None:
             if variant == "4bit" and "jax" in args.peers:
                 try:
                     j = bench_jax(ckpt, args.device, prompt, weights, manifest["prefill_chunk"], manifest["max_context"])
+                    jax_logits = j.pop("prompt_logits")
                     rows.append({"model": model, "variant": variant, "runtime": "jax-xla (our model code)", **j,
-                                 "roofline_frac": j["decode_tps"] / roof})
+                                 "roofline_frac": j["decode_tps"] / roof,
+                                 "same_tokens": leading_agreement(j["tokens"], ours_tokens[variant]),
+                                 "prompt_logit_err": float(np.abs(jax_logits - ours_logits).max()),
+                                 "prompt_logit_max": float(np.abs(ours_logits).max())})
                 except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
                     rows.append({"model": model, "variant": variant, "runtime": "jax-xla", "error": repr(e)[:300]})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -250,7 +270,8 @@ def main() -> None:
         if "torch" in args.peers:
             try:
                 t = bench_torch(args.ckpts / f"{model}-f16", args.device, prompt)
-                rows.append({"model": model, "variant": "f16", "runtime": "hf-transformers eager", **t})
+                rows.append({"model": model, "variant": "f16", "runtime": "hf-transformers eager", **t,
+                             "same_tokens": leading_agreement(t["tokens"], ours_tokens["f16"])})
             except Exception as e:  # noqa: BLE001
                 rows.append({"model": model, "variant": "f16", "runtime": "hf-transformers", "error": repr(e)[:300]})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -266,19 +287,30 @@ def main() -> None:
     print(table(result))
 
 
+def _agreement(r: dict) -> str:
+    if "same_tokens" not in r:
+        return "—"
+    cell = f"{r['same_tokens']}/{len(r['tokens'])}"
+    if "prompt_logit_err" in r:
+        cell += f" (prompt logits: max err {r['prompt_logit_err']:.1e} of {r['prompt_logit_max']:.2f})"
+    return cell
+
+
 def table(result: dict) -> str:
-    head = "| model | weights | runtime | load s | prefill tok/s | TTFT ms | decode tok/s | roofline % | device MB |"
+    head = ("| model | weights | runtime | load s | prefill tok/s | TTFT ms | decode tok/s | roofline % | device MB "
+            "| same greedy tokens as iree-runner |")
     lines = [f"{result['device']}, copy bandwidth {result['copy_bandwidth_gbs']:.0f} GB/s, "
-             f"IREE {result['iree_runtime']}", "", head, "|" + "---|" * 9]
+             f"IREE {result['iree_runtime']}", "", head, "|" + "---|" * 10]
     f = lambda r, k, fmt: format(r[k], fmt) if r.get(k) is not None else "—"  # noqa: E731
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | failed: {r['error'][:80]} |||||||")
+            lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | failed: {r['error'][:80]} ||||||||")
             continue
         frac = f"{100 * r['roofline_frac']:.0f}%" if r.get("roofline_frac") else "—"
         lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | {f(r, 'load_s', '.2f')} | "
                      f"{f(r, 'prefill_tps', '.0f')} | {f(r, 'ttft_ms', '.1f')} | {f(r, 'decode_tps', '.1f')} | "
-                     f"{frac} | {f(r, 'device_mb', '.0f')} |")
+                     f"{frac} | {f(r, 'device_mb', '.0f')} | "
+                     f"{_agreement(r)} |")
     return "\n".join(lines)
 
 

@@ -48,13 +48,25 @@ def _host_cpu() -> str:
         return platform.processor() or platform.machine()
 
 
-def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: int) -> str:
+WEIGHT_DTYPES = {"f16": "float16", "f32": "float32"}
+
+
+def weight_dtype_for(target: str, weight_dtype: str | None) -> str:
+    """The weights' dtype on the device: the target's default, or "f16"/"f32" as asked."""
+    if weight_dtype is None:
+        return iree_compile.WEIGHT_DTYPE[target]
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight dtype {weight_dtype!r} is not supported (expected one of: {', '.join(WEIGHT_DTYPES)})")
+    return WEIGHT_DTYPES[weight_dtype]
+
+
+def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: int, weight_dtype: str) -> str:
     import jax
 
     parts = {
         "config": graph_config(raw_config), "export": _export_code_digest(),
         "iree": iree_compile.compiler_version(), "jax": jax.__version__, "target": target,
-        "flags": iree_compile.flags_for(target), "weight_dtype": iree_compile.WEIGHT_DTYPE[target],
+        "flags": iree_compile.flags_for(target), "weight_dtype": weight_dtype,
         "cache_dtype": iree_compile.CACHE_DTYPE[target],
         "max_context": max_context, "prefill_chunk": prefill_chunk,
         "host": _host_cpu() if target == "cpu" else None,
@@ -63,11 +75,15 @@ def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: in
 
 
 def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX_CONTEXT,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Path:
-    """A one-target bundle in the artifact cache for this model; compiled only if needed."""
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, weight_dtype: str | None = None) -> Path:
+    """A one-target bundle in the artifact cache for this model; compiled only if needed.
+
+    weight_dtype "f16" or "f32" overrides the target's default (f32 on CPU, f16 on CUDA)."""
     cc = read_config(model_dir)
     fam = family.family_module(cc.model_type)
-    key = build_key(cc.raw, target, max_context, prefill_chunk)
+    iree_compile.flags_for(target)  # an unknown target fails here, with the known ones
+    wdt = weight_dtype_for(target, weight_dtype)
+    key = build_key(cc.raw, target, max_context, prefill_chunk, wdt)
     entry = cache_dir() / key
     if (entry / MANIFEST).exists():
         try:
@@ -79,7 +95,7 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
 
     cfg = fam.Config.from_checkpoint(cc)
     spec = export.step_spec(fam, cfg, capacity=max_context + prefill_chunk,
-                            weight_dtype=iree_compile.WEIGHT_DTYPE[target],
+                            weight_dtype=wdt,
                             cache_dtype=iree_compile.CACHE_DTYPE[target])
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
@@ -112,14 +128,15 @@ def _manifest(cc, fam, cfg, max_context, prefill_chunk, targets) -> Manifest:
 
 
 def compile_bundle(model_dir: Path, targets: list[str], out: Path, *, max_context: int = DEFAULT_MAX_CONTEXT,
-                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Manifest:
+                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, weight_dtype: str | None = None) -> Manifest:
     """Build every target (through the cache) and gather them into one bundle at `out`."""
     cc = read_config(model_dir)
     fam = family.family_module(cc.model_type)
     builds = {}
     out.mkdir(parents=True, exist_ok=True)
     for target in targets:
-        entry = build_target(model_dir, target, max_context=max_context, prefill_chunk=prefill_chunk)
+        entry = build_target(model_dir, target, max_context=max_context, prefill_chunk=prefill_chunk,
+                             weight_dtype=weight_dtype)
         build = read_manifest(entry).targets[target]
         shutil.rmtree(out / target, ignore_errors=True)
         shutil.copytree(entry / target, out / target)

@@ -17,6 +17,15 @@ F32 = jnp.float32
 # Masked scores use a large finite value rather than -inf: a fully masked padded row then gives
 # a harmless uniform softmax instead of NaN.
 MASKED = -1e30
+# Debug taps: bench/diag_cuda.py sets this to a list while exporting a probe, and gets every
+# tapped intermediate back as an extra output (to find where CUDA and CPU part). None = no-op.
+TAPS: list | None = None
+
+
+def tap(name: str, x):
+    if TAPS is not None:
+        TAPS.append((name, x))
+    return x
 
 
 def linear(x, w, b=None):
@@ -44,6 +53,38 @@ def layer_norm(x, w, b, eps):
 
 def gelu_tanh(x):
     return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def max_and_first_index(x):
+    """(max, lowest index holding it) over the last axis, with keepdims.
+
+    Built from f32 max reductions only: the index is taken as n - max(n - i) over the maxima.
+    IREE 3.13's CUDA codegen returned -1 for the plain min-of-indices formulation and
+    jnp.argmax ran nearly serially (3.8 ms for 152k logits); bench/cuda_ops.py checks these.
+    Exact while the axis is shorter than 2**24. The barrier keeps x's producer out of the
+    reductions' dispatch: fused with a router's softmax, IREE's CUDA codegen failed to compile
+    ("write affecting operations on global resources")."""
+    n = x.shape[-1]
+    x = jax.lax.optimization_barrier(x)
+    rev = jnp.float32(n) - jnp.arange(n, dtype=F32)
+    m = jnp.max(x, axis=-1, keepdims=True)
+    i = jnp.float32(n) - jnp.max(jnp.where(x == m, rev, 0.0), axis=-1, keepdims=True)
+    return m, i.astype(jnp.int32)
+
+
+def top_k(x, k: int):
+    """Top-k over the last axis as k rounds of (max, lowest index holding it, mask it out).
+
+    Same values, indices and tie order (lowest index first) as jax.lax.top_k, from plain
+    reductions instead of IREE's topk op; cheap for a router's k of a few experts."""
+    idx = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    values, indices = [], []
+    for _ in range(k):
+        m, i = max_and_first_index(x)
+        values.append(m)
+        indices.append(i)
+        x = jnp.where(idx == i, -jnp.inf, x)
+    return jnp.concatenate(values, axis=-1), jnp.concatenate(indices, axis=-1)
 
 
 # --- rotary embedding ------------------------------------------------------------------------
@@ -152,11 +193,12 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
         old_ok = old_ok & (old_pos > q_pos - window)
         new_ok = new_ok & (positions[None, :] > q_pos - window)
     s_old, s_new = jnp.where(old_ok, s_old, MASKED), jnp.where(new_ok, s_new, MASKED)
-    m = jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
+    tap("attn.s_old", s_old), tap("attn.s_new", s_new)
+    m = tap("attn.max", jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True)))
     # The barrier keeps IREE's CUDA codegen from fusing exp into the row sums below, which it
     # fails to compile at prefill sizes ("failed to run translation", VectorDistribute).
     e_old, e_new = jax.lax.optimization_barrier((jnp.exp(s_old - m), jnp.exp(s_new - m)))
-    denom = e_old.sum(-1) + e_new.sum(-1)  # [KVH, G, C]
+    denom = tap("attn.denom", e_old.sum(-1) + e_new.sum(-1))  # [KVH, G, C]
     out = dot("kgcs,skd->ckgd", e_old.astype(dt), v_old) + dot("kgcj,jkd->ckgd", e_new.astype(dt), v)
     return (out / jnp.transpose(denom, (2, 0, 1))[..., None]).reshape(C, H * Dh)
 

@@ -85,23 +85,26 @@ def moe(cfg: Config, w: dict, p: str, h):
     Several tokens: run every expert and weight by the routing (zero for unselected)."""
     C = h.shape[0]
     probs = jax.nn.softmax(L.linear(h, w[f"{p}.gate.weight"]), axis=-1)  # [C, E]
-    top_p, top_i = jax.lax.top_k(probs, cfg.num_experts_per_tok)  # [C, k]
+    top_p, top_i = L.top_k(probs, cfg.num_experts_per_tok)  # [C, k]
     if cfg.norm_topk_prob:
         top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
     wg, wu, wd = (w[f"{p}.switch_mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
     x = h.astype(wg.dtype)
     dot = lambda eq, a, b: jnp.einsum(eq, a, b, preferred_element_type=F32)  # noqa: E731
+    # Routing weights are folded into the activations so that the down projection contracts
+    # over (expert, intermediate) at once: no dot_general with batch dimensions, which IREE
+    # 3.13 computes wrongly on CUDA in f16 (bench/cuda_ops.py, H100).
     if C == 1:
         idx = top_i[0]
         g, u = dot("d,kid->ki", x[0], wg[idx]), dot("d,kid->ki", x[0], wu[idx])
-        y = dot("ki,kdi->kd", (jax.nn.silu(g) * u).astype(wd.dtype), wd[idx])  # [k, D]
-        return (top_p[0][:, None] * y).sum(0)[None]
+        act = jax.nn.silu(g) * u * top_p[0][:, None]  # [k, I]
+        return dot("ki,kdi->d", act.astype(wd.dtype), wd[idx])[None]
     # Routing weights [C, E] by one-hot sums, not a scatter (IREE's CUDA codegen fails on it).
     one_hot = top_i[..., None] == jnp.arange(cfg.num_experts, dtype=top_i.dtype)  # [C, k, E]
     route = jnp.sum(jnp.where(one_hot, top_p[..., None], 0.0), axis=1)
     g, u = dot("cd,eid->cei", x, wg), dot("cd,eid->cei", x, wu)
-    y = dot("cei,edi->ced", (jax.nn.silu(g) * u).astype(wd.dtype), wd)  # [C, E, D]
-    return jnp.einsum("ce,ced->cd", route, y)
+    act = jax.nn.silu(g) * u * route[..., None]  # [C, E, I], zero for experts not chosen
+    return dot("cei,edi->cd", act.astype(wd.dtype), wd)
 
 
 def forward(cfg: Config, w: dict, tokens, positions, k_cache, v_cache):

@@ -105,8 +105,18 @@ def test_cache_reuses_rebuilds_and_rekeys(ckpt, monkeypatch, tmp_path, capsys):
     assert "rebuilding" in capsys.readouterr().err
     check_compatible(read_manifest(first), first, json.loads((ckpt / "config.json").read_text()), "cpu")
     assert build.build_target(ckpt, "cpu", max_context=96) != first  # another key
-    key = build.build_key(json.loads((ckpt / "config.json").read_text()), "cpu", 64, 32)
-    assert key != build.build_key(json.loads((ckpt / "config.json").read_text()), "cuda", 64, 32)
+    raw = json.loads((ckpt / "config.json").read_text())
+    key = build.build_key(raw, "cpu", 64, 32, "float32")
+    assert key != build.build_key(raw, "cuda", 64, 32, "float32")
+    assert key != build.build_key(raw, "cpu", 64, 32, "float16")
+
+
+def test_weight_dtype_override(ckpt, tmp_path):
+    """--weight-dtype f32 on CUDA: the bundle an fp32 oracle can be held to on the GPU."""
+    m = build.compile_bundle(ckpt, ["cuda"], tmp_path, max_context=64, weight_dtype="f32")
+    assert m.targets["cuda"].weight_dtype == "float32"
+    with pytest.raises(ValueError, match="weight dtype 'bf16' is not supported"):
+        build.compile_bundle(ckpt, ["cuda"], tmp_path, max_context=64, weight_dtype="bf16")
 
 
 def test_runtime_never_imports_jax():

@@ -1,0 +1,65 @@
+"""Decode wall time per token under IREE CUDA runtime flags (streams vs graphs, inline execution).
+
+  python bench/launch_overhead.py DIAG_VARIANT_DIR [--steps 64]
+
+Runs the decode step of a `bench/diag_cuda.py make` variant (random weights) in one process per
+flag setting (the flags are process-wide and read when the driver is created) and prints the
+median ms per token, greedy (one int read back per step, as in generation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETTINGS = {
+    "streams (default)": [],
+    "streams + inline": ["--cuda_allow_inline_execution=true"],
+    "graphs": ["--cuda_use_streams=false"],
+}
+
+
+def child(variant: Path, steps: int, flags: list[str]) -> None:
+    import numpy as np
+    import iree.runtime as rt
+
+    if flags:
+        rt.flags.parse_flags(*flags)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from diag_cuda import CHUNK, MAX_CONTEXT, session_for
+
+    s = session_for(variant, "cuda")
+    s.prefill(list(range(5, 5 + CHUNK)))
+    token = 7
+    times = []
+    for _ in range(min(steps, MAX_CONTEXT - CHUNK)):
+        t0 = time.perf_counter()
+        try:
+            token = s.decode(token, greedy=True)
+        except FloatingPointError:  # timing only: a variant with non-finite logits still runs
+            s.pos, token = s.pos + 1, 7
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"ms_per_token": 1e3 * float(np.median(times[3:])), "min_ms": 1e3 * min(times)}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variant", type=Path)
+    ap.add_argument("--steps", type=int, default=64)
+    a = ap.parse_args()
+    if "LAUNCH_OVERHEAD_FLAGS" in os.environ:  # a child: one setting
+        return child(a.variant, a.steps, os.environ["LAUNCH_OVERHEAD_FLAGS"].split())
+    for name, flags in SETTINGS.items():
+        p = subprocess.run([sys.executable, __file__, str(a.variant), "--steps", str(a.steps)], capture_output=True,
+                           text=True, env=os.environ | {"LAUNCH_OVERHEAD_FLAGS": " ".join(flags)})
+        res = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {"error": p.stderr[-500:]}
+        print(f"{a.variant.name:12s} {name:20s} {res}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

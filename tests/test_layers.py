@@ -1,0 +1,31 @@
+"""Building blocks of compile/layers.py against jax's own ops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iree_runner.compile import layers as L
+
+
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_top_k_matches_lax_top_k_with_ties(k):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    x[1, [3, 7, 11]] = x[1].max() + 1.0  # a three-way tie at the top: lowest index first
+    x[2] = 0.5  # all equal
+    want_v, want_i = jax.lax.top_k(jnp.asarray(x), k)
+    got_v, got_i = jax.jit(L.top_k, static_argnums=1)(jnp.asarray(x), k)
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+    assert got_i.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("n", [7, 151936])
+def test_first_argmax_is_lowest_index_of_max(n):
+    from iree_runner.compile.export import first_argmax
+
+    x = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    x[[n // 3, n - 1]] = x.max() + 1.0  # tie: the lower index wins
+    got = jax.jit(first_argmax)(jnp.asarray(x))
+    assert got.dtype == jnp.int32 and got.shape == () and int(got) == n // 3
