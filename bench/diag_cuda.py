@@ -42,7 +42,7 @@ def session_for(variant: Path, target: str) -> Session:
                     tuple(meta["names"]), tuple(tuple(s) for s in meta["shapes"]), meta["wd"],
                     tuple(meta["cache_shape"]), meta["cd"])
     return Session(variant, b, random_weights(b.weight_names, b.weight_shapes, meta["wd"]),
-                   max_context=MAX_CONTEXT, prefill_chunk=CHUNK)
+                   max_context=meta.get("max_context", MAX_CONTEXT), prefill_chunk=CHUNK)
 
 
 def run(variant: Path, target: str) -> np.ndarray:
@@ -124,7 +124,8 @@ def run_probe(variant: Path, target: str) -> list[np.ndarray]:
     return [np.asarray(o.to_host()) for o in outs]
 
 
-def make(root: Path, model: Path, variants: list[str], layers: int | None = None, probe: bool = False) -> None:
+def make(root: Path, model: Path, variants: list[str], layers: int | None = None, probe: bool = False,
+         max_context: int = MAX_CONTEXT) -> None:
     from iree_runner.compile import export, family, iree_compile
     from iree_runner.weights import read_config
 
@@ -143,7 +144,7 @@ def make(root: Path, model: Path, variants: list[str], layers: int | None = None
     cfg = fam.Config.from_checkpoint(cc)
     for name in variants:
         wd, cd = (DTYPES[p[:-1] if p.endswith("w") else p[:-2]] for p in name.split("-"))
-        spec = export.step_spec(fam, cfg, capacity=MAX_CONTEXT + CHUNK, weight_dtype=wd, cache_dtype=cd)
+        spec = export.step_spec(fam, cfg, capacity=max_context + CHUNK, weight_dtype=wd, cache_dtype=cd)
         d = root / name
         for target in ("cpu", "cuda"):
             (d / target).mkdir(parents=True, exist_ok=True)
@@ -162,7 +163,8 @@ def make(root: Path, model: Path, variants: list[str], layers: int | None = None
                 mlir.unlink()
                 (d / "labels.json").write_text(json.dumps(["logits", "argmax", "k_cache", "v_cache", *labels]))
         (d / "meta.json").write_text(json.dumps({"names": spec.weight_names, "shapes": spec.weight_shapes,
-                                                 "wd": wd, "cd": cd, "cache_shape": spec.cache_shape}))
+                                                 "wd": wd, "cd": cd, "cache_shape": spec.cache_shape,
+                                                 "max_context": max_context}))
         logits = run(d, "cpu")
         np.savez_compressed(d / "cpu_logits.npz", _coarse(logits))
         print(f"{name}: cpu finite {bool(np.isfinite(logits).all())}, argmax {logits.argmax(-1).tolist()}")
@@ -223,5 +225,9 @@ if __name__ == "__main__":
     ap.add_argument("--variants", default="f16w-f32kv,f32w-f32kv,f16w-f16kv")
     ap.add_argument("--layers", type=int, help="keep only this many layers")
     ap.add_argument("--probe", action="store_true", help="also build the intermediates probe")
+    ap.add_argument("--max-context", type=int, default=MAX_CONTEXT)
     a = ap.parse_args()
-    make(a.dir, a.model, a.variants.split(","), a.layers, a.probe) if a.action == "make" else check(a.dir)
+    if a.action == "make":
+        make(a.dir, a.model, a.variants.split(","), a.layers, a.probe, a.max_context)
+    else:
+        check(a.dir)

@@ -31,13 +31,13 @@ def child(variant: Path, steps: int, flags: list[str]) -> None:
     if flags:
         rt.flags.parse_flags(*flags)
     sys.path.insert(0, str(Path(__file__).parent))
-    from diag_cuda import CHUNK, MAX_CONTEXT, session_for
+    from diag_cuda import CHUNK, session_for
 
     s = session_for(variant, "cuda")
     s.prefill(list(range(5, 5 + CHUNK)))
     token = 7
     times = []
-    for _ in range(min(steps, MAX_CONTEXT - CHUNK)):
+    for _ in range(min(steps, s.max_context - CHUNK)):
         t0 = time.perf_counter()
         try:
             token = s.decode(token, greedy=True)

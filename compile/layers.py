@@ -169,8 +169,10 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
     (p - window, p]. `softcap` squashes scores as softcap * tanh(scores / softcap).
     The softmax runs over the two key sets without concatenating them (IREE generated a very
     slow kernel for the concatenated, odd-sized row). Products accumulate in f32; a prefill
-    chunk feeds them in the cache's dtype (f16 on CUDA: 27 us vs 534 us in f32 for a 64-token
-    chunk of Qwen3-0.6B on an H200), a single decode token in f32 (15 us vs 153 us in f16).
+    chunk feeds them in the cache's dtype, a single decode token in f32. The cache is f32 on
+    every target: IREE 3.13 computes f16 dot_generals with batch dimensions wrongly on CUDA
+    (bench/cuda_ops.py). Rewriting the one-token case as broadcast products and reductions
+    was 2.7x slower on an H100 (40.8 vs 14.8 ms per Qwen3-0.6B decode step).
     """
     C, H, Dh = q.shape
     k_old, v_old = kv.k_cache[:, layer], kv.v_cache[:, layer]  # [S, KVH, Dh]
