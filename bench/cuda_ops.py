@@ -60,7 +60,8 @@ def cases() -> dict:
 
     out = {}
     for V in (512, 151936):
-        for name, fn in (("first_argmax", first_argmax), ("min_index_argmax", min_index_argmax), ("first_argmax_vec", lambda x: first_argmax(x)[None]),
+        for name, fn in (("first_argmax", first_argmax), ("min_index_argmax", min_index_argmax),
+                         ("first_argmax_vec", lambda x: first_argmax(x)[None]),
                          ("jnp_argmax", lambda x: jnp.argmax(x).astype(jnp.int32)),
                          ("barrier_argmax", barrier_argmax), ("blocked_argmax", blocked_argmax),
                          ("float_index_argmax", float_index_argmax), ("int_max_argmax", int_max_argmax)):
@@ -71,28 +72,19 @@ def cases() -> dict:
         out[f"top_k_{shape[0]}x{shape[1]}_k{k}"] = dict(fn=lambda x, k=k: top_k(x, k)[1], args=[(shape, "float32")],
                                                        std=1.0, ref=f"top{k}")
     f32 = jnp.float32
+    einsums = (  # name, equation, operand shapes, dtype
+        ("f16_matmul_2d", "cd,nd->cn", ((32, 128), (512, 128)), "float16"),
+        ("f16_matmul_batched", "cei,edi->ced", ((32, 4, 128), (4, 128, 128)), "float16"),
+        ("f16_moe_up", "cd,eid->cei", ((32, 128), (4, 128, 128)), "float16"),
+        ("f16_attn_scores", "ckgd,skd->kgcs", ((32, 2, 2, 32), (544, 2, 32)), "float16"),
+        ("f16_moe_down_two_contractions", "cei,edi->cd", ((32, 4, 128), (4, 128, 128)), "float16"),
+        ("f16_moe_down_decode", "ki,kdi->d", ((8, 768), (8, 2048, 768)), "float16"),
+        ("f32_matmul_batched", "cei,edi->ced", ((32, 4, 128), (4, 128, 128)), "float32"),
+    )
     for std in (0.02, 0.5):
-        out[f"f16_matmul_2d_std{std}"] = dict(
-            fn=lambda a, w: jnp.einsum("cd,nd->cn", a, w, preferred_element_type=f32),
-            args=[((32, 128), "float16"), ((512, 128), "float16")], std=std, ref="cd,nd->cn")
-        out[f"f16_matmul_batched_std{std}"] = dict(
-            fn=lambda a, w: jnp.einsum("cei,edi->ced", a, w, preferred_element_type=f32),
-            args=[((32, 4, 128), "float16"), ((4, 128, 128), "float16")], std=std, ref="cei,edi->ced")
-        out[f"f16_moe_up_std{std}"] = dict(
-            fn=lambda a, w: jnp.einsum("cd,eid->cei", a, w, preferred_element_type=f32),
-            args=[((32, 128), "float16"), ((4, 128, 128), "float16")], std=std, ref="cd,eid->cei")
-        out[f"f16_attn_scores_std{std}"] = dict(
-            fn=lambda q, k: jnp.einsum("ckgd,skd->kgcs", q, k, preferred_element_type=f32),
-            args=[((32, 2, 2, 32), "float16"), ((544, 2, 32), "float16")], std=std, ref="ckgd,skd->kgcs")
-        out[f"f16_moe_down_two_contractions_std{std}"] = dict(
-            fn=lambda a, w: jnp.einsum("cei,edi->cd", a, w, preferred_element_type=f32),
-            args=[((32, 4, 128), "float16"), ((4, 128, 128), "float16")], std=std, ref="cei,edi->cd")
-        out[f"f16_moe_down_decode_std{std}"] = dict(
-            fn=lambda a, w: jnp.einsum("ki,kdi->d", a, w, preferred_element_type=f32),
-            args=[((8, 768), "float16"), ((8, 2048, 768), "float16")], std=std, ref="ki,kdi->d")
-        out[f"f32_matmul_batched_std{std}"] = dict(
-            fn=lambda a, w: jnp.einsum("cei,edi->ced", a, w, preferred_element_type=f32),
-            args=[((32, 4, 128), "float32"), ((4, 128, 128), "float32")], std=std, ref="cei,edi->ced")
+        for name, eq, shapes, dt in einsums:
+            out[f"{name}_std{std}"] = dict(fn=lambda a, b, eq=eq: jnp.einsum(eq, a, b, preferred_element_type=f32),
+                                           args=[(s, dt) for s in shapes], std=std, ref=eq)
     return out
 
 
