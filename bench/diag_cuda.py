@@ -125,9 +125,14 @@ def run_probe(variant: Path, target: str) -> list[np.ndarray]:
 
 
 def make(root: Path, model: Path, variants: list[str], layers: int | None = None, probe: bool = False,
-         max_context: int = MAX_CONTEXT) -> None:
+         max_context: int = MAX_CONTEXT, settings: list[str] = ()) -> None:
     from iree_runner.compile import export, family, iree_compile
+    from iree_runner.compile import layers as L
     from iree_runner.weights import read_config
+
+    for item in settings:  # an experiment: NAME=VALUE overrides a constant of compile/layers.py
+        name, value = item.split("=", 1)
+        setattr(L, name, type(getattr(L, name))(value))
 
     raw = json.loads((model if model.is_file() else model / "config.json").read_text())
     if layers:
@@ -226,8 +231,10 @@ if __name__ == "__main__":
     ap.add_argument("--layers", type=int, help="keep only this many layers")
     ap.add_argument("--probe", action="store_true", help="also build the intermediates probe")
     ap.add_argument("--max-context", type=int, default=MAX_CONTEXT)
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="override a compile/layers.py constant, e.g. CACHE_LAYOUT=LSHD or ALL_HEADS_MAX_TOKENS=64")
     a = ap.parse_args()
     if a.action == "make":
-        make(a.dir, a.model, a.variants.split(","), a.layers, a.probe, a.max_context)
+        make(a.dir, a.model, a.variants.split(","), a.layers, a.probe, a.max_context, a.set)
     else:
         check(a.dir)

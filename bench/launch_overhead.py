@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 SETTINGS = {
-    "streams (default)": [],
+    "streams": [],  # the default
     "streams + inline": ["--cuda_allow_inline_execution=true"],
     "graphs": ["--cuda_use_streams=false"],
 }
@@ -51,10 +51,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variant", type=Path)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names from: " + ", ".join(SETTINGS))
     a = ap.parse_args()
     if "LAUNCH_OVERHEAD_FLAGS" in os.environ:  # a child: one setting
         return child(a.variant, a.steps, os.environ["LAUNCH_OVERHEAD_FLAGS"].split())
-    for name, flags in SETTINGS.items():
+    for name in a.settings.split(","):
+        flags = SETTINGS[name]
         p = subprocess.run([sys.executable, __file__, str(a.variant), "--steps", str(a.steps)], capture_output=True,
                            text=True, env=os.environ | {"LAUNCH_OVERHEAD_FLAGS": " ".join(flags)})
         res = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {"error": p.stderr[-500:]}

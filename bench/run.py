@@ -139,7 +139,10 @@ def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tupl
     return r, weights
 
 
-def bench_jax(ckpt: Path, device: str, prompt: list[int], weights: dict, chunk: int, max_context: int) -> dict:
+def bench_jax(ckpt: Path, device: str, prompt: list[int], weights: dict, chunk: int, max_context: int,
+              cache_dtype: str) -> dict:
+    """Our step function under jax.jit on the same weights, with the bundle's cache dtype (so the
+    same attention form; compile/layers.py attention)."""
     import jax
     import jax.numpy as jnp
 
@@ -149,14 +152,15 @@ def bench_jax(ckpt: Path, device: str, prompt: list[int], weights: dict, chunk: 
     cc = read_config(ckpt)
     fam = family.family_module(cc.model_type)
     cfg = fam.Config.from_checkpoint(cc)
-    spec = export.step_spec(fam, cfg, capacity=max_context + chunk, weight_dtype=next(iter(weights.values())).dtype.name)
+    spec = export.step_spec(fam, cfg, capacity=max_context + chunk, weight_dtype=next(iter(weights.values())).dtype.name,
+                            cache_dtype=cache_dtype)
     dev = jax.devices("gpu" if device == "cuda" else "cpu")[0]
     w = {n: jax.device_put(weights[n], dev) for n in spec.weight_names}
     step = jax.jit(export.make_step(fam, cfg), donate_argnums=(1, 2))
     state = {}
 
     def reset():
-        z = jnp.zeros(spec.cache_shape, jnp.float32, device=dev)
+        z = jnp.zeros(spec.cache_shape, spec.cache_dtype, device=dev)
         state.update(k=z, v=jnp.zeros_like(z), pos=0)
 
     def run(tokens, last):
@@ -256,7 +260,8 @@ def main() -> None:
                     del weights
             if variant == "4bit" and "jax" in args.peers:
                 try:
-                    j = bench_jax(ckpt, args.device, prompt, weights, manifest["prefill_chunk"], manifest["max_context"])
+                    j = bench_jax(ckpt, args.device, prompt, weights, manifest["prefill_chunk"], manifest["max_context"],
+                                  manifest["targets"][args.device]["cache_dtype"])
                     jax_logits = j.pop("prompt_logits")
                     rows.append({"model": model, "variant": variant, "runtime": "jax-xla (our model code)", **j,
                                  "roofline_frac": j["decode_tps"] / roof,

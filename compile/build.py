@@ -67,7 +67,7 @@ def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: in
         "config": graph_config(raw_config), "export": _export_code_digest(),
         "iree": iree_compile.compiler_version(), "jax": jax.__version__, "target": target,
         "flags": iree_compile.flags_for(target), "weight_dtype": weight_dtype,
-        "cache_dtype": iree_compile.CACHE_DTYPE[target],
+        "cache_dtype": weight_dtype,
         "max_context": max_context, "prefill_chunk": prefill_chunk,
         "host": _host_cpu() if target == "cpu" else None,
     }
@@ -96,7 +96,7 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
     cfg = fam.Config.from_checkpoint(cc)
     spec = export.step_spec(fam, cfg, capacity=max_context + prefill_chunk,
                             weight_dtype=wdt,
-                            cache_dtype=iree_compile.CACHE_DTYPE[target])
+                            cache_dtype=wdt)
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
     try:

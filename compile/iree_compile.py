@@ -18,11 +18,9 @@ TARGET_FLAGS = {
 }
 TARGETS = tuple(TARGET_FLAGS)
 # Weights on the device: f32 on CPU for exact parity with the fp32 oracle; f16 on CUDA
-# (bf16 dot_general does not compile for CUDA in IREE 3.13).
+# (bf16 dot_general does not compile for CUDA in IREE 3.13). The KV cache takes the weights'
+# dtype (compile/layers.py attention says how each is computed).
 WEIGHT_DTYPE = {"cpu": "float32", "cuda": "float16"}
-# KV cache in f32 on both. An f16 cache gave wrong logits (then NaNs) on CUDA with IREE 3.13
-# while the same graph was right on the CPU (bench/diag_cuda.py, H100, 2026-11-26).
-CACHE_DTYPE = {"cpu": "float32", "cuda": "float32"}
 
 
 def compiler_version() -> str:

@@ -134,8 +134,18 @@ def apply_rope(x, cos, sin):
 
 # --- KV cache and attention ------------------------------------------------------------------
 
+# The order of the KV cache's axes: S (rows, i.e. positions), L (layers), H (KV heads), D (head
+# dim). One tensor each for K and V; the runtime only sees the shape.
+CACHE_LAYOUT = "SLHD"
+
+
+def kv_cache_shape(layers: int, kv_heads: int, head_dim: int, capacity: int) -> tuple[int, ...]:
+    dims = {"S": capacity, "L": layers, "H": kv_heads, "D": head_dim}
+    return tuple(dims[a] for a in CACHE_LAYOUT)
+
+
 class KVCache:
-    """The caches for one call, [S, L, KVH, Dh] each, read-only while the layers run.
+    """The caches for one call (axes in CACHE_LAYOUT order), read-only while the layers run.
 
     Each layer attends to the cached rows before this chunk plus the chunk's own keys, and the
     new K/V of all layers are written once at the end (`commit`). Writing each layer as it went
@@ -146,18 +156,33 @@ class KVCache:
         self.k_cache, self.v_cache, self.positions = k_cache, v_cache, positions
         self.new_k, self.new_v = {}, {}
 
+    def layer(self, layer: int):
+        """This layer's cached K and V, [S, KVH, Dh] each."""
+        order = CACHE_LAYOUT.replace("L", "")
+        return tuple(jnp.transpose(jax.lax.index_in_dim(c, layer, CACHE_LAYOUT.index("L"), keepdims=False),
+                                   [order.index(a) for a in "SHD"]) for c in (self.k_cache, self.v_cache))
+
     def commit(self):
         """Write every layer's chunk at rows start..start+C-1; returns the updated (k, v) caches.
 
-        A dynamic_update_slice along the leading (row) dimension: IREE updates the donated
-        buffer in place. (A scatter there made IREE copy the whole cache on CUDA.) The runtime
-        sizes the cache with a chunk of slack so the slice always fits."""
+        One dynamic_update_slice per cache: IREE updates the donated buffer in place. (A
+        scatter there made IREE copy the whole cache on CUDA.) The runtime sizes the cache
+        with a chunk of slack so the slice always fits."""
         out = []
+        starts = [self.positions[0] if a == "S" else jnp.int32(0) for a in CACHE_LAYOUT]
         for cache, new in ((self.k_cache, self.new_k), (self.v_cache, self.new_v)):
             stacked = jnp.stack([new[i] for i in range(len(new))], axis=1).astype(cache.dtype)  # [C, L, KVH, Dh]
-            zero = jnp.int32(0)
-            out.append(jax.lax.dynamic_update_slice(cache, stacked, (self.positions[0], zero, zero, zero)))
+            stacked = jnp.transpose(stacked, ["SLHD".index(a) for a in CACHE_LAYOUT])
+            out.append(jax.lax.dynamic_update_slice(cache, stacked, starts))
         return tuple(out)
+
+
+def _own_heads(x, head_axis: int):
+    """x[..., k, ..., k'] (k' last) -> x with k' == k kept: each query head's own KV head."""
+    kvh = x.shape[-1]
+    shape = [1] * x.ndim
+    shape[head_axis], shape[-1] = kvh, kvh
+    return jnp.sum(x * jnp.eye(kvh, dtype=x.dtype).reshape(shape), axis=-1)
 
 
 def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None = None,
@@ -168,22 +193,29 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
     own, causal over absolute positions; with `window`, a query at p sees keys in
     (p - window, p]. `softcap` squashes scores as softcap * tanh(scores / softcap).
     The softmax runs over the two key sets without concatenating them (IREE generated a very
-    slow kernel for the concatenated, odd-sized row). Products accumulate in f32; a prefill
-    chunk feeds them in the cache's dtype, a single decode token in f32. The cache is f32 on
-    every target: IREE 3.13 computes f16 dot_generals with batch dimensions wrongly on CUDA
-    (bench/cuda_ops.py). Rewriting the one-token case as broadcast products and reductions
-    was 2.7x slower on an H100 (40.8 vs 14.8 ms per Qwen3-0.6B decode step).
+    slow kernel for the concatenated, odd-sized row). Products accumulate in f32.
+
+    Against the cache, two forms. With an f32 cache (the CPU), per-head batched matmuls in f32.
+    With an f16 cache (CUDA), plain 2-D f16 matmuls of all query heads against all KV heads,
+    keeping each head's own block: KVH times the flops, but IREE 3.13 on CUDA computes f16
+    matmuls with batch dimensions wrongly (bench/cuda_ops.py) and its f32 ones for these shapes
+    slowly (240 + 83 us per layer for one token over a 704-row cache, H100). The chunk's own
+    keys are few and always go through f32.
     """
     C, H, Dh = q.shape
-    k_old, v_old = kv.k_cache[:, layer], kv.v_cache[:, layer]  # [S, KVH, Dh]
+    k_old, v_old = kv.layer(layer)  # [S, KVH, Dh]
     S, KVH, _ = k_old.shape
-    dt = k_old.dtype if C > 1 else F32
-    qg = q.reshape(C, KVH, H // KVH, Dh).astype(dt)
-    k, v = k.astype(dt), v.astype(dt)
+    G = H // KVH
+    all_heads = k_old.dtype == jnp.float16
+    dt = k_old.dtype if all_heads else F32
     dot = lambda eq, a, b: jnp.einsum(eq, a, b, preferred_element_type=F32)  # noqa: E731
-    k_old, v_old = k_old.astype(dt), v_old.astype(dt)
-    s_old = dot("ckgd,skd->kgcs", qg, k_old) * scale  # [KVH, G, C, S]
-    s_new = dot("ckgd,jkd->kgcj", qg, k) * scale  # [KVH, G, C, C]
+    qg = q.reshape(C, KVH, G, Dh)
+    if all_heads:
+        s_old = dot("rd,skd->rsk", qg.reshape(C * KVH * G, Dh).astype(dt), k_old).reshape(C, KVH, G, S, KVH)
+        s_old = jnp.transpose(_own_heads(s_old, 1), (1, 2, 0, 3)) * scale  # [KVH, G, C, S]
+    else:
+        s_old = dot("ckgd,skd->kgcs", qg.astype(dt), k_old.astype(dt)) * scale  # [KVH, G, C, S]
+    s_new = dot("ckgd,jkd->kgcj", qg.astype(F32), k.astype(F32)) * scale  # [KVH, G, C, C]
     if softcap is not None:
         s_old, s_new = (jnp.tanh(x / softcap) * softcap for x in (s_old, s_new))
     positions = kv.positions
@@ -201,7 +233,13 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
     # fails to compile at prefill sizes ("failed to run translation", VectorDistribute).
     e_old, e_new = jax.lax.optimization_barrier((jnp.exp(s_old - m), jnp.exp(s_new - m)))
     denom = tap("attn.denom", e_old.sum(-1) + e_new.sum(-1))  # [KVH, G, C]
-    out = dot("kgcs,skd->ckgd", e_old.astype(dt), v_old) + dot("kgcj,jkd->ckgd", e_new.astype(dt), v)
+    if all_heads:
+        e2 = jnp.transpose(e_old, (2, 0, 1, 3)).reshape(C * KVH * G, S).astype(dt)  # rows (c, k, g)
+        out_old = jnp.moveaxis(dot("rs,skd->rkd", e2, v_old).reshape(C, KVH, G, KVH, Dh), 3, -1)
+        out_old = _own_heads(out_old, 1)  # [C, KVH, G, Dh]
+    else:
+        out_old = dot("kgcs,skd->ckgd", e_old.astype(dt), v_old.astype(dt))
+    out = out_old + dot("kgcj,jkd->ckgd", e_new, v.astype(F32))
     return (out / jnp.transpose(denom, (2, 0, 1))[..., None]).reshape(C, H * Dh)
 
 

@@ -77,7 +77,7 @@ def weight_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
 
 
 def cache_shape(cfg: Config, capacity: int) -> tuple[int, ...]:
-    return (capacity, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    return L.kv_cache_shape(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, capacity)
 
 
 def moe(cfg: Config, w: dict, p: str, h):

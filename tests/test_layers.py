@@ -29,3 +29,20 @@ def test_first_argmax_is_lowest_index_of_max(n):
     x[[n // 3, n - 1]] = x.max() + 1.0  # tie: the lower index wins
     got = jax.jit(first_argmax)(jnp.asarray(x))
     assert got.dtype == jnp.int32 and got.shape == () and int(got) == n // 3
+
+
+@pytest.mark.parametrize("C", [1, 5])
+@pytest.mark.parametrize("window", [None, 3])
+def test_all_heads_attention_equals_per_head(C, window):
+    """With an f16 cache attention runs as 2-D matmuls against every KV head; same result as
+    the per-head form on the same (f16-rounded) cache."""
+    rng = np.random.default_rng(2)
+    S, KVH, G, Dh, start = 16, 2, 3, 8, 6
+    f = lambda *s: jnp.asarray(rng.standard_normal(s, dtype=np.float32))  # noqa: E731
+    cache_k, cache_v = (f(*L.kv_cache_shape(2, KVH, Dh, S)).astype(jnp.float16) for _ in range(2))
+    q, k, v = f(C, KVH * G, Dh), f(C, KVH, Dh), f(C, KVH, Dh)
+    positions = start + jnp.arange(C, dtype=jnp.int32)
+    outs = [L.attention(q.astype(jnp.float16).astype(jnp.float32) if ck.dtype == jnp.float32 else q, k, v,
+                        L.KVCache(ck, cv, positions), 1, 0.3, window)
+            for ck, cv in ((cache_k, cache_v), (cache_k.astype(jnp.float32), cache_v.astype(jnp.float32)))]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=2e-3, atol=2e-3)
