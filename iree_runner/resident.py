@@ -1,9 +1,12 @@
 """Gather the tensors a compiled model expects, by name, from a checkpoint (numpy only).
 
-Compiled models name their weights as MLX checkpoints do. HF checkpoints differ only for MoE
-experts: per-expert tensors (`mlp.experts.{e}.gate_proj.weight`, transformers 4.x) or fused ones
-(`mlp.experts.gate_up_proj` [E, 2I, D] and `mlp.experts.down_proj`, transformers 5.x in memory)
-where MLX stacks `mlp.switch_mlp.{gate,up,down}_proj.weight` [E, out, in].
+Compiled models name their weights as MLX checkpoints do, with two stacked projections:
+`self_attn.qkv_proj` is q_proj, k_proj and v_proj and `mlp.gate_up_proj` is gate_proj and
+up_proj, concatenated along the output axis here (one matvec on the device instead of three
+or two). HF checkpoints also differ for MoE experts: per-expert tensors
+(`mlp.experts.{e}.gate_proj.weight`, transformers 4.x) or fused ones (`mlp.experts.gate_up_proj`
+[E, 2I, D] and `mlp.experts.down_proj`, transformers 5.x in memory) where MLX stacks
+`mlp.switch_mlp.{gate,up,down}_proj.weight` [E, out, in].
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import re
 import numpy as np
 
 SWITCH = re.compile(r"^(?P<p>.+)\.mlp\.switch_mlp\.(?P<proj>gate|up|down)_proj\.weight$")
+STACKED = re.compile(r"^(?P<p>.+)\.(?P<fused>qkv_proj|gate_up_proj)\.(?P<kind>weight|bias)$")
+STACKED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class MissingWeight(ValueError):
@@ -24,7 +29,13 @@ def gather_weights(ckpt, names: list[str], dtype) -> dict[str, np.ndarray]:
     direct = [n for n in names if n in ckpt]
     out = ckpt.load_all(np.dtype(dtype), names=direct)
     for name in names:
-        if name not in out:
+        if name in out:
+            continue
+        m = STACKED.match(name)
+        if m:
+            parts = [f"{m['p']}.{part}.{m['kind']}" for part in STACKED_PARTS[m["fused"]]]
+            out[name] = np.concatenate([gather_weights(ckpt, [n], dtype)[n] for n in parts])
+        else:
             out[name] = _stacked_experts(ckpt, name, dtype)
     return out
 
