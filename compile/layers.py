@@ -191,7 +191,9 @@ class KVCache:
 
 
 def _own_heads(x, head_axis: int):
-    """x[..., k, ..., k'] (k' last) -> x with k' == k kept: each query head's own KV head."""
+    """x[..., k, ..., k'] (k' last) -> x with k' == k kept: each query head's own KV head.
+
+    As a mask-and-sum: IREE turned static slices of the diagonal into one copy each."""
     kvh = x.shape[-1]
     shape = [1] * x.ndim
     shape[head_axis], shape[-1] = kvh, kvh
@@ -244,14 +246,16 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
     m = tap("attn.max", jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True)))
     # The barrier keeps IREE's CUDA codegen from fusing exp into the row sums below, which it
     # fails to compile at prefill sizes ("failed to run translation", VectorDistribute).
-    e_old, e_new = jax.lax.optimization_barrier((jnp.exp(s_old - m), jnp.exp(s_new - m)))
-    denom = tap("attn.denom", e_old.sum(-1) + e_new.sum(-1))  # [KVH, G, C]
+    # The cached part's weights are made in the matmul's dtype at once (the cast had a
+    # dispatch of its own); the denominator sums those same rounded weights.
+    e_old, e_new = jax.lax.optimization_barrier((jnp.exp(s_old - m).astype(dt), jnp.exp(s_new - m)))
+    denom = tap("attn.denom", e_old.astype(F32).sum(-1) + e_new.sum(-1))  # [KVH, G, C]
     if all_heads:
-        e2 = jnp.transpose(e_old, (2, 0, 1, 3)).reshape(C * KVH * G, S).astype(dt)  # rows (c, k, g)
+        e2 = jnp.transpose(e_old, (2, 0, 1, 3)).reshape(C * KVH * G, S)  # rows (c, k, g)
         out_old = jnp.moveaxis(dot("rs,skd->rkd", e2, v_old).reshape(C, KVH, G, KVH, Dh), 3, -1)
         out_old = _own_heads(out_old, 1)  # [C, KVH, G, Dh]
     else:
-        out_old = dot("kgcs,skd->ckgd", e_old.astype(dt), v_old.astype(dt))
+        out_old = dot("kgcs,skd->ckgd", e_old, v_old.astype(dt))
     out = out_old + dot("kgcj,jkd->ckgd", e_new, v.astype(F32))
     return (out / jnp.transpose(denom, (2, 0, 1))[..., None]).reshape(C, H * Dh)
 
