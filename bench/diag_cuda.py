@@ -9,10 +9,15 @@
 a prefill "probe" whose outputs include every intermediate (layer functions and the attention
 taps of compile/layers.py); `check` then prints, in graph order, where CUDA first leaves the CPU.
 
+--max-context N sizes the cache (the default 128 is small; real decode costs grow with it).
+--set NAME=VALUE overrides a compile/layers.py constant for an experiment (CACHE_LAYOUT=SLHD).
+
 Weights are random (numpy default_rng(0), std 0.02) and made identically on both machines from
 the seed, so only config.json travels. A variant is "<weights>w-<cache>kv" with dtypes f16/f32.
-Seen 2026-11-26 (H100, IREE 3.13): tiny llama f16w-f16kv wrong, f16w-f32kv and f32w-f32kv
-right; real-size Qwen3-0.6B f16w-f32kv NaN on CUDA, finite on CPU.
+Std 0.02 gives small activations: faults that show only at larger values need
+bench/cuda_ops.py (std 0.5) or the test checkpoints (bench/gpu_agreement.py).
+Seen 2026-11-26 (H100, IREE 3.13): the "NaN" of the real-size bundles was the on-device argmax
+(-1), not the logits, which matched the CPU; see bench/cuda_ops.py.
 """
 
 from __future__ import annotations
