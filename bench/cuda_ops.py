@@ -11,7 +11,6 @@ batch dimensions (the MoE experts and an f16 KV cache use batched ones).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -98,11 +97,7 @@ def make(root: Path, target: str = "cuda") -> None:
     for name, c in cases().items():
         specs = [jax.ShapeDtypeStruct(s, np.dtype(d)) for s, d in c["args"]]
         text = jax.export.export(jax.jit(c["fn"]))(*specs).mlir_module()
-        src = root / f"{name}.mlir"
-        src.write_text(text)
-        subprocess.run([iree_compile.iree_compile_path(), str(src), *iree_compile.flags_for(target),
-                        "-o", str(root / f"{name}.vmfb")], check=True)
-        src.unlink()
+        iree_compile.compile_mlir(text, root / f"{name}.vmfb", target, label=name)
         meta[name] = {"args": c["args"], "std": c["std"], "ref": c["ref"]}
     (root / "cases.json").write_text(json.dumps(meta, indent=1))
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -156,22 +155,16 @@ def make(root: Path, model: Path, variants: list[str], layers: int | None = None
         wd, cd = (DTYPES[p[:-1] if p.endswith("w") else p[:-2]] for p in name.split("-"))
         spec = export.step_spec(fam, cfg, capacity=max_context + CHUNK, weight_dtype=wd, cache_dtype=cd)
         d = root / name
-        for target in ("cpu", "cuda"):
+        d.mkdir(parents=True, exist_ok=True)
+        modules = {step: export.export_step(fam, cfg, spec, tokens, step)
+                   for step, tokens in (("prefill", CHUNK), ("decode", 1))}
+        if probe:
+            modules["probe"], labels = export_probe(fam, cfg, spec)
+            (d / "labels.json").write_text(json.dumps(["logits", "argmax", "k_cache", "v_cache", *labels]))
+        for target in ("cpu", "cuda"):  # one export, compiled for each target
             (d / target).mkdir(parents=True, exist_ok=True)
-            for step, tokens in (("prefill", CHUNK), ("decode", 1)):
-                mlir = d / f"{step}.mlir"
-                mlir.write_text(export.export_step(fam, cfg, spec, tokens, step))
-                subprocess.run([iree_compile.iree_compile_path(), str(mlir), *iree_compile.flags_for(target),
-                                "-o", str(d / target / f"{step}.vmfb")], check=True)
-                mlir.unlink()
-            if probe:
-                text, labels = export_probe(fam, cfg, spec)
-                mlir = d / "probe.mlir"
-                mlir.write_text(text)
-                subprocess.run([iree_compile.iree_compile_path(), str(mlir), *iree_compile.flags_for(target),
-                                "-o", str(d / target / "probe.vmfb")], check=True)
-                mlir.unlink()
-                (d / "labels.json").write_text(json.dumps(["logits", "argmax", "k_cache", "v_cache", *labels]))
+            for step, text in modules.items():
+                iree_compile.compile_mlir(text, d / target / f"{step}.vmfb", target, label=f"{name} {step}")
         (d / "meta.json").write_text(json.dumps({"names": spec.weight_names, "shapes": spec.weight_shapes,
                                                  "wd": wd, "cd": cd, "cache_shape": spec.cache_shape,
                                                  "max_context": max_context}))
