@@ -156,12 +156,15 @@ def make(root: Path, model: Path, variants: list[str], layers: int | None = None
         spec = export.step_spec(fam, cfg, capacity=max_context + CHUNK, weight_dtype=wd, cache_dtype=cd)
         d = root / name
         d.mkdir(parents=True, exist_ok=True)
-        modules = {step: export.export_step(fam, cfg, spec, tokens, step)
-                   for step, tokens in (("prefill", CHUNK), ("decode", 1))}
-        if probe:
-            modules["probe"], labels = export_probe(fam, cfg, spec)
+        probe_text = None
+        if probe:  # one export for both targets (it writes the cache as a slice)
+            probe_text, labels = export_probe(fam, cfg, spec)
             (d / "labels.json").write_text(json.dumps(["logits", "argmax", "k_cache", "v_cache", *labels]))
-        for target in ("cpu", "cuda"):  # one export, compiled for each target
+        for target in ("cpu", "cuda"):  # each target writes the cache its own way
+            modules = {step: export.export_step(fam, cfg, spec, tokens, step, iree_compile.CACHE_WRITE[target])
+                       for step, tokens in (("prefill", CHUNK), ("decode", 1))}
+            if probe_text:
+                modules["probe"] = probe_text
             (d / target).mkdir(parents=True, exist_ok=True)
             for step, text in modules.items():
                 iree_compile.compile_mlir(text, d / target / f"{step}.vmfb", target, label=f"{name} {step}")

@@ -104,7 +104,8 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
         files, sums = {}, {}
         for step, tokens in zip(STEPS, (prefill_chunk, 1)):
             print(f"exporting {step} ({cc.model_type}, {tokens} token(s) per call)", file=sys.stderr)
-            mlir = export.export_step(fam, cfg, spec, tokens, module_name=step)
+            mlir = export.export_step(fam, cfg, spec, tokens, module_name=step,
+                                      cache_write=iree_compile.CACHE_WRITE[target])
             rel = f"{target}/{step}.vmfb"
             iree_compile.compile_mlir(mlir, tmp / rel, target, label=step)
             files[step], sums[rel] = rel, file_digest(tmp / rel)

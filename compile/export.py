@@ -42,7 +42,9 @@ def make_step(family, cfg):
         # tokens: [C] int32, start/last: scalar int32 -> logits [V] f32, argmax, caches
         positions = start + jnp.arange(tokens.shape[0], dtype=jnp.int32)
         h, k_cache, v_cache = family.forward(cfg, weights, tokens, positions, k_cache, v_cache)
-        logits = family.lm_head(cfg, weights, h[last])
+        # Row `last` as a masked sum: h[last] at a device-held index is read back to the host.
+        row = jnp.sum(jnp.where(jnp.arange(h.shape[0])[:, None] == last, h, 0.0), axis=0)
+        logits = family.lm_head(cfg, weights, row)
         return logits, first_argmax(logits), k_cache, v_cache
 
     return step
@@ -55,8 +57,21 @@ def step_spec(family, cfg, *, capacity: int, weight_dtype: str, cache_dtype: str
                     tuple(family.cache_shape(cfg, capacity)), cache_dtype)
 
 
-def export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str) -> str:
-    """StableHLO text of the step for `tokens` tokens per call, its module renamed."""
+def export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str, cache_write: str = "slice") -> str:
+    """StableHLO text of the step for `tokens` tokens per call, its module renamed.
+
+    cache_write: how the KV cache is written, one of layers.CACHE_WRITES (the target's choice:
+    iree_compile.CACHE_WRITE)."""
+    if cache_write not in layers.CACHE_WRITES:
+        raise ValueError(f"cache_write {cache_write!r} is not one of {layers.CACHE_WRITES}")
+    saved, layers.CACHE_WRITE = layers.CACHE_WRITE, cache_write
+    try:
+        return _export_step(family, cfg, spec, tokens, module_name)
+    finally:
+        layers.CACHE_WRITE = saved
+
+
+def _export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str) -> str:
     wdt = np.dtype(spec.weight_dtype)
     fn = make_step(family, cfg)
     weights = {n: jax.ShapeDtypeStruct(s, wdt) for n, s in zip(spec.weight_names, spec.weight_shapes)}

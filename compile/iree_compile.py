@@ -21,6 +21,8 @@ TARGETS = tuple(TARGET_FLAGS)
 # (bf16 dot_general does not compile for CUDA in IREE 3.13). The KV cache takes the weights'
 # dtype (compile/layers.py attention says how each is computed).
 WEIGHT_DTYPE = {"cpu": "float32", "cuda": "float16"}
+# How the step writes the KV cache (compile/layers.py KVCache.commit says why they differ).
+CACHE_WRITE = {"cpu": "slice", "cuda": "scatter"}
 
 
 def compiler_version() -> str:

@@ -64,12 +64,12 @@ def max_and_first_index(x):
     Built from f32 max reductions only: the index is taken as n - max(n - i) over the maxima.
     IREE 3.13's CUDA codegen returned -1 for the plain min-of-indices formulation and
     jnp.argmax ran nearly serially (3.8 ms for 152k logits); bench/cuda_ops.py checks these.
-    Exact while the axis is shorter than 2**24. The barrier keeps x's producer out of the
-    reductions' dispatch: fused with a router's softmax, IREE's CUDA codegen failed to compile
-    ("write affecting operations on global resources"). A long axis (logits) is reduced in
-    blocks first: as one reduction it took 178 us on an H100 for 152k logits.
+    Exact while the axis is shorter than 2**24. No optimization_barrier on x: each one makes
+    IREE wait on the host for the GPU. (Fused with a router's softmax, IREE's CUDA codegen
+    failed to compile, so the router takes the top-k of its logits; see qwen3_moe.moe.)
+    A long axis (logits) is reduced in blocks first: as one reduction it took 178 us on an
+    H100 for 152k logits.
     """
-    x = jax.lax.optimization_barrier(x)
     n = x.shape[-1]
     if n > ARGMAX_BLOCK:
         pad = -n % ARGMAX_BLOCK
@@ -153,6 +153,9 @@ def apply_rope(x, cos, sin):
 # per layer: GPU time of a Qwen3-0.6B decode step 3.62 -> 2.83 ms against [S, L, H, D] (H100,
 # bench/results/2026-11-26-h100-cache-ldsh.txt); on the CPU decode 116 -> 108 ms.
 CACHE_LAYOUT = "LDSH"
+# How commit() writes the cache: "scatter" or "slice" (set per target by export.export_step).
+CACHE_WRITE = "slice"
+CACHE_WRITES = ("scatter", "slice")
 
 
 def kv_cache_shape(layers: int, kv_heads: int, head_dim: int, capacity: int) -> tuple[int, ...]:
@@ -181,17 +184,38 @@ class KVCache:
     def commit(self):
         """Write every layer's chunk at rows start..start+C-1; returns the updated (k, v) caches.
 
-        One dynamic_update_slice per cache: IREE updates the donated buffer in place. (A
-        scatter there made IREE copy the whole cache on CUDA.) The runtime sizes the cache
-        with a chunk of slack so the slice always fits."""
+        One write per cache, in place on the donated buffer, as CACHE_WRITE says:
+        - "scatter" (CUDA): a dynamic_update_slice would make IREE read the device-held offset
+          back to the host, a wait on the GPU mid-step, and a command buffer holding such a
+          value cannot be reused from call to call;
+        - "slice" (CPU): IREE's CPU codegen of that scatter overflowed its stack at prefill
+          sizes, and on the CPU the read-back is a plain memory read.
+        The runtime sizes the cache with a chunk of slack so the rows always fit."""
         out = []
-        starts = [self.positions[0] if a == "S" else jnp.int32(0) for a in CACHE_LAYOUT]
         for cache, new in ((self.k_cache, self.new_k), (self.v_cache, self.new_v)):
             stacked = jnp.stack([new[i] for i in range(len(new))], axis=1).astype(cache.dtype)  # [C, L, KVH, Dh]
             stacked = jnp.transpose(stacked, ["SLHD".index(a) for a in CACHE_LAYOUT])
-            out.append(jax.lax.dynamic_update_slice(cache, stacked, starts))
+            if CACHE_WRITE == "scatter":
+                out.append(_scatter_rows(cache, stacked, self.positions))
+            else:
+                starts = [self.positions[0] if a == "S" else jnp.int32(0) for a in CACHE_LAYOUT]
+                out.append(jax.lax.dynamic_update_slice(cache, stacked, starts))
         return tuple(out)
 
+
+def _scatter_rows(cache, rows, positions):
+    """cache[L, D, S, H] with rows[L, D, C, H] written at S = positions[C], in place.
+
+    Indexed by (l, d, s) triples with H as the window: IREE's scatter wants the indexed axes
+    leading, and a plain cache.at[:, :, positions].set made it transpose both whole caches
+    there and back (4 x 97 us per decode step of Qwen3-0.6B on an H100)."""
+    assert CACHE_LAYOUT == "LDSH", "the triples below follow [L, D, S, H]"
+    L_, D_, C, H_ = rows.shape
+    grid = jnp.meshgrid(jnp.arange(L_, dtype=jnp.int32), jnp.arange(D_, dtype=jnp.int32), positions, indexing="ij")
+    idx = jnp.stack(grid, axis=-1).reshape(-1, 3)  # [L*D*C, 3]
+    dims = jax.lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_window_dims=(0, 1, 2),
+                                           scatter_dims_to_operand_dims=(0, 1, 2))
+    return jax.lax.scatter(cache, idx, rows.reshape(-1, H_), dims, indices_are_sorted=True, unique_indices=True)
 
 def _own_heads(x, head_axis: int):
     """x[..., k, ..., k'] (k' last) -> x with k' == k kept: each query head's own KV head.
@@ -247,12 +271,14 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
     s_old, s_new = jnp.where(old_ok, s_old, MASKED), jnp.where(new_ok, s_new, MASKED)
     tap("attn.s_old", s_old), tap("attn.s_new", s_new)
     m = tap("attn.max", jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True)))
-    # The barrier keeps IREE's CUDA codegen from fusing exp into the row sums below, which it
-    # fails to compile at prefill sizes ("failed to run translation", VectorDistribute).
     # The cached part's weights are made in the matmul's dtype at once (the cast had a
-    # dispatch of its own); the denominator sums those same rounded weights.
-    e_old, e_new = jax.lax.optimization_barrier((jnp.exp(s_old - m).astype(dt), jnp.exp(s_new - m)))
-    denom = tap("attn.denom", e_old.astype(F32).sum(-1) + e_new.sum(-1))  # [KVH, G, C]
+    # dispatch of its own); the denominator sums those same rounded weights. It sums them as
+    # products with ones: as a reduction, IREE fused exp into it and its CUDA codegen failed at
+    # prefill sizes ("failed to distribute"), and the optimization_barrier that prevented that
+    # made IREE wait on the host for the GPU at every layer (29 waits in a decode step).
+    e_old, e_new = jnp.exp(s_old - m).astype(dt), jnp.exp(s_new - m)
+    denom = dot("kgcs,s->kgc", e_old, jnp.ones((S,), dt)) + dot("kgcj,j->kgc", e_new, jnp.ones((C,), F32))
+    tap("attn.denom", denom)  # [KVH, G, C]
     if all_heads:
         e2 = jnp.transpose(e_old, (2, 0, 1, 3)).reshape(C * KVH * G, S)  # rows (c, k, g)
         out_old = jnp.moveaxis(dot("rs,skd->rkd", e2, v_old).reshape(C, KVH, G, KVH, Dh), 3, -1)

@@ -84,8 +84,12 @@ def moe(cfg: Config, w: dict, p: str, h):
     """h: [C, D] -> [C, D]. One token: gather its k experts (reads k/E of the weights).
     Several tokens: run every expert and weight by the routing (zero for unselected)."""
     C = h.shape[0]
-    probs = jax.nn.softmax(L.linear(h, w[f"{p}.gate.weight"]), axis=-1)  # [C, E]
-    top_p, top_i = L.top_k(probs, cfg.num_experts_per_tok)  # [C, k]
+    # Top-k of the router's logits, the same experts as of their softmax; only the k chosen
+    # probabilities are formed. Taking it over the softmax needed a barrier (IREE's CUDA codegen
+    # failed on the fused softmax + top-k), and a barrier makes IREE wait on the host per layer.
+    logits = L.linear(h, w[f"{p}.gate.weight"])  # [C, E] f32
+    top_l, top_i = L.top_k(logits, cfg.num_experts_per_tok)  # [C, k]
+    top_p = jnp.exp(top_l - top_l[:, :1]) / jnp.sum(jnp.exp(logits - top_l[:, :1]), axis=-1, keepdims=True)
     if cfg.norm_topk_prob:
         top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
     wg, wu, wd = (w[f"{p}.switch_mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
