@@ -151,7 +151,9 @@ def apply_rope(x, cos, sin):
 # dim). One tensor each for K and V; the runtime only sees the shape. [L, D, S, H] gives each
 # layer's keys in the layout IREE's CUDA scores matmul reads, so it no longer transposes them
 # per layer: GPU time of a Qwen3-0.6B decode step 3.62 -> 2.83 ms against [S, L, H, D] (H100,
-# bench/results/2026-11-26-h100-cache-ldsh.txt); on the CPU decode 116 -> 108 ms.
+# bench/results/2026-11-26-h100-cache-ldsh.txt); on the CPU decode 116 -> 108 ms. Values in
+# [L, S, H, D] instead made IREE's attention-times-V matmul slower (15 -> 27 us per layer,
+# bench/results/2026-11-26-h100-v-layout.txt).
 CACHE_LAYOUT = "LDSH"
 # How commit() writes the cache: "scatter" or "slice" (set per target by export.export_step).
 CACHE_WRITE = "slice"
@@ -196,26 +198,29 @@ class KVCache:
             stacked = jnp.stack([new[i] for i in range(len(new))], axis=1).astype(cache.dtype)  # [C, L, KVH, Dh]
             stacked = jnp.transpose(stacked, ["SLHD".index(a) for a in CACHE_LAYOUT])
             if CACHE_WRITE == "scatter":
-                out.append(_scatter_rows(cache, stacked, self.positions))
+                out.append(_scatter_rows(cache, stacked, self.positions, CACHE_LAYOUT))
             else:
                 starts = [self.positions[0] if a == "S" else jnp.int32(0) for a in CACHE_LAYOUT]
                 out.append(jax.lax.dynamic_update_slice(cache, stacked, starts))
         return tuple(out)
 
 
-def _scatter_rows(cache, rows, positions):
-    """cache[L, D, S, H] with rows[L, D, C, H] written at S = positions[C], in place.
+def _scatter_rows(cache, rows, positions, layout: str):
+    """cache (axes in `layout`) with rows (the same axes, C long on S) written at S = positions.
 
-    Indexed by (l, d, s) triples with H as the window: IREE's scatter wants the indexed axes
-    leading, and a plain cache.at[:, :, positions].set made it transpose both whole caches
-    there and back (4 x 97 us per decode step of Qwen3-0.6B on an H100)."""
-    assert CACHE_LAYOUT == "LDSH", "the triples below follow [L, D, S, H]"
-    L_, D_, C, H_ = rows.shape
-    grid = jnp.meshgrid(jnp.arange(L_, dtype=jnp.int32), jnp.arange(D_, dtype=jnp.int32), positions, indexing="ij")
-    idx = jnp.stack(grid, axis=-1).reshape(-1, 3)  # [L*D*C, 3]
-    dims = jax.lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_window_dims=(0, 1, 2),
-                                           scatter_dims_to_operand_dims=(0, 1, 2))
-    return jax.lax.scatter(cache, idx, rows.reshape(-1, H_), dims, indices_are_sorted=True, unique_indices=True)
+    The axes up to S are indexed, the rest are the scatter's window: IREE's scatter wants the
+    indexed axes leading, and a plain cache.at[..., positions, ...].set made it transpose both
+    whole caches there and back (4 x 97 us per decode step of Qwen3-0.6B on an H100)."""
+    n = layout.index("S") + 1
+    axes = [positions if a == "S" else jnp.arange(size, dtype=jnp.int32) for a, size in zip(layout[:n], rows.shape)]
+    idx = jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, n)
+    window = rows.shape[n:]
+    dims = jax.lax.ScatterDimensionNumbers(update_window_dims=tuple(range(1, 1 + len(window))),
+                                           inserted_window_dims=tuple(range(n)),
+                                           scatter_dims_to_operand_dims=tuple(range(n)))
+    return jax.lax.scatter(cache, idx, rows.reshape(-1, *window), dims, indices_are_sorted=True,
+                           unique_indices=True)
+
 
 def _own_heads(x, head_axis: int):
     """x[..., k, ..., k'] (k' last) -> x with k' == k kept: each query head's own KV head.
@@ -235,7 +240,8 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
     own, causal over absolute positions; with `window`, a query at p sees keys in
     (p - window, p]. `softcap` squashes scores as softcap * tanh(scores / softcap).
     The softmax runs over the two key sets without concatenating them (IREE generated a very
-    slow kernel for the concatenated, odd-sized row). Products accumulate in f32.
+    slow kernel for the concatenated, odd-sized row). Products accumulate in f32. Scores stay
+    in [C, KVH, G, keys] order throughout, the order of the query rows.
 
     Against the cache, two forms. With an f32 cache (the CPU), per-head batched matmuls in f32.
     With an f16 cache (CUDA), plain 2-D f16 matmuls of all query heads against all KV heads,
@@ -254,10 +260,10 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
     qg = q.reshape(C, KVH, G, Dh)
     if all_heads:
         s_old = dot("rd,skd->rsk", qg.reshape(C * KVH * G, Dh).astype(dt), k_old).reshape(C, KVH, G, S, KVH)
-        s_old = jnp.transpose(_own_heads(s_old, 1), (1, 2, 0, 3)) * scale  # [KVH, G, C, S]
+        s_old = _own_heads(s_old, 1) * scale  # [C, KVH, G, S]
     else:
-        s_old = dot("ckgd,skd->kgcs", qg.astype(dt), k_old.astype(dt)) * scale  # [KVH, G, C, S]
-    s_new = dot("ckgd,jkd->kgcj", qg.astype(F32), k.astype(F32)) * scale  # [KVH, G, C, C]
+        s_old = dot("ckgd,skd->ckgs", qg.astype(dt), k_old.astype(dt)) * scale  # [C, KVH, G, S]
+    s_new = dot("ckgd,jkd->ckgj", qg.astype(F32), k.astype(F32)) * scale  # [C, KVH, G, C]
     if softcap is not None:
         s_old, s_new = (jnp.tanh(x / softcap) * softcap for x in (s_old, s_new))
     positions = kv.positions
@@ -268,7 +274,8 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
     if window is not None:
         old_ok = old_ok & (old_pos > q_pos - window)
         new_ok = new_ok & (positions[None, :] > q_pos - window)
-    s_old, s_new = jnp.where(old_ok, s_old, MASKED), jnp.where(new_ok, s_new, MASKED)
+    s_old = jnp.where(old_ok[:, None, None, :], s_old, MASKED)
+    s_new = jnp.where(new_ok[:, None, None, :], s_new, MASKED)
     tap("attn.s_old", s_old), tap("attn.s_new", s_new)
     m = tap("attn.max", jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True)))
     # The cached part's weights are made in the matmul's dtype at once (the cast had a
@@ -277,16 +284,15 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
     # prefill sizes ("failed to distribute"), and the optimization_barrier that prevented that
     # made IREE wait on the host for the GPU at every layer (29 waits in a decode step).
     e_old, e_new = jnp.exp(s_old - m).astype(dt), jnp.exp(s_new - m)
-    denom = dot("kgcs,s->kgc", e_old, jnp.ones((S,), dt)) + dot("kgcj,j->kgc", e_new, jnp.ones((C,), F32))
-    tap("attn.denom", denom)  # [KVH, G, C]
+    denom = dot("ckgs,s->ckg", e_old, jnp.ones((S,), dt)) + dot("ckgj,j->ckg", e_new, jnp.ones((C,), F32))
+    tap("attn.denom", denom)  # [C, KVH, G]
     if all_heads:
-        e2 = jnp.transpose(e_old, (2, 0, 1, 3)).reshape(C * KVH * G, S)  # rows (c, k, g)
-        out_old = jnp.moveaxis(dot("rs,skd->rkd", e2, v_old).reshape(C, KVH, G, KVH, Dh), 3, -1)
-        out_old = _own_heads(out_old, 1)  # [C, KVH, G, Dh]
+        out_old = dot("rs,skd->rkd", e_old.reshape(C * KVH * G, S), v_old).reshape(C, KVH, G, KVH, Dh)
+        out_old = _own_heads(jnp.moveaxis(out_old, 3, -1), 1)  # [C, KVH, G, Dh]
     else:
-        out_old = dot("kgcs,skd->ckgd", e_old, v_old.astype(dt))
-    out = out_old + dot("kgcj,jkd->ckgd", e_new, v.astype(F32))
-    return (out / jnp.transpose(denom, (2, 0, 1))[..., None]).reshape(C, H * Dh)
+        out_old = dot("ckgs,skd->ckgd", e_old, v_old.astype(dt))
+    out = out_old + dot("ckgj,jkd->ckgd", e_new, v.astype(F32))
+    return (out / denom[..., None]).reshape(C, H * Dh)
 
 
 def self_attention(w: dict, p: str, h, cos, sin, kv: KVCache, layer: int, *, heads: int, kv_heads: int,
