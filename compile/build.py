@@ -23,8 +23,18 @@ from ..weights.config import read_config
 from . import export, family, iree_compile
 
 DEFAULT_MAX_CONTEXT = 512
+# Prompt tokens per prefill call, one value per bundle. On the CPU a short prompt pays for the
+# whole chunk, so it stays small. On CUDA each call costs ~4 us per dispatch whatever its size
+# (bench/dispatch_cost.py), and 128 gave 12-40% more prefill tok/s than 64 on an H100
+# (bench/results/2026-11-26-h100-bench-prefill-chunk-128.json); 256 did not compile.
 DEFAULT_PREFILL_CHUNK = 32
+DEFAULT_PREFILL_CHUNK_CUDA = 128
 STEPS = ("prefill", "decode")
+
+
+def default_prefill_chunk(targets) -> int:
+    """128 for a CUDA-only bundle, else 32 (the bundle's targets share one chunk)."""
+    return DEFAULT_PREFILL_CHUNK_CUDA if set(targets) == {"cuda"} else DEFAULT_PREFILL_CHUNK
 
 
 def cache_dir() -> Path:
@@ -75,13 +85,15 @@ def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: in
 
 
 def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX_CONTEXT,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, weight_dtype: str | None = None) -> Path:
+                 prefill_chunk: int | None = None, weight_dtype: str | None = None) -> Path:
     """A one-target bundle in the artifact cache for this model; compiled only if needed.
 
-    weight_dtype "f16" or "f32" overrides the target's default (f32 on CPU, f16 on CUDA)."""
+    weight_dtype "f16" or "f32" overrides the target's default (f32 on CPU, f16 on CUDA);
+    prefill_chunk defaults to default_prefill_chunk([target])."""
     cc = read_config(model_dir)
     fam = family.family_module(cc.model_type)
     iree_compile.flags_for(target)  # an unknown target fails here, with the known ones
+    prefill_chunk = prefill_chunk or default_prefill_chunk([target])
     wdt = weight_dtype_for(target, weight_dtype)
     key = build_key(cc.raw, target, max_context, prefill_chunk, wdt)
     entry = cache_dir() / key
@@ -129,8 +141,10 @@ def _manifest(cc, fam, cfg, max_context, prefill_chunk, targets) -> Manifest:
 
 
 def compile_bundle(model_dir: Path, targets: list[str], out: Path, *, max_context: int = DEFAULT_MAX_CONTEXT,
-                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, weight_dtype: str | None = None) -> Manifest:
-    """Build every target (through the cache) and gather them into one bundle at `out`."""
+                   prefill_chunk: int | None = None, weight_dtype: str | None = None) -> Manifest:
+    """Build every target (through the cache) and gather them into one bundle at `out`.
+    prefill_chunk: default_prefill_chunk(targets) when None."""
+    prefill_chunk = prefill_chunk or default_prefill_chunk(targets)
     cc = read_config(model_dir)
     fam = family.family_module(cc.model_type)
     builds = {}

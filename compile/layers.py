@@ -135,6 +135,25 @@ def rope_cos_sin(positions, inv_freq: np.ndarray):
     return jnp.cos(emb), jnp.sin(emb)
 
 
+def rms_norm_rope(x, w_rope, eps, cos, sin, *, one_plus=False):
+    """apply_rope(rms_norm(x, w, eps), cos, sin) for x: [C, heads, Dh] under full rotary.
+
+    w_rope: [2, Dh], the norm weight w and w with its halves swapped (made when the weights
+    load, iree_runner/resident.py). Written as r * (x*w*cos + rotate_half(x)*swap(w)*sin), the
+    rotation reads x itself rather than the normalised intermediate, and IREE fuses norm and
+    rotation into one dispatch after the sum of squares: 4 dispatches for q and k, not 6."""
+    if cos.shape[-1] != x.shape[-1]:
+        raise ValueError(f"q/k norm with partial rotary ({cos.shape[-1]} of {x.shape[-1]} features) is not supported")
+    x = x.astype(F32)
+    w, w_swapped = (t.astype(F32) for t in (w_rope[0], w_rope[1]))
+    if one_plus:
+        w, w_swapped = 1.0 + w, 1.0 + w_swapped
+    half = x.shape[-1] // 2
+    r = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return r * (x * w * cos[:, None, :] + rotated * w_swapped * sin[:, None, :])
+
+
 def apply_rope(x, cos, sin):
     """x: [C, heads, Dh]; rotates the first rot_dim features (partial rotary keeps the rest)."""
     rot = cos.shape[-1]
@@ -311,9 +330,10 @@ def self_attention(w: dict, p: str, h, cos, sin, kv: KVCache, layer: int, *, hea
     q, k, v = jnp.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)
     q, k, v = q.reshape(C, heads, head_dim), k.reshape(C, kv_heads, head_dim), v.reshape(C, kv_heads, head_dim)
     if qk_norm_eps is not None:
-        q = rms_norm(q, g("q_norm.weight"), qk_norm_eps, one_plus=qk_norm_one_plus)
-        k = rms_norm(k, g("k_norm.weight"), qk_norm_eps, one_plus=qk_norm_one_plus)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = rms_norm_rope(q, g("q_norm.weight_rope"), qk_norm_eps, cos, sin, one_plus=qk_norm_one_plus)
+        k = rms_norm_rope(k, g("k_norm.weight_rope"), qk_norm_eps, cos, sin, one_plus=qk_norm_one_plus)
+    else:
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     kv.new_k[layer], kv.new_v[layer] = k, v
     a = attention(q, k, v, kv, layer, scale, window, softcap)
     return linear(a, g("o_proj.weight"), g("o_proj.bias"))
@@ -334,8 +354,8 @@ def attention_shapes(p: str, D: int, H: int, KVH: int, Dh: int, *, qkv_bias: boo
         shapes[f"{p}.self_attn.qkv_proj.bias"] = ((H + 2 * KVH) * Dh,)
     if o_bias:
         shapes[f"{p}.self_attn.o_proj.bias"] = (D,)
-    if qk_norm:
-        shapes |= {f"{p}.self_attn.q_norm.weight": (Dh,), f"{p}.self_attn.k_norm.weight": (Dh,)}
+    if qk_norm:  # each norm weight with its halves-swapped copy (rms_norm_rope)
+        shapes |= {f"{p}.self_attn.q_norm.weight_rope": (2, Dh), f"{p}.self_attn.k_norm.weight_rope": (2, Dh)}
     return shapes
 
 

@@ -90,7 +90,7 @@ def generate(model_dir, prompt, max_tokens, temperature, top_k, top_p, min_p, re
 @click.option("--target", default="cpu", show_default=True, help="Comma-separated: cpu, cuda.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
 @click.option("--max-context", type=int, default=None, help="Longest prompt + generation (default 512).")
-@click.option("--prefill-chunk", type=int, default=None, help="Prompt tokens per prefill call (default 32).")
+@click.option("--prefill-chunk", type=int, default=None, help="Prompt tokens per prefill call (default 128 for a cuda-only bundle, else 32).")
 @click.option("--weight-dtype", type=click.Choice(["f16", "f32"]), default=None,
               help="Weights on the device. Default: f32 for cpu, f16 for cuda (f32 there matches an fp32 oracle).")
 def compile_cmd(model_dir, target, out, max_context, prefill_chunk, weight_dtype):
@@ -105,7 +105,7 @@ def compile_cmd(model_dir, target, out, max_context, prefill_chunk, weight_dtype
     try:
         manifest = build.compile_bundle(model_dir or DEFAULT_MODEL, targets, out,
                                         max_context=max_context or build.DEFAULT_MAX_CONTEXT,
-                                        prefill_chunk=prefill_chunk or build.DEFAULT_PREFILL_CHUNK,
+                                        prefill_chunk=prefill_chunk,
                                         weight_dtype=weight_dtype)
     except USER_ERRORS as e:
         _fail(str(e))

@@ -3,7 +3,8 @@
 Compiled models name their weights as MLX checkpoints do, with two stacked projections:
 `self_attn.qkv_proj` is q_proj, k_proj and v_proj and `mlp.gate_up_proj` is gate_proj and
 up_proj, concatenated along the output axis here (one matvec on the device instead of three
-or two). HF checkpoints also differ for MoE experts: per-expert tensors
+or two). `self_attn.{q,k}_norm.weight_rope` is the norm weight stacked on a copy with its two
+halves swapped, which the fused norm-and-rotary of compile/layers.py rms_norm_rope needs. HF checkpoints also differ for MoE experts: per-expert tensors
 (`mlp.experts.{e}.gate_proj.weight`, transformers 4.x) or fused ones (`mlp.experts.gate_up_proj`
 [E, 2I, D] and `mlp.experts.down_proj`, transformers 5.x in memory) where MLX stacks
 `mlp.switch_mlp.{gate,up,down}_proj.weight` [E, out, in].
@@ -18,6 +19,7 @@ import numpy as np
 SWITCH = re.compile(r"^(?P<p>.+)\.mlp\.switch_mlp\.(?P<proj>gate|up|down)_proj\.weight$")
 STACKED = re.compile(r"^(?P<p>.+)\.(?P<fused>qkv_proj|gate_up_proj)\.(?P<kind>weight|bias)$")
 STACKED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+NORM_ROPE = re.compile(r"^(?P<norm>.+\.[qk]_norm\.weight)_rope$")
 
 
 class MissingWeight(ValueError):
@@ -31,8 +33,11 @@ def gather_weights(ckpt, names: list[str], dtype) -> dict[str, np.ndarray]:
     for name in names:
         if name in out:
             continue
-        m = STACKED.match(name)
-        if m:
+        m, norm = STACKED.match(name), NORM_ROPE.match(name)
+        if norm:
+            w = gather_weights(ckpt, [norm["norm"]], dtype)[norm["norm"]]
+            out[name] = np.stack([w, np.roll(w, len(w) // 2)])
+        elif m:
             parts = [f"{m['p']}.{part}.{m['kind']}" for part in STACKED_PARTS[m["fused"]]]
             out[name] = np.concatenate([gather_weights(ckpt, [n], dtype)[n] for n in parts])
         else:

@@ -51,6 +51,7 @@ def test_manifest_describes_bundle(bundle, ckpt):
     m = read_manifest(bundle)
     raw = json.loads((ckpt / "config.json").read_text())
     assert m.model_type == "qwen3" and m.max_context == 128
+    assert m.prefill_chunk == build.DEFAULT_PREFILL_CHUNK == 32  # a cpu + cuda bundle shares the cpu's
     assert check_compatible(m, bundle, raw, "cpu").target == "cpu"
     assert "--iree-opt-level=O3" in m.targets["cuda"].flags
 
@@ -115,6 +116,8 @@ def test_weight_dtype_override(ckpt, tmp_path):
     """--weight-dtype f32 on CUDA: the bundle an fp32 oracle can be held to on the GPU."""
     m = build.compile_bundle(ckpt, ["cuda"], tmp_path, max_context=64, weight_dtype="f32")
     assert m.targets["cuda"].weight_dtype == "float32"
+    assert m.prefill_chunk == build.DEFAULT_PREFILL_CHUNK_CUDA == 128  # a cuda-only bundle
+    assert m.targets["cuda"].cache_shape[build.export.layers.CACHE_LAYOUT.index("S")] == 64 + 128
     with pytest.raises(ValueError, match="weight dtype 'bf16' is not supported"):
         build.compile_bundle(ckpt, ["cuda"], tmp_path, max_context=64, weight_dtype="bf16")
 
