@@ -89,7 +89,10 @@ def main() -> None:
     ap.add_argument("cmd", choices=["make", "run"])
     ap.add_argument("dir", type=Path)
     a = ap.parse_args()
-    make(a.dir) if a.cmd == "make" else run(a.dir)
+    if a.cmd == "make":
+        make(a.dir)
+    else:
+        run(a.dir)
 
 
 if __name__ == "__main__":
