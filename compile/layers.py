@@ -135,15 +135,14 @@ def rope_cos_sin(positions, inv_freq: np.ndarray):
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def rms_norm_rope(x, w_rope, eps, cos, sin, *, one_plus=False, r=None):
-    """apply_rope(rms_norm(x, w, eps), cos, sin) for x: [C, heads, Dh] under full rotary.
+def rms_norm_rope(x, w_rope, r, cos, sin, *, one_plus=False):
+    """apply_rope(rms_norm(x, w), cos, sin) for x: [C, heads, Dh] under full rotary, given
+    r = 1/RMS per head ([C, heads, 1]; self_attention takes q's and k's in one reduction).
 
     w_rope: [2, Dh], the norm weight w and w with its halves swapped (made when the weights
     load, iree_runner/resident.py). Written as r * (x*w*cos + rotate_half(x)*swap(w)*sin), the
     rotation reads x itself rather than the normalised intermediate, and IREE fuses norm and
-    rotation into one dispatch after the sum of squares: 4 dispatches for q and k, not 6.
-    r: 1/RMS per head, [C, heads, 1], when the caller has it (self_attention takes q's and k's
-    in one reduction, one dispatch fewer)."""
+    rotation into one dispatch after the sum of squares: 3 dispatches for q and k, not 6."""
     if cos.shape[-1] != x.shape[-1]:
         raise ValueError(f"q/k norm with partial rotary ({cos.shape[-1]} of {x.shape[-1]} features) is not supported")
     x = x.astype(F32)
@@ -151,8 +150,6 @@ def rms_norm_rope(x, w_rope, eps, cos, sin, *, one_plus=False, r=None):
     if one_plus:
         w, w_swapped = 1.0 + w, 1.0 + w_swapped
     half = x.shape[-1] // 2
-    if r is None:
-        r = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return r * (x * w * cos[:, None, :] + rotated * w_swapped * sin[:, None, :])
 
@@ -336,8 +333,8 @@ def self_attention(w: dict, p: str, h, cos, sin, kv: KVCache, layer: int, *, hea
         # Both heads' sums of squares in one reduction over the q and k heads together.
         qk = qkv[:, :(heads + kv_heads) * head_dim].reshape(C, heads + kv_heads, head_dim).astype(F32)
         r = jax.lax.rsqrt(jnp.mean(qk * qk, axis=-1, keepdims=True) + qk_norm_eps)
-        q = rms_norm_rope(q, g("q_norm.weight_rope"), qk_norm_eps, cos, sin, one_plus=qk_norm_one_plus, r=r[:, :heads])
-        k = rms_norm_rope(k, g("k_norm.weight_rope"), qk_norm_eps, cos, sin, one_plus=qk_norm_one_plus, r=r[:, heads:])
+        q = rms_norm_rope(q, g("q_norm.weight_rope"), r[:, :heads], cos, sin, one_plus=qk_norm_one_plus)
+        k = rms_norm_rope(k, g("k_norm.weight_rope"), r[:, heads:], cos, sin, one_plus=qk_norm_one_plus)
     else:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     kv.new_k[layer], kv.new_v[layer] = k, v

@@ -4,7 +4,8 @@ Compiled models name their weights as MLX checkpoints do, with two stacked proje
 `self_attn.qkv_proj` is q_proj, k_proj and v_proj and `mlp.gate_up_proj` is gate_proj and
 up_proj, concatenated along the output axis here (one matvec on the device instead of three
 or two). `self_attn.{q,k}_norm.weight_rope` is the norm weight stacked on a copy with its two
-halves swapped, which the fused norm-and-rotary of compile/layers.py rms_norm_rope needs. HF checkpoints also differ for MoE experts: per-expert tensors
+halves swapped, which the fused norm-and-rotary of compile/layers.py rms_norm_rope needs.
+HF checkpoints also differ for MoE experts: per-expert tensors
 (`mlp.experts.{e}.gate_proj.weight`, transformers 4.x) or fused ones (`mlp.experts.gate_up_proj`
 [E, 2I, D] and `mlp.experts.down_proj`, transformers 5.x in memory) where MLX stacks
 `mlp.switch_mlp.{gate,up,down}_proj.weight` [E, out, in].

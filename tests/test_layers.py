@@ -51,25 +51,19 @@ def test_all_heads_attention_equals_per_head(C, window):
 @pytest.mark.parametrize("one_plus", [False, True])
 def test_fused_norm_and_rope_equals_norm_then_rope(one_plus):
     """rms_norm_rope with the load-time [w; w halves swapped] == rms_norm then apply_rope."""
+    from test_resident import FakeCheckpoint
+
     from iree_runner.resident import gather_weights
 
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((3, 4, 16)).astype(np.float32) * 3.0)
     w = rng.standard_normal(16).astype(np.float32)
-
-    class Ckpt:
-        model_dir = "/m"
-
-        def __contains__(self, name):
-            return name == "l.q_norm.weight"
-
-        def load_all(self, dtype, names):
-            return {n: w.astype(dtype) for n in names}
-
-    w_rope = gather_weights(Ckpt(), ["l.q_norm.weight_rope"], np.float32)["l.q_norm.weight_rope"]
+    ckpt = FakeCheckpoint({"l.q_norm.weight": w})
+    w_rope = gather_weights(ckpt, ["l.q_norm.weight_rope"], np.float32)["l.q_norm.weight_rope"]
     cos, sin = L.rope_cos_sin(jnp.arange(5, 8, dtype=jnp.int32), L.rope_inv_freq(16, 10000.0, None))
+    r = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
     want = L.apply_rope(L.rms_norm(x, jnp.asarray(w), 1e-6, one_plus=one_plus), cos, sin)
-    got = L.rms_norm_rope(x, jnp.asarray(w_rope), 1e-6, cos, sin, one_plus=one_plus)
+    got = L.rms_norm_rope(x, jnp.asarray(w_rope), r, cos, sin, one_plus=one_plus)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="partial rotary"):
-        L.rms_norm_rope(x, jnp.asarray(w_rope), 1e-6, cos[:, :8], sin[:, :8])
+        L.rms_norm_rope(x, jnp.asarray(w_rope), r, cos[:, :8], sin[:, :8])
