@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?= The function
 
-.PHONY: run test setup setup-test clean-cache
+.PHONY: run test setup setup-test clean-cache ptx
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,7 @@ test: $(VENV)/.setup-test
 
 clean-cache:
 	rm -rf .cache ~/.cache/iree-runner
+
+# The hand-written CUDA kernels' PTX (committed; needs nvcc): compile/kernels/*.cu -> .ptx
+ptx: $(VENV)/.setup-run
+	$(BIN)/python -m iree_runner.compile.extern

@@ -51,7 +51,7 @@ def main(bundle: Path, target: str = "cuda", steps: int = 1) -> None:
         print(f"prefill chunk {1e3 * (t1 - t0):.2f} ms, decode step {1e3 * (t2 - t1):.2f} ms", file=sys.stderr)
 
 
-def summarize(csv_path: Path, top: int = 10) -> None:
+def summarize(csv_path: Path, top: int = 14) -> None:
     """Group an `ncu --csv` log of one prefill chunk then one decode step by dispatch name."""
     import io
 
@@ -63,6 +63,9 @@ def summarize(csv_path: Path, top: int = 10) -> None:
     df["us"] = pd.to_numeric(df["Metric Value"].astype(str).str.replace(",", ""), errors="coerce") / 1000
     df["name"] = df["Kernel Name"].str.replace(r"^.*_dispatch_\d+_", "", regex=True)
     df["module"] = df["Kernel Name"].str.extract(r"^(prefill|decode)_dispatch", expand=False)
+    if "Grid Size" in df:  # hand-written kernels (compile/kernels) have one name for every shape
+        own = ~df["Kernel Name"].str.contains("_dispatch_")
+        df.loc[own, "name"] = df.loc[own, "name"] + " grid " + df.loc[own, "Grid Size"].astype(str)
     groups = [(step, df[df.module == step]) for step in ("prefill", "decode")]
     if df.module.isna().all():  # kernels named main_dispatch_*: one profiled step (PROFILE_DECODE)
         groups = [("profiled step", df)]

@@ -43,7 +43,8 @@ def cache_dir() -> Path:
 
 def _export_code_digest() -> str:
     h = hashlib.sha256()
-    for f in sorted(Path(__file__).parent.glob("*.py")):
+    here = Path(__file__).parent
+    for f in sorted([*here.glob("*.py"), *here.glob("kernels/*.ptx")]):
         h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -117,7 +118,7 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
         for step, tokens in zip(STEPS, (prefill_chunk, 1)):
             print(f"exporting {step} ({cc.model_type}, {tokens} token(s) per call)", file=sys.stderr)
             mlir = export.export_step(fam, cfg, spec, tokens, module_name=step,
-                                      cache_write=iree_compile.CACHE_WRITE[target])
+                                      **iree_compile.export_options(target))
             rel = f"{target}/{step}.vmfb"
             iree_compile.compile_mlir(mlir, tmp / rel, target, label=step)
             files[step], sums[rel] = rel, file_digest(tmp / rel)

@@ -75,13 +75,13 @@ def forward(cfg: DenseConfig, w: dict, tokens, positions, k_cache, v_cache):
     x = w["model.embed_tokens.weight"][tokens].astype(jnp.float32)  # [C, D]
     kv = L.KVCache(k_cache, v_cache, positions)
     for i, p in layer_names(cfg.num_hidden_layers):
-        h = L.rms_norm(x, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
-        a = L.self_attention(
+        h = L.pre_norm(x, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
+        x = L.self_attention(
             w, p, h, cos, sin, kv, i, heads=cfg.num_attention_heads,
             kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, scale=cfg.head_dim**-0.5,
-            qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None)
-        x = x + a
-        x = x + L.gated_mlp(w, f"{p}.mlp", L.rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps))
+            qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None, residual=x)
+        h = L.pre_norm(x, w[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        x = L.gated_mlp(w, f"{p}.mlp", h, residual=x)
     return (L.rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps), *kv.commit())
 
 

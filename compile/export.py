@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import layers
+from . import extern, layers
 
 
 @dataclass(frozen=True)
@@ -57,18 +57,22 @@ def step_spec(family, cfg, *, capacity: int, weight_dtype: str, cache_dtype: str
                     tuple(family.cache_shape(cfg, capacity)), cache_dtype)
 
 
-def export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str, cache_write: str = "slice") -> str:
+def export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str, cache_write: str = "slice",
+                decode_kernel: bool = False) -> str:
     """StableHLO text of the step for `tokens` tokens per call, its module renamed.
 
-    cache_write: how the KV cache is written, one of layers.CACHE_WRITES (the target's choice:
-    iree_compile.CACHE_WRITE)."""
+    The target's choices (iree_compile.export_options):
+    - cache_write: how the KV cache is written, one of layers.CACHE_WRITES;
+    - decode_kernel: a one-token step's attention as hand-written CUDA kernels (compile/extern.py),
+      linked into the text as IREE dispatches."""
     if cache_write not in layers.CACHE_WRITES:
         raise ValueError(f"cache_write {cache_write!r} is not one of {layers.CACHE_WRITES}")
-    saved, layers.CACHE_WRITE = layers.CACHE_WRITE, cache_write
+    saved = layers.CACHE_WRITE, layers.DECODE_KERNEL
+    layers.CACHE_WRITE, layers.DECODE_KERNEL = cache_write, decode_kernel
     try:
-        return _export_step(family, cfg, spec, tokens, module_name)
+        return extern.link(_export_step(family, cfg, spec, tokens, module_name))
     finally:
-        layers.CACHE_WRITE = saved
+        layers.CACHE_WRITE, layers.DECODE_KERNEL = saved
 
 
 def _export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str) -> str:
@@ -77,7 +81,7 @@ def _export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str) -> 
     weights = {n: jax.ShapeDtypeStruct(s, wdt) for n, s in zip(spec.weight_names, spec.weight_shapes)}
     cache = jax.ShapeDtypeStruct(spec.cache_shape, np.dtype(spec.cache_dtype))
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    exported = jax.export.export(jax.jit(fn, donate_argnums=(1, 2)))(
+    exported = jax.export.export(jax.jit(fn, donate_argnums=(1, 2)), disabled_checks=extern.disabled_checks())(
         weights, cache, cache, jax.ShapeDtypeStruct((tokens,), jnp.int32), scalar, scalar)
     text = exported.mlir_module()
     # Every jax export is `module @jit_<fn>`; prefill and decode share one runtime context,

@@ -89,6 +89,7 @@ def forward(cfg: Config, w: dict, tokens, positions, k_cache, v_cache):
     rope = {t: L.rope_cos_sin(positions, L.rope_inv_freq(cfg.head_dim, theta, scaling))
             for t, theta, scaling in cfg.rope}
     norm = lambda x, name: L.rms_norm(x, w[name], cfg.rms_norm_eps, one_plus=True)  # noqa: E731
+    pre_norm = lambda x, name: L.pre_norm(x, w[name], cfg.rms_norm_eps, one_plus=True)  # noqa: E731
     # HF multiplies by sqrt(hidden) cast to the weights' dtype; on f32 weights that is f32.
     x = w["model.embed_tokens.weight"][tokens].astype(jnp.float32) * jnp.float32(math.sqrt(cfg.hidden_size))
     kv = L.KVCache(k_cache, v_cache, positions)
@@ -96,12 +97,12 @@ def forward(cfg: Config, w: dict, tokens, positions, k_cache, v_cache):
         kind = cfg.layer_types[i]
         cos, sin = rope[kind]
         a = L.self_attention(
-            w, p, norm(x, f"{p}.input_layernorm.weight"), cos, sin, kv, i,
+            w, p, pre_norm(x, f"{p}.input_layernorm.weight"), cos, sin, kv, i,
             heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
             scale=cfg.query_pre_attn_scalar**-0.5, window=cfg.sliding_window if kind == SLIDING else None,
             qk_norm_eps=cfg.rms_norm_eps, qk_norm_one_plus=True, softcap=cfg.attn_logit_softcapping)
         x = x + norm(a, f"{p}.post_attention_layernorm.weight")
-        m = L.gated_mlp(w, f"{p}.mlp", norm(x, f"{p}.pre_feedforward_layernorm.weight"), act=L.gelu_tanh)
+        m = L.gated_mlp(w, f"{p}.mlp", pre_norm(x, f"{p}.pre_feedforward_layernorm.weight"), act=L.gelu_tanh)
         x = x + norm(m, f"{p}.post_feedforward_layernorm.weight")
     return (norm(x, "model.norm.weight"), *kv.commit())
 

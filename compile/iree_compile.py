@@ -23,6 +23,13 @@ TARGETS = tuple(TARGET_FLAGS)
 WEIGHT_DTYPE = {"cpu": "float32", "cuda": "float16"}
 # How the step writes the KV cache (compile/layers.py KVCache.commit says why they differ).
 CACHE_WRITE = {"cpu": "slice", "cuda": "scatter"}
+# One-token attention as hand-written kernels (compile/extern.py): CUDA only.
+DECODE_KERNEL = {"cpu": False, "cuda": True}
+
+
+def export_options(target: str) -> dict:
+    """export.export_step's per-target keyword arguments."""
+    return {"cache_write": CACHE_WRITE[target], "decode_kernel": DECODE_KERNEL[target]}
 
 
 def compiler_version() -> str:

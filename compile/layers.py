@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import extern
+
 F32 = jnp.float32
 # Masked scores use a large finite value rather than -inf: a fully masked padded row then gives
 # a harmless uniform softmax instead of NaN.
@@ -28,12 +30,19 @@ def tap(name: str, x):
     return x
 
 
-def linear(x, w, b=None):
-    """x: [..., in] · w: [out, in] (PyTorch layout, as stored) -> [..., out] in f32."""
+def linear(x, w, b=None, residual=None):
+    """x: [..., in] · w: [out, in] (PyTorch layout, as stored) -> [..., out] in f32, plus
+    `residual` if given. x may be a Normed (pre_norm): the norm is applied here."""
+    if _one_token_kernel(x) and extern.gemv_fits(w) and (isinstance(x, Normed) or residual is not None):
+        x, norm = _gemv_input(x)
+        return extern.gemv(x, w, bias=b, norm=norm, residual=None if residual is None else residual[0])[None]
+    if isinstance(x, Normed):
+        x = x.value()
     y = jax.lax.dot_general(
         x.astype(w.dtype), w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=F32
     )
-    return y if b is None else y + b.astype(F32)
+    y = y if b is None else y + b.astype(F32)
+    return y if residual is None else residual + y
 
 
 def rms_norm(x, w, eps, *, one_plus=False):
@@ -42,6 +51,36 @@ def rms_norm(x, w, eps, *, one_plus=False):
     y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
     w = w.astype(F32)
     return y * (1.0 + w if one_plus else w)
+
+
+class Normed:
+    """rms_norm(x, w, eps) not applied yet, for an input that only feeds linear layers: on the
+    one-token CUDA step their kernel (compile/kernels/gemv.cu) normalises x itself, so the norm's
+    reduction is no dispatch of its own. Anywhere else, `value()` is the plain rms_norm."""
+
+    def __init__(self, x, w, eps, one_plus):
+        self.x, self.w, self.eps, self.one_plus = x, w, eps, one_plus
+        self.shape = x.shape
+
+    def value(self):
+        return rms_norm(self.x, self.w, self.eps, one_plus=self.one_plus)
+
+
+def pre_norm(x, w, eps, *, one_plus=False):
+    """rms_norm of a layer input that feeds only linear layers (self_attention, gated_mlp)."""
+    return Normed(x, w, eps, one_plus) if _one_token_kernel(x) else rms_norm(x, w, eps, one_plus=one_plus)
+
+
+def _one_token_kernel(x) -> bool:
+    """Whether this one-token CUDA step computes x's linear layers with the gemv kernel."""
+    return DECODE_KERNEL and x.shape[0] == 1 and len(x.shape) == 2
+
+
+def _gemv_input(x):
+    """(x, norm) for extern.gemv from a [1, K] array or Normed."""
+    if isinstance(x, Normed):
+        return x.x[0], (x.w, x.eps, x.one_plus)
+    return x[0], None
 
 
 def layer_norm(x, w, b, eps):
@@ -177,6 +216,9 @@ CACHE_LAYOUT = "LDSH"
 # How commit() writes the cache: "scatter" or "slice" (set per target by export.export_step).
 CACHE_WRITE = "slice"
 CACHE_WRITES = ("scatter", "slice")
+# Whether a one-token step's attention runs as the hand-written kernels of
+# compile/kernels/decode_attention.cu (CUDA; set per target by export.export_step).
+DECODE_KERNEL = False
 
 
 def kv_cache_shape(layers: int, kv_heads: int, head_dim: int, capacity: int) -> tuple[int, ...]:
@@ -270,6 +312,10 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
     keys are few and always go through f32.
     """
     C, H, Dh = q.shape
+    if (DECODE_KERNEL and C == 1 and kv.k_cache.dtype == jnp.float16 and CACHE_LAYOUT == "LDSH"
+            and extern.decode_attention_fits(H, k.shape[1], Dh, kv.k_cache.shape[2])):
+        return extern.decode_attention(q[0], k[0], v[0], kv.k_cache, kv.v_cache, kv.positions, layer, scale,
+                                       window, softcap)[None]
     k_old, v_old = kv.layer(layer)  # [S, KVH, Dh]
     S, KVH, _ = k_old.shape
     G = H // KVH
@@ -316,8 +362,10 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
 
 def self_attention(w: dict, p: str, h, cos, sin, kv: KVCache, layer: int, *, heads: int, kv_heads: int,
                    head_dim: int, scale: float, window: int | None = None, qk_norm_eps: float | None = None,
-                   qk_norm_one_plus: bool = False, softcap: float | None = None):
-    """The attention half of a decoder layer, on normed input h: [C, D] -> [C, D].
+                   qk_norm_one_plus: bool = False, softcap: float | None = None, residual=None):
+    """The attention half of a decoder layer, on normed input h: [C, D] -> [C, D] (plus
+    `residual` if given: the one-token CUDA step adds it inside the output projection's kernel).
+    h may be a Normed (pre_norm).
 
     Weights under prefix `p`: self_attn.qkv_proj.{weight,bias?} (HF's q/k/v_proj stacked along
     the output axis when loaded: one matvec instead of three), self_attn.o_proj.{weight,bias?}
@@ -339,15 +387,23 @@ def self_attention(w: dict, p: str, h, cos, sin, kv: KVCache, layer: int, *, hea
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     kv.new_k[layer], kv.new_v[layer] = k, v
     a = attention(q, k, v, kv, layer, scale, window, softcap)
-    return linear(a, g("o_proj.weight"), g("o_proj.bias"))
+    return linear(a, g("o_proj.weight"), g("o_proj.bias"), residual)
 
 
-def gated_mlp(w: dict, p: str, h, act=jax.nn.silu):
+def gated_mlp(w: dict, p: str, h, act=jax.nn.silu, residual=None):
     """SwiGLU-style MLP: {p}.gate_up_proj (HF's gate_proj and up_proj stacked when loaded) and
-    {p}.down_proj, each .weight and optional .bias."""
+    {p}.down_proj, each .weight and optional .bias; plus `residual` if given. h may be a Normed.
+    On the one-token CUDA step, gate_up, its activation and the product are one kernel."""
     g = lambda name: w.get(f"{p}.{name}")  # noqa: E731
+    gate_act = {jax.nn.silu: "silu", gelu_tanh: "gelu_tanh"}.get(act)
+    if _one_token_kernel(h) and gate_act and extern.gemv_fits(g("gate_up_proj.weight")):
+        x, norm = _gemv_input(h)
+        y = extern.gemv(x, g("gate_up_proj.weight"), bias=g("gate_up_proj.bias"), norm=norm, gate=gate_act)
+        return linear(y[None], g("down_proj.weight"), g("down_proj.bias"), residual)
+    if isinstance(h, Normed):
+        h = h.value()
     gate, up = jnp.split(linear(h, g("gate_up_proj.weight"), g("gate_up_proj.bias")), 2, axis=-1)
-    return linear(act(gate) * up, g("down_proj.weight"), g("down_proj.bias"))
+    return linear(act(gate) * up, g("down_proj.weight"), g("down_proj.bias"), residual)
 
 
 def attention_shapes(p: str, D: int, H: int, KVH: int, Dh: int, *, qkv_bias: bool = False,

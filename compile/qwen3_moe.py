@@ -116,12 +116,11 @@ def forward(cfg: Config, w: dict, tokens, positions, k_cache, v_cache):
     x = w["model.embed_tokens.weight"][tokens].astype(F32)
     kv = L.KVCache(k_cache, v_cache, positions)
     for i, p in layer_names(cfg.num_hidden_layers):
-        h = L.rms_norm(x, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
-        a = L.self_attention(
+        h = L.pre_norm(x, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
+        x = L.self_attention(
             w, p, h, cos, sin, kv, i, heads=cfg.num_attention_heads,
             kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, scale=cfg.head_dim**-0.5,
-            qk_norm_eps=cfg.rms_norm_eps)
-        x = x + a
+            qk_norm_eps=cfg.rms_norm_eps, residual=x)
         h = L.rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps)
         x = x + (moe(cfg, w, f"{p}.mlp", h) if cfg.sparse_layers[i] else L.gated_mlp(w, f"{p}.mlp", h))
     return (L.rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps), *kv.commit())

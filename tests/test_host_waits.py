@@ -48,7 +48,7 @@ def _main_of_vm_program(mlir: str, tmp_path) -> str:
 @pytest.mark.parametrize("tokens", [1, 8], ids=["decode", "prefill"])
 def test_cuda_step_waits_once_and_reads_nothing_back(family_name, tokens, tmp_path):
     fam, cfg, spec = _spec(family_name, "float16")
-    mlir = export.export_step(fam, cfg, spec, tokens, "step", iree_compile.CACHE_WRITE["cuda"])
+    mlir = export.export_step(fam, cfg, spec, tokens, "step", **iree_compile.export_options("cuda"))
     assert "optimization_barrier" not in mlir
     main = _main_of_vm_program(mlir, tmp_path)
     assert len(re.findall(r"@hal\.fence\.await\(", main)) == 1, "host waits on the GPU inside the step"

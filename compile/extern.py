@@ -1,0 +1,219 @@
+"""Hand-written CUDA kernels inside an exported step, where IREE's codegen makes many small
+dispatches of what one kernel can do (a step's time on a GPU is mostly per-dispatch cost:
+bench/dispatch_cost.py).
+
+How: `call` leaves a `stablehlo.custom_call @iree_ext_<kernel>` placeholder in the JAX export,
+carrying its grid and push constants as attributes; `link` rewrites each into IREE's
+`flow.dispatch @<source>::@<kernel>[grid](constants, operands)` and adds a
+`hal.executable.source` whose object is the kernel's PTX (kernels/<source>.ptx, made by nvcc
+from the .cu next to it: `make ptx`), as in IREE's samples/custom_dispatch/cuda. The compiled
+step keeps its single host wait and memoized command buffers (tests/test_host_waits.py).
+CUDA only: the CPU target never gets a placeholder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KERNEL_DIR = Path(__file__).parent / "kernels"
+PREFIX = "iree_ext_"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    source: str  # kernels/<source>.cu and .ptx
+    threads: int  # per block (its __launch_bounds__)
+
+
+KERNELS = {
+    "decode_attn_partial": Kernel("decode_attention", 256),
+    "decode_attn_combine": Kernel("decode_attention", 128),
+    "gemv": Kernel("gemv", 256),
+}
+
+
+def disabled_checks() -> list:
+    """What jax.export needs to allow the placeholders."""
+    return [jax.export.DisabledSafetyCheck.custom_call(PREFIX + name) for name in KERNELS]
+
+
+def call(name: str, result: jax.ShapeDtypeStruct, operands, *, grid: int, constants: list[int]):
+    """A placeholder for kernel `name` on `operands` (device arrays), with `grid` blocks and the
+    kernel's int32 push constants, in its argument order."""
+    if name not in KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; known: {', '.join(KERNELS)}")
+    attrs = {f"c{i:02d}": np.int32(c) for i, c in enumerate(constants)}
+    return jax.ffi.ffi_call(PREFIX + name, result)(*operands, grid=np.int32(grid), **attrs)
+
+
+_PLACEHOLDER = re.compile(
+    r"^(?P<indent>\s*)(?P<result>%\S+) = stablehlo\.custom_call @" + PREFIX + r"(?P<name>\w+)\((?P<operands>[^)]*)\)"
+    r" \{mhlo\.backend_config = \{(?P<attrs>[^}]*)\}.*\} : \((?P<types>.*)\) -> (?P<rtype>tensor<[^>]*>)")
+
+
+def link(mlir: str) -> str:
+    """`mlir` with every placeholder made a flow.dispatch of its kernel, and the kernels' sources."""
+    used: dict[str, dict[str, int]] = {}  # source -> kernel -> number of push constants
+    lines = mlir.splitlines()
+    for i, line in enumerate(lines):
+        if f"@{PREFIX}" not in line:
+            continue
+        m = _PLACEHOLDER.match(line)
+        if m is None:
+            raise RuntimeError(f"cannot link kernel placeholder: {line.strip()[:200]}")
+        name, ind = m["name"], m["indent"]
+        attrs = dict(re.findall(r"(\w+) = (-?\d+) : i32", m["attrs"]))
+        consts = [int(attrs[k]) for k in sorted(k for k in attrs if k.startswith("c"))]
+        n_used = used.setdefault(KERNELS[name].source, {}).setdefault(name, len(consts))
+        if n_used != len(consts):
+            raise RuntimeError(f"kernel {name}: {len(consts)} push constants here, {n_used} elsewhere")
+        v = f"%ext{i}"
+        out = [f"{ind}{v}_grid = arith.constant {int(attrs['grid'])} : index"]
+        out += [f"{ind}{v}_c{j} = arith.constant {c} : i32" for j, c in enumerate(consts)]
+        args = ", ".join([f"{v}_c{j}" for j in range(len(consts))] + [m["operands"]])
+        types = ", ".join(["i32"] * len(consts) + [m["types"]])
+        src = KERNELS[name].source
+        out.append(f"{ind}{m['result']} = flow.dispatch @{src}::@{name}[{v}_grid]({args}) : ({types}) -> {m['rtype']}")
+        lines[i] = "\n".join(out)
+    if not used:
+        return mlir
+    text = "\n".join(lines)
+    head_end = text.index("\n", text.index("module @")) + 1
+    return text[:head_end] + "".join(_executable(src, kernels) for src, kernels in used.items()) + text[head_end:]
+
+
+def _executable(source: str, kernels: dict[str, int]) -> str:
+    """The hal.executable.source of kernels/<source>.ptx exporting `kernels` (name -> constants)."""
+    ptx = checked_ptx(source)
+    exports = []
+    for ordinal, (name, n_consts) in enumerate(kernels.items()):
+        n_bindings = _bindings(ptx, name) - n_consts
+        bindings = ", ".join(["#hal.pipeline.binding<storage_buffer, ReadOnly>"] * (n_bindings - 1)
+                             + ["#hal.pipeline.binding<storage_buffer>"])
+        exports.append(f"""
+    hal.executable.export public @{name} ordinal({ordinal}) layout(#hal.pipeline.layout<constants = {n_consts},
+        bindings = [{bindings}]>) count(%device: !hal.device, %grid: index) -> (index, index, index) {{
+      %c1 = arith.constant 1 : index
+      hal.return %grid, %c1, %c1 : index, index, index
+    }} <workgroup_size = [{KERNELS[name].threads} : index, 1 : index, 1 : index]>""")
+    return f"""  hal.executable.source private @{source} <{{objects = #hal.executable.objects<{{
+      #hal.executable.target<"cuda", "cuda-nvptx-fb"> = [#hal.executable.object<{{path = "{ptx.resolve()}"}}>]}}>}}> {{{"".join(exports)}
+  }}
+"""
+
+
+def _bindings(ptx: Path, name: str) -> int:
+    """How many parameters kernel `name` takes in the PTX (bindings + push constants)."""
+    m = re.search(r"\.entry " + name + r"\((.*?)\)", ptx.read_text(), re.S)
+    if m is None:
+        raise RuntimeError(f"{ptx}: no kernel {name}")
+    return m[1].count(".param")
+
+
+# The PTX is committed (compiling a bundle needs no nvcc) and names the digest of the .cu it
+# was made from, so a stale one is refused.
+NVCC = ("nvcc", "-ptx", "-arch=sm_80", "-O3")  # sm_80 as the rest of the step (iree_compile.py)
+
+
+def _source_digest(source: str) -> str:
+    return hashlib.sha256((KERNEL_DIR / f"{source}.cu").read_bytes()).hexdigest()
+
+
+def make_ptx(source: str) -> Path:
+    """kernels/<source>.ptx from its .cu with nvcc, headed by the source's digest."""
+    ptx = KERNEL_DIR / f"{source}.ptx"
+    text = subprocess.run([*NVCC, str(KERNEL_DIR / f"{source}.cu"), "-o", "-"], check=True,
+                          capture_output=True, text=True).stdout
+    ptx.write_text(f"// made from {source}.cu, sha256 {_source_digest(source)}: make ptx\n{text}")
+    return ptx
+
+
+def checked_ptx(source: str) -> Path:
+    ptx = KERNEL_DIR / f"{source}.ptx"
+    if not ptx.exists():
+        raise FileNotFoundError(f"{ptx}: the kernel's PTX is missing (make ptx)")
+    head = ptx.read_text().split("\n", 1)[0]
+    if _source_digest(source) not in head:
+        raise RuntimeError(f"{ptx} was not made from the current {source}.cu (make ptx)")
+    return ptx
+
+
+# --- decode attention (kernels/decode_attention.cu) ---------------------------------------
+
+KEYS_PER_BLOCK = 16  # cached keys per partial block
+# The kernel's shared-memory bounds (its MAX_* defines).
+MAX_Q, MAX_P, MAX_KV, MAX_G, MAX_B = 2048, 1024, 16384, 8, 1024
+
+
+def decode_attention_fits(heads: int, kv_heads: int, head_dim: int, rows: int) -> bool:
+    """Whether the kernel takes this shape (rows: the cache's S); else the attention stays in JAX."""
+    ch = KEYS_PER_BLOCK
+    return (heads * head_dim <= MAX_Q and heads * (ch + 1) <= MAX_P and head_dim * ch * kv_heads <= MAX_KV
+            and heads // kv_heads <= MAX_G and rows % ch == 0 and rows // ch <= MAX_B
+            and (rows * kv_heads) % 8 == 0 and (ch * kv_heads) % 8 == 0)  # 16-byte loads
+
+
+def decode_attention(q, k, v, k_cache, v_cache, positions, layer: int, scale: float,
+                     window: int | None, softcap: float | None):
+    """Attention of one query token: q [H, Dh] f32; k, v [KVH, Dh] (the token's own); the caches
+    [L, Dh, S, KVH] f16, rows < positions[0] valid. Returns [H * Dh] f32."""
+    H, Dh = q.shape
+    L, _, S, KVH = k_cache.shape
+    bits = lambda x: int(np.float32(x).view(np.int32))  # noqa: E731 - f32 push constant
+    consts = [S, KVH, H // KVH, Dh, layer, KEYS_PER_BLOCK, window or 0, bits(scale), bits(softcap or 0.0)]
+    blocks = -(-S // KEYS_PER_BLOCK)
+    f32 = jnp.float32
+    part = call("decode_attn_partial", jax.ShapeDtypeStruct((blocks, H, Dh + 2), f32),
+                [q.astype(f32), k_cache, v_cache, positions], grid=blocks, constants=consts)
+    out = call("decode_attn_combine", jax.ShapeDtypeStruct((H, Dh), f32),
+               [q.astype(f32), k.astype(f32), v.astype(f32), positions, part], grid=H, constants=consts)
+    return out.reshape(H * Dh)
+
+
+
+# --- one-token linear layers (kernels/gemv.cu) ---------------------------------------------
+
+GEMV_ROWS = 8  # outputs per block: one per warp
+GEMV_MAX_K = 8192
+NORM, ONE_PLUS, BIAS, RESIDUAL, GATE, GELU = 1, 2, 4, 8, 16, 32  # the kernel's flags
+
+
+def gemv_fits(w) -> bool:
+    """Whether the kernel takes weight w ([N, K] f16); else the linear stays in JAX."""
+    return w.ndim == 2 and w.dtype == jnp.float16 and w.shape[1] % 8 == 0 and w.shape[1] <= GEMV_MAX_K
+
+
+def gemv(x, w, *, bias=None, norm=None, residual=None, gate: str | None = None):
+    """w [N, K] f16 · x [K] (f32) -> [N] f32, with, folded into the one kernel:
+    - norm = (weight [K], eps, one_plus): x is RMS-normed first;
+    - bias [N]; residual [N], added last;
+    - gate "silu" or "gelu_tanh": w's rows are [gate; up], and the result is act(gate) * up [N / 2]."""
+    n_rows, k = w.shape
+    n = n_rows // 2 if gate else n_rows
+    flags = (NORM if norm is not None else 0) | (ONE_PLUS if norm is not None and norm[2] else 0)
+    flags |= (BIAS if bias is not None else 0) | (RESIDUAL if residual is not None else 0)
+    flags |= (GATE if gate else 0) | (GELU if gate == "gelu_tanh" else 0)
+    if gate not in (None, "silu", "gelu_tanh"):
+        raise ValueError(f"gate activation {gate!r}: silu or gelu_tanh")
+    f16, f32 = jnp.float16, jnp.float32
+    dummy = lambda dt: jnp.zeros((1,), dt)  # noqa: E731 - an absent operand
+    operands = [x.astype(f32), w, dummy(f16) if norm is None else norm[0].astype(f16),
+                dummy(f16) if bias is None else bias.astype(f16),
+                dummy(f32) if residual is None else residual.astype(f32)]
+    eps = 0.0 if norm is None else norm[1]
+    return call("gemv", jax.ShapeDtypeStruct((n,), f32), operands, grid=-(-n // GEMV_ROWS),
+                constants=[n, k, flags, int(np.float32(eps).view(np.int32))])
+
+
+if __name__ == "__main__":  # make ptx
+    for src in sorted({k.source for k in KERNELS.values()}):
+        print(f"wrote {make_ptx(src)}", file=sys.stderr)

@@ -1,0 +1,201 @@
+// Decode attention (one query token) against an f16 KV cache in [L, D, S, H] layout, in two
+// kernels: decode_attn_partial (one block per CH cached keys: scores, softmax, weights x V,
+// relative to the block's own max) and decode_attn_combine (one block per query head: folds
+// the blocks' partials together with the token's own key and value, split-softmax style).
+// They replace ~8 of IREE's dispatches per layer (compile/extern.py, compile/layers.py).
+//
+// Arguments, as IREE's CUDA HAL passes them: the bindings (operands, then the result) as
+// pointers, then the push constants as 32-bit ints:
+//   S (cache rows), KVH, G (query heads per KV head), Dh, layer, CH (keys per partial block),
+//   window (0 = none: a query at p sees keys in (p - window, p]), scale and softcap (f32 bits;
+//   softcap 0 = none).
+// Limits below (MAX_*), checked when the step is exported (extern.decode_attention_fits), which
+// otherwise keeps the attention in JAX.
+// Regenerate the PTX with `make ptx` (needs nvcc).
+#include <cuda_fp16.h>
+
+#define NT 256
+#define MAX_Q 2048   // H * Dh
+#define MAX_P 1024   // H * (CH + 1)
+#define MAX_KV 16384 // Dh * CH * KVH: one block's keys (then values), staged in shared memory
+#define MAX_G 8
+#define MAX_B 1024   // S / CH
+
+__device__ __forceinline__ float squash(float s, float scale, float cap) {
+  s *= scale;
+  return cap > 0.f ? tanhf(s / cap) * cap : s;
+}
+
+// Keys [lo, hi) of block b that query position pos may see; empty when lo >= hi.
+__device__ __forceinline__ void block_keys(int b, int CH, int pos, int window, int* lo, int* hi) {
+  int first = window > 0 ? max(0, pos - window + 1) : 0;
+  *lo = max(b * CH, first);
+  *hi = min(b * CH + CH, pos);
+}
+
+// This layer's rows of block b (Dh rows of CH * KVH halves), 16 bytes per load, into registers
+// (at most SP per thread), then into kvs: every load is issued before any is waited for. Needs
+// S * KVH and CH * KVH to be multiples of 8 (checked at export).
+#define SP (MAX_KV / 8 / NT)
+struct Staged {
+  uint4 v[SP];
+};
+
+__device__ __forceinline__ Staged load_rows(const __half* __restrict__ cache, size_t base, size_t plane, int b,
+                                            int CH, int KVH, int Dh) {
+  const int row = CH * KVH / 8;  // uint4 per row
+  const uint4* src = reinterpret_cast<const uint4*>(cache + base + (size_t)b * CH * KVH);
+  const size_t stride = plane / 8;
+  Staged r;
+#pragma unroll
+  for (int j = 0; j < SP; ++j) {
+    const int i = threadIdx.x + j * NT;
+    if (i < Dh * row) r.v[j] = src[(i / row) * stride + i % row];
+  }
+  return r;
+}
+
+__device__ __forceinline__ void store_rows(const Staged& r, __half* kvs, int CH, int KVH, int Dh) {
+  uint4* dst = reinterpret_cast<uint4*>(kvs);
+#pragma unroll
+  for (int j = 0; j < SP; ++j) {
+    const int i = threadIdx.x + j * NT;
+    if (i < Dh * CH * KVH / 8) dst[i] = r.v[j];
+  }
+}
+
+// part: [blocks, H, Dh + 2] f32: per head, sum_k exp(s_k - m) v_k, then m, then sum_k exp(s_k - m).
+extern "C" __global__ void __launch_bounds__(NT) decode_attn_partial(
+    const float* __restrict__ q, const __half* __restrict__ kc, const __half* __restrict__ vc,
+    const int* __restrict__ pos_p, float* __restrict__ part,
+    int S, int KVH, int G, int Dh, int layer, int CH, int window, int scale_bits, int softcap_bits) {
+  __shared__ float qs[MAX_Q + MAX_Q / 32];  // q, rows padded to Dh + 1 (no bank conflicts)
+  __shared__ float ps[MAX_P];               // scores, then weights: [H][CH + 1]
+  __shared__ __align__(16) __half kvs[MAX_KV];  // [Dh][CH * KVH]: keys, then values
+  const int pos = pos_p[0], H = KVH * G, b = blockIdx.x, t = threadIdx.x;
+  int lo, hi;
+  block_keys(b, CH, pos, window, &lo, &hi);
+  if (lo >= hi) return;  // the combine skips this block as well
+  const float scale = __int_as_float(scale_bits), cap = __int_as_float(softcap_bits);
+  const size_t plane = (size_t)S * KVH, base = (size_t)layer * Dh * plane;
+  const int Q1 = Dh + 1, P1 = CH + 1, R = CH * KVH;
+  const Staged keys = load_rows(kc, base, plane, b, CH, KVH, Dh);
+  const Staged values = load_rows(vc, base, plane, b, CH, KVH, Dh);  // in flight during the scores
+  store_rows(keys, kvs, CH, KVH, Dh);
+  for (int i = t; i < H * Dh; i += NT) qs[(i / Dh) * Q1 + i % Dh] = q[i];
+  __syncthreads();
+
+  // Scores: item = (key, g, kvh), kvh fastest. Rows outside [lo, hi) may hold anything: unused.
+  for (int i = t; i < CH * H; i += NT) {
+    const int kvh = i % KVH, g = (i / KVH) % G, s = i / H, qh = kvh * G + g;
+    const __half* kp = kvs + s * KVH + kvh;
+    const float* qp = qs + qh * Q1;
+    float acc = 0.f;
+#pragma unroll 8
+    for (int d = 0; d < Dh; ++d) acc += qp[d] * __half2float(kp[d * R]);
+    ps[qh * P1 + s] = acc;
+  }
+  __syncthreads();
+  store_rows(values, kvs, CH, KVH, Dh);
+
+  // Softmax within the block, per head.
+  const int s0 = lo - b * CH, s1 = hi - b * CH;
+  for (int qh = t; qh < H; qh += NT) {
+    float* p = ps + qh * P1;
+    float m = -INFINITY;
+    for (int s = s0; s < s1; ++s) m = fmaxf(m, p[s] = squash(p[s], scale, cap));
+    float l = 0.f;
+    for (int s = s0; s < s1; ++s) l += p[s] = __expf(p[s] - m);
+    float* out = part + ((size_t)b * H + qh) * (Dh + 2);
+    out[Dh] = m;
+    out[Dh + 1] = l;
+  }
+  __syncthreads();
+
+  // Weights x V: item = (d, kvh), kvh fastest; G heads each.
+  for (int i = t; i < Dh * KVH; i += NT) {
+    const int kvh = i % KVH, d = i / KVH;
+    float acc[MAX_G];
+#pragma unroll
+    for (int g = 0; g < MAX_G; ++g) acc[g] = 0.f;
+    const __half* vp = kvs + d * R + kvh;
+    const float* p = ps + kvh * G * P1;
+    for (int s = s0; s < s1; ++s) {
+      const float v = __half2float(vp[s * KVH]);
+#pragma unroll
+      for (int g = 0; g < MAX_G; ++g)
+        if (g < G) acc[g] += p[g * P1 + s] * v;
+    }
+#pragma unroll
+    for (int g = 0; g < MAX_G; ++g)
+      if (g < G) part[((size_t)b * H + kvh * G + g) * (Dh + 2) + d] = acc[g];
+  }
+}
+
+// Sum or max over a block of 128 threads: warp shuffles, then the 4 warps' results.
+template <bool MAX>
+__device__ __forceinline__ float block_reduce(float x, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float y = __shfl_xor_sync(0xffffffffu, x, o);
+    x = MAX ? fmaxf(x, y) : x + y;
+  }
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = x;
+  __syncthreads();
+  float r = red[0];
+#pragma unroll
+  for (int w = 1; w < 4; ++w) r = MAX ? fmaxf(r, red[w]) : r + red[w];
+  __syncthreads();  // red is reused by the next reduction
+  return r;
+}
+
+// out: [H, Dh] f32. k_new, v_new: this token's key and
+// value, [KVH, Dh] f32. One block of 128 threads per query head.
+extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
+    const float* __restrict__ q, const float* __restrict__ k_new, const float* __restrict__ v_new,
+    const int* __restrict__ pos_p, const float* __restrict__ part, float* __restrict__ out,
+    int S, int KVH, int G, int Dh, int layer, int CH, int window, int scale_bits, int softcap_bits) {
+  __shared__ float red[4];
+  __shared__ float ws[MAX_B];  // each active block's weight exp(m_b - m)
+  const int pos = pos_p[0], H = KVH * G, qh = blockIdx.x, kvh = qh / G, t = threadIdx.x;
+  const float scale = __int_as_float(scale_bits), cap = __int_as_float(softcap_bits);
+  // The active blocks are b0..b1-1 (as block_keys says).
+  const int first = window > 0 ? max(0, pos - window + 1) : 0;
+  const int b0 = first / CH, b1 = first < pos ? (pos + CH - 1) / CH : b0;
+  const size_t row = Dh + 2;
+  const float* ph = part + (size_t)qh * row;  // block b's row for this head: ph + b * H * row
+
+  // Each thread loads its blocks' (m, l) once; all loads are issued before the first barrier.
+  float dot = 0.f;
+  for (int d = t; d < Dh; d += 128) dot += q[qh * Dh + d] * k_new[kvh * Dh + d];
+  float mb[MAX_B / 128], lb[MAX_B / 128];
+#pragma unroll
+  for (int j = 0; j < MAX_B / 128; ++j) {
+    const int b = b0 + t + 128 * j;
+    mb[j] = b < b1 ? ph[(size_t)b * H * row + Dh] : -INFINITY;
+    lb[j] = b < b1 ? ph[(size_t)b * H * row + Dh + 1] : 0.f;
+  }
+  const float s_new = squash(block_reduce<false>(dot, red), scale, cap);
+  float m = s_new;
+#pragma unroll
+  for (int j = 0; j < MAX_B / 128; ++j) m = fmaxf(m, mb[j]);
+  m = block_reduce<true>(m, red);
+  float l = 0.f;
+#pragma unroll
+  for (int j = 0; j < MAX_B / 128; ++j) {
+    const int b = b0 + t + 128 * j;
+    if (b < b1) {
+      const float w = __expf(mb[j] - m);
+      ws[b - b0] = w;
+      l += w * lb[j];
+    }
+  }
+  const float w_new = __expf(s_new - m);
+  const float denom = block_reduce<false>(l, red) + w_new;  // its barrier also publishes ws
+  for (int d = t; d < Dh; d += 128) {
+    float acc = w_new * v_new[kvh * Dh + d];
+#pragma unroll 8
+    for (int b = b0; b < b1; ++b) acc += ws[b - b0] * ph[(size_t)b * H * row + d];
+    out[qh * Dh + d] = acc / denom;
+  }
+}
