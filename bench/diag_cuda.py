@@ -10,7 +10,8 @@ a prefill "probe" whose outputs include every intermediate (layer functions and 
 taps of compile/layers.py); `check` then prints, in graph order, where CUDA first leaves the CPU.
 
 --max-context N sizes the cache (the default 128 is small; real decode costs grow with it).
---set NAME=VALUE overrides a compile/layers.py constant for an experiment (CACHE_LAYOUT=SLHD).
+--set NAME=VALUE overrides a compile/layers.py constant for an experiment (CACHE_LAYOUT=SLHD;
+extern.NAME=VALUE one of compile/extern.py, e.g. extern.KEYS_PER_BLOCK=8).
 
 Weights are random (numpy default_rng(0), std 0.02) and made identically on both machines from
 the seed, so only config.json travels. A variant is "<weights>w-<cache>kv" with dtypes f16/f32.
@@ -134,9 +135,12 @@ def make(root: Path, model: Path, variants: list[str], layers: int | None = None
     from iree_runner.compile import layers as L
     from iree_runner.weights import read_config
 
-    for item in settings:  # an experiment: NAME=VALUE overrides a constant of compile/layers.py
+    from iree_runner.compile import extern
+
+    for item in settings:  # an experiment: [extern.]NAME=VALUE overrides a constant of compile/layers.py (or extern.py)
         name, value = item.split("=", 1)
-        setattr(L, name, type(getattr(L, name))(value))
+        module, name = (extern, name[len("extern."):]) if name.startswith("extern.") else (L, name)
+        setattr(module, name, type(getattr(module, name))(value))
 
     raw = json.loads((model if model.is_file() else model / "config.json").read_text())
     if layers:

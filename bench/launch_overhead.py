@@ -1,6 +1,6 @@
 """Decode wall time per token under IREE CUDA runtime flags (streams vs graphs, inline execution).
 
-  python bench/launch_overhead.py DIAG_VARIANT_DIR [--steps 64]
+  python bench/launch_overhead.py DIAG_VARIANT_DIR [--steps 64] [--prompt 512]
 
 Runs the decode step of a `bench/diag_cuda.py make` variant (random weights) in one process per
 flag setting (the flags are process-wide and read when the driver is created) and prints the
@@ -24,7 +24,7 @@ SETTINGS = {
 }
 
 
-def child(variant: Path, steps: int, flags: list[str]) -> None:
+def child(variant: Path, steps: int, flags: list[str], prompt: int) -> None:
     import numpy as np
     import iree.runtime as rt
 
@@ -34,10 +34,11 @@ def child(variant: Path, steps: int, flags: list[str]) -> None:
     from diag_cuda import CHUNK, session_for
 
     s = session_for(variant, "cuda")
-    s.prefill(list(range(5, 5 + CHUNK)))
+    prompt = prompt or CHUNK
+    s.prefill(list(range(5, 5 + prompt)))
     token = 7
     times = []
-    for _ in range(min(steps, s.max_context - CHUNK)):
+    for _ in range(min(steps, s.max_context - prompt)):
         t0 = time.perf_counter()
         try:
             token = s.decode(token, greedy=True)
@@ -51,13 +52,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variant", type=Path)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=0, help="tokens before the timed steps (default: one prefill chunk)")
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names from: " + ", ".join(SETTINGS))
     a = ap.parse_args()
     if "LAUNCH_OVERHEAD_FLAGS" in os.environ:  # a child: one setting
-        return child(a.variant, a.steps, os.environ["LAUNCH_OVERHEAD_FLAGS"].split())
+        return child(a.variant, a.steps, os.environ["LAUNCH_OVERHEAD_FLAGS"].split(), a.prompt)
     for name in a.settings.split(","):
         flags = SETTINGS[name]
-        p = subprocess.run([sys.executable, __file__, str(a.variant), "--steps", str(a.steps)], capture_output=True,
+        p = subprocess.run([sys.executable, __file__, str(a.variant), "--steps", str(a.steps), "--prompt", str(a.prompt)],
+                           capture_output=True,
                            text=True, env=os.environ | {"LAUNCH_OVERHEAD_FLAGS": " ".join(flags)})
         res = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {"error": p.stderr[-500:]}
         print(f"{a.variant.name:12s} {name:20s} {res}", flush=True)

@@ -131,8 +131,10 @@ def _source_digest(source: str) -> str:
 def make_ptx(source: str) -> Path:
     """kernels/<source>.ptx from its .cu with nvcc, headed by the source's digest."""
     ptx = KERNEL_DIR / f"{source}.ptx"
-    text = subprocess.run([*NVCC, str(KERNEL_DIR / f"{source}.cu"), "-o", "-"], check=True,
-                          capture_output=True, text=True).stdout
+    proc = subprocess.run([*NVCC, str(KERNEL_DIR / f"{source}.cu"), "-o", "-"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nvcc failed on {source}.cu:\n{proc.stderr[-4000:]}")
+    text = proc.stdout
     ptx.write_text(f"// made from {source}.cu, sha256 {_source_digest(source)}: make ptx\n{text}")
     return ptx
 
@@ -158,6 +160,7 @@ def decode_attention_fits(heads: int, kv_heads: int, head_dim: int, rows: int) -
     """Whether the kernel takes this shape (rows: the cache's S); else the attention stays in JAX."""
     ch = KEYS_PER_BLOCK
     return (heads * head_dim <= MAX_Q and heads * (ch + 1) <= MAX_P and head_dim * ch * kv_heads <= MAX_KV
+            and head_dim % 4 == 0 and ch <= 32
             and heads // kv_heads <= MAX_G and rows % ch == 0 and rows // ch <= MAX_B
             and (rows * kv_heads) % 8 == 0 and (ch * kv_heads) % 8 == 0)  # 16-byte loads
 
@@ -182,7 +185,7 @@ def decode_attention(q, k, v, k_cache, v_cache, positions, layer: int, scale: fl
 
 # --- one-token linear layers (kernels/gemv.cu) ---------------------------------------------
 
-GEMV_ROWS = 8  # outputs per block: one per warp
+GEMV_WARPS = 8  # per block: one output each
 GEMV_MAX_K = 8192
 NORM, ONE_PLUS, BIAS, RESIDUAL, GATE, GELU = 1, 2, 4, 8, 16, 32  # the kernel's flags
 
@@ -210,7 +213,7 @@ def gemv(x, w, *, bias=None, norm=None, residual=None, gate: str | None = None):
                 dummy(f16) if bias is None else bias.astype(f16),
                 dummy(f32) if residual is None else residual.astype(f32)]
     eps = 0.0 if norm is None else norm[1]
-    return call("gemv", jax.ShapeDtypeStruct((n,), f32), operands, grid=-(-n // GEMV_ROWS),
+    return call("gemv", jax.ShapeDtypeStruct((n,), f32), operands, grid=-(-n // GEMV_WARPS),
                 constants=[n, k, flags, int(np.float32(eps).view(np.int32))])
 
 

@@ -5,7 +5,8 @@
 // - a bias and a residual added to the output;
 // - gate mode: rows n and n + N of W are a gate and an up projection, out[n] = act(gate) * up
 //   (SwiGLU, or GeGLU with the tanh GELU), so the activation is no extra dispatch.
-// One warp per output row (two weight rows in gate mode), 16-byte weight loads.
+// One warp per output row (two weight rows in gate mode), 16-byte weight loads. (Sharing long
+// rows among 2-8 warps was slower on an H100: bench/results/2026-11-26-h100-hand-kernels.txt.)
 //
 // Bindings: x [K] f32, W f16, norm weight [K] f16, bias [N or 2N] f16, residual [N] f32, out [N]
 // f32 (absent ones are one-element dummies). Push constants: N (outputs), K, flags (1 norm,
@@ -16,7 +17,7 @@
 #define NT 256
 #define WARPS (NT / 32)
 #define MAX_K 8192
-#define PF 8  // 16-byte weight pieces per lane and row loaded ahead (all of a row up to K = 2048)
+#define PF 4  // 16-byte weight pieces per lane and row loaded ahead
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -42,61 +43,65 @@ extern "C" __global__ void __launch_bounds__(NT) gemv(
   __shared__ __align__(16) float xs[MAX_K];
   __shared__ float red[WARPS];
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
-  const int n = min(blockIdx.x * WARPS + warp, N - 1);  // a spare warp redoes the last row, unstored
+  const int n_raw = blockIdx.x * WARPS + warp, n = min(n_raw, N - 1);  // a spare warp redoes the last row
   const bool gate = flags & 16;
   const int K8 = K / 8;
   const uint4* w0 = reinterpret_cast<const uint4*>(W) + (size_t)n * K8;
   const uint4* w1 = reinterpret_cast<const uint4*>(W) + (size_t)(n + N) * K8;
-  // The row's first PF 16-byte pieces per lane are loaded before x is staged and normed: they do
-  // not depend on it, and the weight stream is what the kernel waits for.
+  // The first PF 16-byte pieces per lane are loaded before x is staged: they do not depend on
+  // it, and the weight stream is what the kernel waits for.
   uint4 p0[PF], p1[PF];
 #pragma unroll
   for (int j = 0; j < PF; ++j) {
-    const int k8 = lane + 32 * j;
+    const int k8 = j * 32 + lane;
     if (k8 < K8) {
       p0[j] = w0[k8];
       if (gate) p1[j] = w1[k8];
     }
   }
+  // x times the norm weight, and x's sum of squares: the matvec of the normed x is then
+  // 1/RMS times the matvec of x * w, so x is read and written once.
   float ss = 0.f;
   for (int k = t; k < K; k += NT) {
     const float v = x[k];
-    xs[k] = v;
+    float w = 1.f;
+    if (flags & 1) {
+      w = __half2float(norm_w[k]);
+      if (flags & 2) w += 1.f;
+    }
+    xs[k] = v * w;
     ss += v * v;
   }
-  if (flags & 1) {
-    ss = warp_sum(ss);
-    if (lane == 0) red[warp] = ss;
-    __syncthreads();
-    float total = 0.f;
-#pragma unroll
-    for (int i = 0; i < WARPS; ++i) total += red[i];
-    const float r = rsqrtf(total / K + __int_as_float(eps_bits));
-    for (int k = t; k < K; k += NT) {
-      const float w = __half2float(norm_w[k]);
-      xs[k] *= r * ((flags & 2) ? 1.f + w : w);
-    }
-  }
+  ss = warp_sum(ss);
+  if (lane == 0) red[warp] = ss;
   __syncthreads();
 
   float a0 = 0.f, a1 = 0.f;
 #pragma unroll
   for (int j = 0; j < PF; ++j) {
-    const int k8 = lane + 32 * j;
+    const int k8 = j * 32 + lane;
     if (k8 < K8) {
       a0 += dot8(p0[j], xs + k8 * 8);
       if (gate) a1 += dot8(p1[j], xs + k8 * 8);
     }
   }
 #pragma unroll 4
-  for (int k8 = lane + 32 * PF; k8 < K8; k8 += 32) {
+  for (int k8 = PF * 32 + lane; k8 < K8; k8 += 32) {
     const float* xk = xs + k8 * 8;
     a0 += dot8(w0[k8], xk);
     if (gate) a1 += dot8(w1[k8], xk);
   }
   a0 = warp_sum(a0);
   if (gate) a1 = warp_sum(a1);
-  if (lane != 0 || blockIdx.x * WARPS + warp >= N) return;
+  if (lane != 0 || n_raw >= N) return;
+  if (flags & 1) {
+    float total = 0.f;
+#pragma unroll
+    for (int i = 0; i < WARPS; ++i) total += red[i];
+    const float r = rsqrtf(total / K + __int_as_float(eps_bits));
+    a0 *= r;
+    a1 *= r;
+  }
   if (flags & 4) {
     a0 += __half2float(bias[n]);
     if (gate) a1 += __half2float(bias[n + N]);
