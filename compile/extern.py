@@ -160,27 +160,37 @@ def decode_attention_fits(heads: int, kv_heads: int, head_dim: int, rows: int) -
     """Whether the kernel takes this shape (rows: the cache's S); else the attention stays in JAX."""
     ch = KEYS_PER_BLOCK
     return (heads * head_dim <= MAX_Q and heads * (ch + 1) <= MAX_P and head_dim * ch * kv_heads <= MAX_KV
-            and head_dim % 4 == 0 and ch <= 32
+            and head_dim <= 256 and head_dim % 4 == 0 and ch <= 32
             and heads // kv_heads <= MAX_G and rows % ch == 0 and rows // ch <= MAX_B
             and (rows * kv_heads) % 8 == 0 and (ch * kv_heads) % 8 == 0)  # 16-byte loads
 
 
-def decode_attention(q, k, v, k_cache, v_cache, positions, layer: int, scale: float,
-                     window: int | None, softcap: float | None):
-    """Attention of one query token: q [H, Dh] f32; k, v [KVH, Dh] (the token's own); the caches
-    [L, Dh, S, KVH] f16, rows < positions[0] valid. Returns [H * Dh] f32."""
-    H, Dh = q.shape
-    L, _, S, KVH = k_cache.shape
+def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, layer: int, scale: float,
+                     window: int | None, softcap: float | None, qk_norm=None):
+    """Attention of one query token from the qkv projection's output [(H + 2 KVH) Dh] (f32),
+    rotary cos/sin [rot] and the caches [L, Dh, S, KVH] f16 (rows < positions[0] valid).
+    qk_norm = (q weight_rope [2, Dh], k weight_rope, eps, one_plus): per-head RMSNorm of q and k
+    before rotary (compile/layers.py rms_norm_rope). Returns the attention output [H * Dh] f32
+    and the token's key, normed and rotated, [KVH, Dh] f32 (for the cache write)."""
+    _, Dh, S, KVH = k_cache.shape
+    H = heads
+    f16, f32 = jnp.float16, jnp.float32
     bits = lambda x: int(np.float32(x).view(np.int32))  # noqa: E731 - f32 push constant
-    consts = [S, KVH, H // KVH, Dh, layer, KEYS_PER_BLOCK, window or 0, bits(scale), bits(softcap or 0.0)]
+    if qk_norm is None:
+        wq = wk = jnp.zeros((1,), f16)
+        qk, eps = 0, 0.0
+    else:
+        wq, wk, eps, one_plus = qk_norm
+        wq, wk, qk = wq.astype(f16), wk.astype(f16), 1 | (2 if one_plus else 0)
+    consts = [S, KVH, H // KVH, Dh, layer, KEYS_PER_BLOCK, window or 0, bits(scale), bits(softcap or 0.0), qk,
+              bits(eps), cos.shape[-1]]
     blocks = -(-S // KEYS_PER_BLOCK)
-    f32 = jnp.float32
+    qkv, cos, sin = qkv.astype(f32), cos.astype(f32), sin.astype(f32)
     part = call("decode_attn_partial", jax.ShapeDtypeStruct((blocks, H, Dh + 2), f32),
-                [q.astype(f32), k_cache, v_cache, positions], grid=blocks, constants=consts)
-    out = call("decode_attn_combine", jax.ShapeDtypeStruct((H, Dh), f32),
-               [q.astype(f32), k.astype(f32), v.astype(f32), positions, part], grid=H, constants=consts)
-    return out.reshape(H * Dh)
-
+                [qkv, wq, cos, sin, k_cache, v_cache, positions], grid=blocks, constants=consts)
+    out = call("decode_attn_combine", jax.ShapeDtypeStruct(((H + KVH) * Dh,), f32),
+               [qkv, wq, wk, cos, sin, positions, part], grid=H, constants=consts)
+    return out[:H * Dh], out[H * Dh:].reshape(KVH, Dh)
 
 
 # --- one-token linear layers (kernels/gemv.cu) ---------------------------------------------

@@ -216,8 +216,9 @@ CACHE_LAYOUT = "LDSH"
 # How commit() writes the cache: "scatter" or "slice" (set per target by export.export_step).
 CACHE_WRITE = "slice"
 CACHE_WRITES = ("scatter", "slice")
-# Whether a one-token step's attention runs as the hand-written kernels of
-# compile/kernels/decode_attention.cu (CUDA; set per target by export.export_step).
+# Whether a one-token step runs the hand-written CUDA kernels (compile/extern.py: attention from
+# the raw qkv, and linear layers with their norm, residual and gate folded in) where the shapes
+# and dtypes fit them; set per target by export.export_step. The JAX graph stays the reference.
 DECODE_KERNEL = False
 
 
@@ -312,10 +313,6 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
     keys are few and always go through f32.
     """
     C, H, Dh = q.shape
-    if (DECODE_KERNEL and C == 1 and kv.k_cache.dtype == jnp.float16 and CACHE_LAYOUT == "LDSH"
-            and extern.decode_attention_fits(H, k.shape[1], Dh, kv.k_cache.shape[2])):
-        return extern.decode_attention(q[0], k[0], v[0], kv.k_cache, kv.v_cache, kv.positions, layer, scale,
-                                       window, softcap)[None]
     k_old, v_old = kv.layer(layer)  # [S, KVH, Dh]
     S, KVH, _ = k_old.shape
     G = H // KVH
@@ -375,6 +372,16 @@ def self_attention(w: dict, p: str, h, cos, sin, kv: KVCache, layer: int, *, hea
     C = h.shape[0]
     g = lambda name: w.get(f"{p}.self_attn.{name}")  # noqa: E731 - absent biases are None
     qkv = linear(h, g("qkv_proj.weight"), g("qkv_proj.bias"))
+    if (DECODE_KERNEL and C == 1 and kv.k_cache.dtype == jnp.float16 and CACHE_LAYOUT == "LDSH"
+            and extern.decode_attention_fits(heads, kv_heads, head_dim, kv.k_cache.shape[2])):
+        # The hand-written kernels take qkv as it is: q/k norm, rotary and attention in two dispatches.
+        qk_norm = None if qk_norm_eps is None else (g("q_norm.weight_rope"), g("k_norm.weight_rope"),
+                                                    qk_norm_eps, qk_norm_one_plus)
+        a, k = extern.decode_attention(qkv[0], cos[0], sin[0], kv.k_cache, kv.v_cache, kv.positions, heads=heads,
+                                       layer=layer, scale=scale, window=window, softcap=softcap, qk_norm=qk_norm)
+        kv.new_k[layer] = k[None]
+        kv.new_v[layer] = qkv[:, (heads + kv_heads) * head_dim:].reshape(C, kv_heads, head_dim)
+        return linear(a[None], g("o_proj.weight"), g("o_proj.bias"), residual)
     q, k, v = jnp.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)
     q, k, v = q.reshape(C, heads, head_dim), k.reshape(C, kv_heads, head_dim), v.reshape(C, kv_heads, head_dim)
     if qk_norm_eps is not None:

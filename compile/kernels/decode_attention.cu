@@ -1,14 +1,18 @@
-// Decode attention (one query token) against an f16 KV cache in [L, D, S, H] layout, in two
-// kernels: decode_attn_partial (one block per CH cached keys: scores, softmax, weights x V,
-// relative to the block's own max) and decode_attn_combine (one block per query head: folds
-// the blocks' partials together with the token's own key and value, split-softmax style).
-// They replace ~8 of IREE's dispatches per layer (compile/extern.py, compile/layers.py).
+// Decode attention (one query token) against an f16 KV cache in [L, D, S, H] layout, from the
+// qkv projection's raw output, in two kernels:
+// - decode_attn_partial: one block per CH cached keys: q's per-head RMSNorm and rotary, scores,
+//   softmax, weights x V, relative to the block's own max. Block 0 also norms and rotates the
+//   token's own key, for the combine and for the cache write;
+// - decode_attn_combine: one block per query head: folds the blocks' partials together with the
+//   token's own key and value, split-softmax style.
+// They replace ~11 of IREE's dispatches per layer (compile/extern.py, compile/layers.py).
 //
 // Arguments, as IREE's CUDA HAL passes them: the bindings (operands, then the result) as
 // pointers, then the push constants as 32-bit ints:
 //   S (cache rows), KVH, G (query heads per KV head), Dh, layer, CH (keys per partial block),
 //   window (0 = none: a query at p sees keys in (p - window, p]), scale and softcap (f32 bits;
-//   softcap 0 = none).
+//   softcap 0 = none), qk (1: q/k RMSNorm before rotary, 2: its weight as 1 + w), eps (f32 bits),
+//   rot (rotary features, <= Dh).
 // Limits below (MAX_*), checked when the step is exported (extern.decode_attention_fits), which
 // otherwise keeps the attention in JAX.
 // Regenerate the PTX with `make ptx` (needs nvcc).
@@ -20,6 +24,48 @@
 #define MAX_KV 16384 // Dh * CH * KVH: one block's keys (then values), staged in shared memory
 #define MAX_G 8
 #define MAX_B 1024   // S / CH
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// One head's Dh values x (shared memory), RMS-normed with weight w (shared memory, f32, already
+// 1 + w where the family says so; none when qk & 1 is clear) and rotated (HF rotate_half over
+// the first rot features) in place, by one whole warp. Dh <= 256.
+__device__ void norm_rope_head(float* x, const float* w, const float* __restrict__ cos,
+                               const float* __restrict__ sin, int Dh, int rot, int qk, float eps) {
+  const int lane = threadIdx.x % 32, half = rot / 2;
+  float r = 1.f;
+  if (qk & 1) {
+    float ss = 0.f;
+    for (int d = lane; d < Dh; d += 32) ss += x[d] * x[d];
+    r = rsqrtf(warp_sum(ss) / Dh + eps);
+  }
+  auto normed = [&](int d) { return (qk & 1) ? x[d] * r * w[d] : x[d]; };
+  float out[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int d = lane + 32 * j;
+    if (d < Dh) {
+      float v = normed(d);
+      if (d < rot) v = v * cos[d] + (d < half ? -normed(d + half) : normed(d - half)) * sin[d];
+      out[j] = v;
+    }
+  }
+  __syncwarp();
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    if (lane + 32 * j < Dh) x[lane + 32 * j] = out[j];
+  __syncwarp();
+}
+
+// A q/k norm weight (f16, global) into shared memory as f32, 1 + w when qk & 2.
+__device__ __forceinline__ void load_norm_weight(float* dst, const __half* __restrict__ w, int Dh, int qk) {
+  if (qk & 1)
+    for (int d = threadIdx.x; d < Dh; d += blockDim.x) dst[d] = __half2float(w[d]) + ((qk & 2) ? 1.f : 0.f);
+}
 
 __device__ __forceinline__ float squash(float s, float scale, float cap) {
   s *= scale;
@@ -65,14 +111,19 @@ __device__ __forceinline__ void store_rows(const Staged& r, __half* kvs, int CH,
 }
 
 // part: [blocks, H, Dh + 2] f32: per head, sum_k exp(s_k - m) v_k, then m, then sum_k exp(s_k - m).
+// qkv: [(H + 2 KVH) Dh] f32; wq: the q norm weight (first Dh); cos, sin: [rot].
 extern "C" __global__ void __launch_bounds__(NT) decode_attn_partial(
-    const float* __restrict__ q, const __half* __restrict__ kc, const __half* __restrict__ vc,
+    const float* __restrict__ qkv, const __half* __restrict__ wq, const float* __restrict__ cos,
+    const float* __restrict__ sin, const __half* __restrict__ kc, const __half* __restrict__ vc,
     const int* __restrict__ pos_p, float* __restrict__ part,
-    int S, int KVH, int G, int Dh, int layer, int CH, int window, int scale_bits, int softcap_bits) {
+    int S, int KVH, int G, int Dh, int layer, int CH, int window, int scale_bits, int softcap_bits,
+    int qk, int eps_bits, int rot) {
   __shared__ float qs[MAX_Q + MAX_Q / 32];  // q, rows padded to Dh + 1 (no bank conflicts)
   __shared__ float ps[MAX_P];               // scores, then weights: [H][CH + 1]
   __shared__ __align__(16) __half kvs[MAX_KV];  // [Dh][CH * KVH]: keys, then values
-  const int pos = pos_p[0], H = KVH * G, b = blockIdx.x, t = threadIdx.x;
+  __shared__ float wqs[256], cs[256], sn[256];  // q's norm weight, cos, sin
+  const int pos = pos_p[0], H = KVH * G, b = blockIdx.x, t = threadIdx.x, warp = t / 32;
+  const float eps = __int_as_float(eps_bits);
   int lo, hi;
   block_keys(b, CH, pos, window, &lo, &hi);
   if (lo >= hi) return;  // the combine skips this block as well
@@ -82,7 +133,7 @@ extern "C" __global__ void __launch_bounds__(NT) decode_attn_partial(
   float qr[MAX_Q / NT];  // q, keys and values are all requested before anything waits
 #pragma unroll
   for (int j = 0; j < MAX_Q / NT; ++j)
-    if (t + j * NT < H * Dh) qr[j] = q[t + j * NT];
+    if (t + j * NT < H * Dh) qr[j] = qkv[t + j * NT];
   const Staged keys = load_rows(kc, base, plane, b, CH, KVH, Dh);
   const Staged values = load_rows(vc, base, plane, b, CH, KVH, Dh);  // in flight during the scores
 #pragma unroll
@@ -90,7 +141,11 @@ extern "C" __global__ void __launch_bounds__(NT) decode_attn_partial(
     const int i = t + j * NT;
     if (i < H * Dh) qs[(i / Dh) * Q1 + i % Dh] = qr[j];
   }
+  load_norm_weight(wqs, wq, Dh, qk);
+  for (int d = t; d < rot; d += NT) cs[d] = cos[d], sn[d] = sin[d];
   store_rows(keys, kvs, CH, KVH, Dh);
+  __syncthreads();
+  for (int h = warp; h < H; h += NT / 32) norm_rope_head(qs + h * Q1, wqs, cs, sn, Dh, rot, qk, eps);
   __syncthreads();
 
   // Scores: item = (key, g, kvh), kvh fastest. Rows outside [lo, hi) may hold anything: unused.
@@ -169,16 +224,33 @@ __device__ __forceinline__ float block_reduce(float x, float* red) {
   return r;
 }
 
-// out: [H, Dh] f32. k_new, v_new: this token's key and
-// value, [KVH, Dh] f32. One block of 128 threads per query head.
+// out: [H, Dh] f32, then the token's own key, normed and rotated, [KVH, Dh] (for the cache; the
+// block of each KV head's first query head writes it). Its value comes from qkv.
+// One block of 128 threads per query head.
 extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
-    const float* __restrict__ q, const float* __restrict__ k_new, const float* __restrict__ v_new,
-    const int* __restrict__ pos_p, const float* __restrict__ part, float* __restrict__ out,
-    int S, int KVH, int G, int Dh, int layer, int CH, int window, int scale_bits, int softcap_bits) {
+    const float* __restrict__ qkv, const __half* __restrict__ wq, const __half* __restrict__ wk,
+    const float* __restrict__ cos, const float* __restrict__ sin, const int* __restrict__ pos_p,
+    const float* __restrict__ part, float* __restrict__ out,
+    int S, int KVH, int G, int Dh, int layer, int CH, int window, int scale_bits, int softcap_bits,
+    int qk, int eps_bits, int rot) {
   __shared__ float red[4];
   __shared__ float ws[MAX_B];  // each active block's weight exp(m_b - m)
+  __shared__ float qh_s[256], kh_s[256], wqs[256], wks[256], cs[256], sn[256];
   const int pos = pos_p[0], H = KVH * G, qh = blockIdx.x, kvh = qh / G, t = threadIdx.x;
   const float scale = __int_as_float(scale_bits), cap = __int_as_float(softcap_bits);
+  const float* v_new = qkv + (H + KVH) * Dh + kvh * Dh;
+  for (int d = t; d < Dh; d += 128) qh_s[d] = qkv[qh * Dh + d], kh_s[d] = qkv[(H + kvh) * Dh + d];
+  load_norm_weight(wqs, wq, Dh, qk);
+  load_norm_weight(wks, wk, Dh, qk);
+  for (int d = t; d < rot; d += 128) cs[d] = cos[d], sn[d] = sin[d];
+  __syncthreads();
+  const float eps = __int_as_float(eps_bits);
+  if (t < 32) norm_rope_head(qh_s, wqs, cs, sn, Dh, rot, qk, eps);
+  else if (t < 64) norm_rope_head(kh_s, wks, cs, sn, Dh, rot, qk, eps);
+  __syncthreads();
+  const float* k_new = kh_s;
+  if (qh % G == 0)
+    for (int d = t; d < Dh; d += 128) out[H * Dh + kvh * Dh + d] = kh_s[d];
   // The active blocks are b0..b1-1 (as block_keys says).
   const int first = window > 0 ? max(0, pos - window + 1) : 0;
   const int b0 = first / CH, b1 = first < pos ? (pos + CH - 1) / CH : b0;
@@ -187,7 +259,7 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
 
   // Each thread loads its blocks' (m, l) once; all loads are issued before the first barrier.
   float dot = 0.f;
-  for (int d = t; d < Dh; d += 128) dot += q[qh * Dh + d] * k_new[kvh * Dh + d];
+  for (int d = t; d < Dh; d += 128) dot += qh_s[d] * k_new[d];
   float mb[MAX_B / 128], lb[MAX_B / 128];
 #pragma unroll
   for (int j = 0; j < MAX_B / 128; ++j) {
@@ -213,7 +285,7 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
   const float w_new = __expf(s_new - m);
   const float denom = block_reduce<false>(l, red) + w_new;  // its barrier also publishes ws
   for (int d = t; d < Dh; d += 128) {
-    float acc = w_new * v_new[kvh * Dh + d];
+    float acc = w_new * v_new[d];
 #pragma unroll 8
     for (int b = b0; b < b1; ++b) acc += ws[b - b0] * ph[(size_t)b * H * row + d];
     out[qh * Dh + d] = acc / denom;
