@@ -122,6 +122,10 @@ def _bindings(ptx: Path, name: str) -> int:
 # The PTX is committed (compiling a bundle needs no nvcc) and names the digest of the .cu it
 # was made from, so a stale one is refused.
 NVCC = ("nvcc", "-ptx", "-arch=sm_80", "-O3")  # sm_80 as the rest of the step (iree_compile.py)
+# nvcc 13 declares PTX ISA 9.0, which only CUDA 13 drivers load; IREE 3.13's own PTX for sm_80
+# declares 7.6. The kernels are declared 7.6 too (ptxas checks them against it when they are
+# made), so any driver that runs the rest of the step runs them.
+PTX_ISA = "7.6"
 
 
 def _source_digest(source: str) -> str:
@@ -134,7 +138,10 @@ def make_ptx(source: str) -> Path:
     proc = subprocess.run([*NVCC, str(KERNEL_DIR / f"{source}.cu"), "-o", "-"], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"nvcc failed on {source}.cu:\n{proc.stderr[-4000:]}")
-    text = proc.stdout
+    text = re.sub(r"^\.version \d+\.\d+$", f".version {PTX_ISA}", proc.stdout, count=1, flags=re.M)
+    check = subprocess.run(["ptxas", "-arch=sm_80", "-", "-o", "/dev/null"], input=text, capture_output=True, text=True)
+    if check.returncode != 0:
+        raise RuntimeError(f"{source}.cu does not assemble as PTX ISA {PTX_ISA}:\n{check.stderr[-4000:]}")
     ptx.write_text(f"// made from {source}.cu, sha256 {_source_digest(source)}: make ptx\n{text}")
     return ptx
 
