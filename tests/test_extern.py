@@ -1,4 +1,5 @@
-"""Hand-written CUDA kernels linked into exported steps (compile/extern.py).
+"""Hand-written kernels linked into exported steps (compile/extern.py for CUDA; the same path on
+the CPU in bench/extern_dispatch_cpu.py).
 
 What runs them is checked on a GPU (bench/gpu_check.sh: greedy tokens against the HF fp32
 oracle; bench/diag_cuda.py: CUDA against the CPU step). Here, without a GPU: which steps get
@@ -7,8 +8,10 @@ them, that the committed PTX is the current source's, and that IREE takes the li
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +86,16 @@ def test_a_placeholder_it_cannot_read_is_an_error():
         extern.link("module @m {\n  %0 = stablehlo.custom_call @iree_ext_decode_attn_partial(%a) : weird\n}")
     with pytest.raises(ValueError, match="unknown kernel"):
         extern.call("nope", None, [], grid=1, constants=[])
+
+
+def test_a_c_kernel_runs_inside_a_cpu_step(tmp_path):
+    """The same linking on the CPU (bench/extern_dispatch_cpu.py: a C object in an llvm-cpu
+    executable), compiled, run on local-task and compared with numpy: the path for hand-written
+    CPU kernels."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "extern_dispatch_cpu.py"
+    spec = importlib.util.spec_from_file_location("extern_dispatch_cpu", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert shutil.which(demo.CC[0]), f"{demo.CC[0]} (a C compiler) is needed to build the kernel object"
+    demo.make(tmp_path)
+    assert demo.run(tmp_path) < 1e-5
