@@ -1,5 +1,5 @@
 """Hand-written kernels linked into exported steps (compile/extern.py for CUDA; the same path on
-the CPU in bench/extern_dispatch_cpu.py).
+the CPU in bench/extern_dispatch.py --target cpu).
 
 What runs them is checked on a GPU (bench/gpu_check.sh: greedy tokens against the HF fp32
 oracle; bench/diag_cuda.py: CUDA against the CPU step). Here, without a GPU: which steps get
@@ -89,13 +89,13 @@ def test_a_placeholder_it_cannot_read_is_an_error():
 
 
 def test_a_c_kernel_runs_inside_a_cpu_step(tmp_path):
-    """The same linking on the CPU (bench/extern_dispatch_cpu.py: a C object in an llvm-cpu
-    executable), compiled, run on local-task and compared with numpy: the path for hand-written
-    CPU kernels."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "extern_dispatch_cpu.py"
-    spec = importlib.util.spec_from_file_location("extern_dispatch_cpu", path)
+    """The same linking on the CPU (bench/extern_dispatch.py --target cpu: a C object in an
+    llvm-cpu executable), compiled, run on local-task and compared with numpy: the path for
+    hand-written CPU kernels."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "extern_dispatch.py"
+    spec = importlib.util.spec_from_file_location("extern_dispatch", path)
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     assert shutil.which(demo.CC[0]), f"{demo.CC[0]} (a C compiler) is needed to build the kernel object"
-    demo.make(tmp_path)
-    assert demo.run(tmp_path) < 1e-5
+    demo.make(tmp_path, "cpu")
+    assert demo.run(tmp_path, "cpu") < 1e-5
