@@ -66,9 +66,13 @@ def copy_bandwidth_gbs(device: str) -> float:
 
 def device_used_mb(device: str) -> float | None:
     if device != "cuda":
-        import resource
+        # The CPU device's memory is the process's: its resident set now. (Its peak, ru_maxrss,
+        # only grows, so every row after the largest showed about 0.)
+        import gc
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        gc.collect()
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
     import torch
 
     free, total = torch.cuda.mem_get_info()
