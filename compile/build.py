@@ -71,7 +71,8 @@ def weight_dtype_for(target: str, weight_dtype: str | None) -> str:
     return WEIGHT_DTYPES[weight_dtype]
 
 
-def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: int, weight_dtype: str) -> str:
+def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: int, weight_dtype: str,
+              kernels: bool = True) -> str:
     import jax
 
     parts = {
@@ -81,22 +82,24 @@ def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: in
         "cache_dtype": weight_dtype,
         "max_context": max_context, "prefill_chunk": prefill_chunk,
         "host": _host_cpu() if target == "cpu" else None,
+        "kernels": iree_compile.export_options(target, kernels)["decode_kernel"],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX_CONTEXT,
-                 prefill_chunk: int | None = None, weight_dtype: str | None = None) -> Path:
+                 prefill_chunk: int | None = None, weight_dtype: str | None = None, kernels: bool = True) -> Path:
     """A one-target bundle in the artifact cache for this model; compiled only if needed.
 
     weight_dtype "f16" or "f32" overrides the target's default (f32 on CPU, f16 on CUDA);
-    prefill_chunk defaults to default_prefill_chunk([target])."""
+    prefill_chunk defaults to default_prefill_chunk([target]); kernels=False compiles the
+    one-token CUDA step without the hand-written kernels (compile/extern.py)."""
     cc = read_config(model_dir)
     fam = family.family_module(cc.model_type)
     iree_compile.flags_for(target)  # an unknown target fails here, with the known ones
     prefill_chunk = prefill_chunk or default_prefill_chunk([target])
     wdt = weight_dtype_for(target, weight_dtype)
-    key = build_key(cc.raw, target, max_context, prefill_chunk, wdt)
+    key = build_key(cc.raw, target, max_context, prefill_chunk, wdt, kernels)
     entry = cache_dir() / key
     if (entry / MANIFEST).exists():
         try:
@@ -118,7 +121,7 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
         for step, tokens in zip(STEPS, (prefill_chunk, 1)):
             print(f"exporting {step} ({cc.model_type}, {tokens} token(s) per call)", file=sys.stderr)
             mlir = export.export_step(fam, cfg, spec, tokens, module_name=step,
-                                      **iree_compile.export_options(target))
+                                      **iree_compile.export_options(target, kernels))
             rel = f"{target}/{step}.vmfb"
             iree_compile.compile_mlir(mlir, tmp / rel, target, label=step)
             files[step], sums[rel] = rel, file_digest(tmp / rel)
@@ -142,9 +145,10 @@ def _manifest(cc, fam, cfg, max_context, prefill_chunk, targets) -> Manifest:
 
 
 def compile_bundle(model_dir: Path, targets: list[str], out: Path, *, max_context: int = DEFAULT_MAX_CONTEXT,
-                   prefill_chunk: int | None = None, weight_dtype: str | None = None) -> Manifest:
+                   prefill_chunk: int | None = None, weight_dtype: str | None = None,
+                   kernels: bool = True) -> Manifest:
     """Build every target (through the cache) and gather them into one bundle at `out`.
-    prefill_chunk: default_prefill_chunk(targets) when None."""
+    prefill_chunk: default_prefill_chunk(targets) when None; kernels as build_target."""
     prefill_chunk = prefill_chunk or default_prefill_chunk(targets)
     cc = read_config(model_dir)
     fam = family.family_module(cc.model_type)
@@ -152,7 +156,7 @@ def compile_bundle(model_dir: Path, targets: list[str], out: Path, *, max_contex
     out.mkdir(parents=True, exist_ok=True)
     for target in targets:
         entry = build_target(model_dir, target, max_context=max_context, prefill_chunk=prefill_chunk,
-                             weight_dtype=weight_dtype)
+                             weight_dtype=weight_dtype, kernels=kernels)
         build = read_manifest(entry).targets[target]
         shutil.rmtree(out / target, ignore_errors=True)
         shutil.copytree(entry / target, out / target)

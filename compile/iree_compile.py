@@ -27,9 +27,10 @@ CACHE_WRITE = {"cpu": "slice", "cuda": "scatter"}
 DECODE_KERNEL = {"cpu": False, "cuda": True}
 
 
-def export_options(target: str) -> dict:
-    """export.export_step's per-target keyword arguments."""
-    return {"cache_write": CACHE_WRITE[target], "decode_kernel": DECODE_KERNEL[target]}
+def export_options(target: str, kernels: bool = True) -> dict:
+    """export.export_step's per-target keyword arguments; kernels=False leaves the hand-written
+    kernels out (IREE's codegen alone: to compare or to debug)."""
+    return {"cache_write": CACHE_WRITE[target], "decode_kernel": DECODE_KERNEL[target] and kernels}
 
 
 def compiler_version() -> str:

@@ -93,7 +93,10 @@ def generate(model_dir, prompt, max_tokens, temperature, top_k, top_p, min_p, re
 @click.option("--prefill-chunk", type=int, default=None, help="Prompt tokens per prefill call (default 128 for a cuda-only bundle, else 32).")
 @click.option("--weight-dtype", type=click.Choice(["f16", "f32"]), default=None,
               help="Weights on the device. Default: f32 for cpu, f16 for cuda (f32 there matches an fp32 oracle).")
-def compile_cmd(model_dir, target, out, max_context, prefill_chunk, weight_dtype):
+@click.option("--no-kernels", is_flag=True,
+              help="CUDA: build the one-token step from IREE's codegen alone, without the hand-written kernels "
+                   "(to compare or to debug).")
+def compile_cmd(model_dir, target, out, max_context, prefill_chunk, weight_dtype, no_kernels):
     """Compile a model ahead of time into a bundle that the runtime alone can run."""
     try:
         from .compile import build
@@ -106,7 +109,7 @@ def compile_cmd(model_dir, target, out, max_context, prefill_chunk, weight_dtype
         manifest = build.compile_bundle(model_dir or DEFAULT_MODEL, targets, out,
                                         max_context=max_context or build.DEFAULT_MAX_CONTEXT,
                                         prefill_chunk=prefill_chunk,
-                                        weight_dtype=weight_dtype)
+                                        weight_dtype=weight_dtype, kernels=not no_kernels)
     except USER_ERRORS as e:
         _fail(str(e))
     click.echo(f"wrote {out} ({manifest.model_type}; targets: {', '.join(manifest.targets)})", err=True)

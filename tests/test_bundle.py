@@ -110,6 +110,9 @@ def test_cache_reuses_rebuilds_and_rekeys(ckpt, monkeypatch, tmp_path, capsys):
     key = build.build_key(raw, "cpu", 64, 32, "float32")
     assert key != build.build_key(raw, "cuda", 64, 32, "float32")
     assert key != build.build_key(raw, "cpu", 64, 32, "float16")
+    # --no-kernels changes the CUDA step only, and so its key only.
+    assert build.build_key(raw, "cuda", 64, 32, "float16", kernels=False) != build.build_key(raw, "cuda", 64, 32, "float16")
+    assert build.build_key(raw, "cpu", 64, 32, "float32", kernels=False) == key
 
 
 def test_weight_dtype_override(ckpt, tmp_path):

@@ -121,3 +121,14 @@ def test_entry_point_installed(ckpt):
     exe = shutil.which("iree-generate", path=str(__import__("pathlib").Path(sys.executable).parent))
     p = subprocess.run([exe, "--model", "/nonexistent", "--prompt", "x"], capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("error: ")
+
+
+def test_compile_without_the_hand_written_kernels(ckpt, tmp_path, monkeypatch):
+    """`compile --no-kernels`: a CUDA bundle from IREE's codegen alone, cached under its own key."""
+    monkeypatch.setenv("IREE_RUNNER_CACHE", str(tmp_path / "cache"))
+    keys = {}
+    for name, extra in (("kernels", []), ("no-kernels", ["--no-kernels"])):
+        r = run("compile", "--model", ckpt, "--target", "cuda", "--out", tmp_path / name, *MAX_CONTEXT, *extra)
+        assert r.exit_code == 0, r.output
+        keys[name] = json.loads((tmp_path / name / "manifest.json").read_text())["targets"]["cuda"]["key"]
+    assert keys["kernels"] != keys["no-kernels"]

@@ -30,7 +30,9 @@ def test_cuda_decode_attention_is_the_kernel(family_name, tmp_path):
         assert len(re.findall(rf"flow\.dispatch @decode_attention::@{kernel}\[", decode)) == layers
     main = _main_of_vm_program(decode, tmp_path)
     assert len(re.findall(r"@hal\.fence\.await\(", main)) == 1
-    # Prefill, the CPU and an f32 cache keep the attention in JAX.
+    # --no-kernels, prefill, the CPU and an f32 cache keep the attention in JAX.
+    text = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda", kernels=False))
+    assert "@decode_attention" not in text and "@gemv" not in text
     for tokens, target, dtype in ((8, "cuda", "float16"), (1, "cpu", "float32"), (1, "cuda", "float32")):
         fam, cfg, spec = _spec(family_name, dtype)
         text = export.export_step(fam, cfg, spec, tokens, "step", **iree_compile.export_options(target))
