@@ -3,7 +3,9 @@
 # - .whl/ carries cp312 wheels: iree-base-runtime (the runtime alone), mlx + mlx-cpu + mlx-lm
 #   (to make the 4-bit checkpoints with the real `mlx_lm convert`);
 # - .gpu/bundles/<model>/ carries bundles compiled on the CPU machine by
-#   `iree-generate compile --target cuda` from bench/configs/<model>.json.
+#   `iree-generate compile --target cuda` from bench/configs/<model>.json; VARIANTS=nokernels adds
+#   rows for .gpu/bundles/<model>-nokernels/, made the same way with --no-kernels (IREE's codegen
+#   alone, without the hand-written kernels of compile/kernels).
 # The machine's own torch, jax and transformers run the peers.
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
