@@ -63,8 +63,8 @@ def export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str, cach
 
     The target's choices (iree_compile.export_options):
     - cache_write: how the KV cache is written, one of layers.CACHE_WRITES;
-    - decode_kernel: a one-token step's attention as hand-written CUDA kernels (compile/extern.py),
-      linked into the text as IREE dispatches."""
+    - decode_kernel: a one-token step's attention and linear layers as hand-written CUDA kernels
+      (compile/extern.py) where they fit, linked into the text as IREE dispatches."""
     if cache_write not in layers.CACHE_WRITES:
         raise ValueError(f"cache_write {cache_write!r} is not one of {layers.CACHE_WRITES}")
     saved = layers.CACHE_WRITE, layers.DECODE_KERNEL

@@ -46,6 +46,16 @@ def disabled_checks() -> list:
     return [jax.export.DisabledSafetyCheck.custom_call(PREFIX + name) for name in KERNELS]
 
 
+def f32_bits(x: float) -> int:
+    """An f32 push constant: the kernel reads the int's bits back with __int_as_float."""
+    return int(np.float32(x).view(np.int32))
+
+
+def absent(dtype):
+    """A one-element stand-in for an operand a kernel's flags tell it not to read."""
+    return jnp.zeros((1,), dtype)
+
+
 def call(name: str, result: jax.ShapeDtypeStruct, operands, *, grid: int, constants: list[int]):
     """A placeholder for kernel `name` on `operands` (device arrays), with `grid` blocks and the
     kernel's int32 push constants, in its argument order."""
@@ -182,15 +192,14 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, 
     _, Dh, S, KVH = k_cache.shape
     H = heads
     f16, f32 = jnp.float16, jnp.float32
-    bits = lambda x: int(np.float32(x).view(np.int32))  # noqa: E731 - f32 push constant
     if qk_norm is None:
-        wq = wk = jnp.zeros((1,), f16)
+        wq = wk = absent(f16)
         qk, eps = 0, 0.0
     else:
         wq, wk, eps, one_plus = qk_norm
         wq, wk, qk = wq.astype(f16), wk.astype(f16), 1 | (2 if one_plus else 0)
-    consts = [S, KVH, H // KVH, Dh, layer, KEYS_PER_BLOCK, window or 0, bits(scale), bits(softcap or 0.0), qk,
-              bits(eps), cos.shape[-1]]
+    consts = [S, KVH, H // KVH, Dh, layer, KEYS_PER_BLOCK, window or 0, f32_bits(scale), f32_bits(softcap or 0.0),
+              qk, f32_bits(eps), cos.shape[-1]]
     blocks = -(-S // KEYS_PER_BLOCK)
     qkv, cos, sin = qkv.astype(f32), cos.astype(f32), sin.astype(f32)
     part = call("decode_attn_partial", jax.ShapeDtypeStruct((blocks, H, Dh + 2), f32),
@@ -225,13 +234,12 @@ def gemv(x, w, *, bias=None, norm=None, residual=None, gate: str | None = None):
     if gate not in (None, "silu", "gelu_tanh"):
         raise ValueError(f"gate activation {gate!r}: silu or gelu_tanh")
     f16, f32 = jnp.float16, jnp.float32
-    dummy = lambda dt: jnp.zeros((1,), dt)  # noqa: E731 - an absent operand
-    operands = [x.astype(f32), w, dummy(f16) if norm is None else norm[0].astype(f16),
-                dummy(f16) if bias is None else bias.astype(f16),
-                dummy(f32) if residual is None else residual.astype(f32)]
+    operands = [x.astype(f32), w, absent(f16) if norm is None else norm[0].astype(f16),
+                absent(f16) if bias is None else bias.astype(f16),
+                absent(f32) if residual is None else residual.astype(f32)]
     eps = 0.0 if norm is None else norm[1]
     return call("gemv", jax.ShapeDtypeStruct((n,), f32), operands, grid=-(-n // GEMV_WARPS),
-                constants=[n, k, flags, int(np.float32(eps).view(np.int32))])
+                constants=[n, k, flags, f32_bits(eps)])
 
 
 if __name__ == "__main__":  # make ptx

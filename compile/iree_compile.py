@@ -23,7 +23,7 @@ TARGETS = tuple(TARGET_FLAGS)
 WEIGHT_DTYPE = {"cpu": "float32", "cuda": "float16"}
 # How the step writes the KV cache (compile/layers.py KVCache.commit says why they differ).
 CACHE_WRITE = {"cpu": "slice", "cuda": "scatter"}
-# One-token attention as hand-written kernels (compile/extern.py): CUDA only.
+# One-token steps through hand-written kernels (compile/extern.py: attention, linear layers): CUDA only.
 DECODE_KERNEL = {"cpu": False, "cuda": True}
 
 

@@ -1,10 +1,10 @@
 // Decode attention (one query token) against an f16 KV cache in [L, D, S, H] layout, from the
 // qkv projection's raw output, in two kernels:
 // - decode_attn_partial: one block per CH cached keys: q's per-head RMSNorm and rotary, scores,
-//   softmax, weights x V, relative to the block's own max. Block 0 also norms and rotates the
-//   token's own key, for the combine and for the cache write;
-// - decode_attn_combine: one block per query head: folds the blocks' partials together with the
-//   token's own key and value, split-softmax style.
+//   softmax, weights x V, relative to the block's own max;
+// - decode_attn_combine: one block per query head: norms and rotates its q head and the token's
+//   own key (handed back for the cache write), and folds the blocks' partials together with that
+//   key and the token's value, split-softmax style.
 // They replace ~11 of IREE's dispatches per layer (compile/extern.py, compile/layers.py).
 //
 // Arguments, as IREE's CUDA HAL passes them: the bindings (operands, then the result) as
@@ -25,10 +25,15 @@
 #define MAX_G 8
 #define MAX_B 1024   // S / CH
 
-__device__ __forceinline__ float warp_sum(float v) {
+// Sum or max over a warp, every lane getting the result.
+template <bool MAX>
+__device__ __forceinline__ float warp_reduce(float x) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
+  for (int o = 16; o > 0; o >>= 1) {
+    const float y = __shfl_xor_sync(0xffffffffu, x, o);
+    x = MAX ? fmaxf(x, y) : x + y;
+  }
+  return x;
 }
 
 // One head's Dh values x (shared memory), RMS-normed with weight w (shared memory, f32, already
@@ -41,7 +46,7 @@ __device__ void norm_rope_head(float* x, const float* w, const float* __restrict
   if (qk & 1) {
     float ss = 0.f;
     for (int d = lane; d < Dh; d += 32) ss += x[d] * x[d];
-    r = rsqrtf(warp_sum(ss) / Dh + eps);
+    r = rsqrtf(warp_reduce<false>(ss) / Dh + eps);
   }
   auto normed = [&](int d) { return (qk & 1) ? x[d] * r * w[d] : x[d]; };
   float out[8];
@@ -72,10 +77,12 @@ __device__ __forceinline__ float squash(float s, float scale, float cap) {
   return cap > 0.f ? tanhf(s / cap) * cap : s;
 }
 
+// The first cached key that query position pos may see.
+__device__ __forceinline__ int first_key(int pos, int window) { return window > 0 ? max(0, pos - window + 1) : 0; }
+
 // Keys [lo, hi) of block b that query position pos may see; empty when lo >= hi.
 __device__ __forceinline__ void block_keys(int b, int CH, int pos, int window, int* lo, int* hi) {
-  int first = window > 0 ? max(0, pos - window + 1) : 0;
-  *lo = max(b * CH, first);
+  *lo = max(b * CH, first_key(pos, window));
   *hi = min(b * CH + CH, pos);
 }
 
@@ -170,13 +177,9 @@ extern "C" __global__ void __launch_bounds__(NT) decode_attn_partial(
     float* p = ps + qh * P1;
     const bool valid = s >= s0 && s < s1;
     const float v = valid ? squash(p[s], scale, cap) : -INFINITY;
-    float m = v;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    const float m = warp_reduce<true>(v);
     const float e = valid ? __expf(v - m) : 0.f;
-    float l = e;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+    const float l = warp_reduce<false>(e);
     if (s < CH) p[s] = e;
     if (s == 0) {
       float* out = part + ((size_t)b * H + qh) * (Dh + 2);
@@ -207,14 +210,10 @@ extern "C" __global__ void __launch_bounds__(NT) decode_attn_partial(
   }
 }
 
-// Sum or max over a block of 128 threads: warp shuffles, then the 4 warps' results.
+// Sum or max over a block of 128 threads: each warp's, then the 4 warps' results.
 template <bool MAX>
 __device__ __forceinline__ float block_reduce(float x, float* red) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float y = __shfl_xor_sync(0xffffffffu, x, o);
-    x = MAX ? fmaxf(x, y) : x + y;
-  }
+  x = warp_reduce<MAX>(x);
   if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = x;
   __syncthreads();
   float r = red[0];
@@ -248,18 +247,17 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
   if (t < 32) norm_rope_head(qh_s, wqs, cs, sn, Dh, rot, qk, eps);
   else if (t < 64) norm_rope_head(kh_s, wks, cs, sn, Dh, rot, qk, eps);
   __syncthreads();
-  const float* k_new = kh_s;
   if (qh % G == 0)
     for (int d = t; d < Dh; d += 128) out[H * Dh + kvh * Dh + d] = kh_s[d];
   // The active blocks are b0..b1-1 (as block_keys says).
-  const int first = window > 0 ? max(0, pos - window + 1) : 0;
+  const int first = first_key(pos, window);
   const int b0 = first / CH, b1 = first < pos ? (pos + CH - 1) / CH : b0;
   const size_t row = Dh + 2;
   const float* ph = part + (size_t)qh * row;  // block b's row for this head: ph + b * H * row
 
   // Each thread loads its blocks' (m, l) once; all loads are issued before the first barrier.
   float dot = 0.f;
-  for (int d = t; d < Dh; d += 128) dot += qh_s[d] * k_new[d];
+  for (int d = t; d < Dh; d += 128) dot += qh_s[d] * kh_s[d];
   float mb[MAX_B / 128], lb[MAX_B / 128];
 #pragma unroll
   for (int j = 0; j < MAX_B / 128; ++j) {
