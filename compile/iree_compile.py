@@ -52,8 +52,9 @@ def flags_for(target: str) -> tuple[str, ...]:
     return COMMON_FLAGS + TARGET_FLAGS[target]
 
 
-def compile_mlir(mlir: str, out: Path, target: str, label: str) -> None:
-    """Compile StableHLO text to a .vmfb at `out`, ticking elapsed seconds on stderr."""
+def compile_mlir(mlir: str, out: Path, target: str, label: str, timeout: float | None = None) -> None:
+    """Compile StableHLO text to a .vmfb at `out`, ticking elapsed seconds on stderr.
+    With `timeout` (seconds), a longer compile raises subprocess.TimeoutExpired."""
     src = out.with_suffix(".mlir")
     src.write_text(mlir)
     cmd = [iree_compile_path(), str(src), *flags_for(target), "-o", str(out)]
@@ -69,7 +70,7 @@ def compile_mlir(mlir: str, out: Path, target: str, label: str) -> None:
     ticker = threading.Thread(target=tick, daemon=True)
     ticker.start()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     finally:
         done.set()
         ticker.join()
