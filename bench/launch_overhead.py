@@ -1,8 +1,8 @@
 """Decode wall time per token under IREE CUDA runtime flags (streams vs graphs, inline execution).
 
-  python bench/launch_overhead.py DIAG_VARIANT_DIR [--steps 64] [--prompt 512]
+  python bench/launch_overhead.py BUNDLE_OR_DIAG_VARIANT [--steps 64] [--prompt 512]
 
-Runs the decode step of a `bench/diag_cuda.py make` variant (random weights) in one process per
+Runs the decode step of a bundle or a `bench/diag_cuda.py make` variant (random weights) in one process per
 flag setting (the flags are process-wide and read when the driver is created) and prints the
 median ms per token, greedy (one int read back per step, as in generation).
 """
@@ -31,10 +31,10 @@ def child(variant: Path, steps: int, flags: list[str], prompt: int) -> None:
     if flags:
         rt.flags.parse_flags(*flags)
     sys.path.insert(0, str(Path(__file__).parent))
-    from diag_cuda import CHUNK, session_for
+    from profile_step import random_session
 
-    s = session_for(variant, "cuda")
-    prompt = prompt or CHUNK
+    s = random_session(variant, "cuda")
+    prompt = prompt or s.chunk
     s.prefill(list(range(5, 5 + prompt)))
     token = 7
     times = []

@@ -22,19 +22,25 @@ from iree_runner.bundle import read_manifest
 from iree_runner.session import Session
 
 
-def main(bundle: Path, target: str = "cuda", steps: int = 1) -> None:
+def random_session(bundle: Path, target: str = "cuda") -> Session:
+    """A session of a bundle, or of a `bench/diag_cuda.py make` variant, on random weights."""
     rng = np.random.default_rng(0)
     if (bundle / "meta.json").exists():  # a bench/diag_cuda.py variant
         sys.path.insert(0, str(Path(__file__).parent))
         from diag_cuda import session_for
 
-        s = session_for(bundle, target)
-    else:
-        m = read_manifest(bundle)
-        b = m.targets[target]
-        w = {n: (rng.standard_normal(s, dtype=np.float32) * 0.02).astype(b.weight_dtype)
-             for n, s in zip(b.weight_names, b.weight_shapes)}
-        s = Session(bundle, b, w, max_context=m.max_context, prefill_chunk=m.prefill_chunk)
+        return session_for(bundle, target)
+    m = read_manifest(bundle)
+    b = m.targets[target]
+    w = {n: rng.integers(0, 2**32, s, dtype=np.uint32) if d == "uint32"  # packed words
+         else (rng.standard_normal(s, dtype=np.float32) * 0.02).astype(d)
+         for n, s, d in zip(b.weight_names, b.weight_shapes, b.dtypes())}
+    return Session(bundle, b, w, max_context=m.max_context, prefill_chunk=m.prefill_chunk)
+
+
+def main(bundle: Path, target: str = "cuda", steps: int = 1) -> None:
+    rng = np.random.default_rng(0)
+    s = random_session(bundle, target)
     prompt = rng.integers(100, 1000, s.chunk).tolist()
     for _ in range(steps):
         s.reset()

@@ -84,7 +84,7 @@ def decode_bytes(weights: dict, cfg_raw: dict, context: int, cache_bytes: int) -
     else one row) plus K and V of `context` positions."""
     total = 0
     for name, w in weights.items():
-        if name == "model.embed_tokens.weight" and not cfg_raw.get("tie_word_embeddings"):
+        if name.startswith("model.embed_tokens.") and not cfg_raw.get("tie_word_embeddings"):
             total += w.nbytes // w.shape[0]
         else:
             total += w.nbytes
@@ -123,7 +123,7 @@ def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tupl
     t0 = time.perf_counter()
     manifest = read_manifest(bundle)
     build = check_compatible(manifest, bundle, json.loads((ckpt / "config.json").read_text()), device)
-    weights = gather_weights(open_checkpoint(ckpt), list(build.weight_names), build.weight_dtype)
+    weights = gather_weights(open_checkpoint(ckpt), list(build.weight_names), build.weight_dtype, build.packed)
     t_host = time.perf_counter() - t0
     s = Session(bundle, build, weights, max_context=manifest.max_context, prefill_chunk=manifest.prefill_chunk)
     load_s = time.perf_counter() - t0
@@ -250,22 +250,28 @@ def main() -> None:
             for suffix in bundles:
                 bundle = args.bundles / f"{model}{suffix}"
                 manifest = json.loads((bundle / "manifest.json").read_text())
+                if manifest["targets"][args.device].get("packed") and variant != "4bit":
+                    continue  # a bundle with packed weights runs the quantized checkpoint only
                 r, weights = bench_ours(ckpt, bundle, args.device, prompt)
                 cache_bytes = np.dtype(manifest["targets"][args.device]["cache_dtype"]).itemsize
                 need = decode_bytes(weights, raw, PROMPT_LEN + NEW_TOKENS // 2, cache_bytes)
                 roof = bw * 1e9 / need
                 logits = r.pop("prompt_logits")
                 if suffix == "":
-                    ours_tokens[variant], ours_logits = r["tokens"], logits
+                    ours_tokens[variant], ours_logits, base_weights = r["tokens"], logits, weights
+                else:
+                    r["same_tokens"] = leading_agreement(r["tokens"], ours_tokens[variant])
+                    r["prompt_logit_err"] = float(np.abs(logits - ours_logits).max())
+                    r["prompt_logit_max"] = float(np.abs(ours_logits).max())
                 rows.append({"model": model, "variant": variant, "runtime": f"iree-runner{suffix}", **r,
                              "bytes_per_token": need, "roofline_tps": roof, "roofline_frac": r["decode_tps"] / roof})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-                if suffix != bundles[-1]:
-                    del weights
+                del weights
             if variant == "4bit" and "jax" in args.peers:
+                manifest = json.loads((args.bundles / model / "manifest.json").read_text())
                 try:
-                    j = bench_jax(ckpt, args.device, prompt, weights, manifest["prefill_chunk"], manifest["max_context"],
-                                  manifest["targets"][args.device]["cache_dtype"])
+                    j = bench_jax(ckpt, args.device, prompt, base_weights, manifest["prefill_chunk"],
+                                  manifest["max_context"], manifest["targets"][args.device]["cache_dtype"])
                     jax_logits = j.pop("prompt_logits")
                     rows.append({"model": model, "variant": variant, "runtime": "jax-xla (our model code)", **j,
                                  "roofline_frac": j["decode_tps"] / roof,
@@ -275,7 +281,7 @@ def main() -> None:
                 except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
                     rows.append({"model": model, "variant": variant, "runtime": "jax-xla", "error": repr(e)[:300]})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-            del weights
+            del base_weights
         if "torch" in args.peers:
             try:
                 t = bench_torch(args.ckpts / f"{model}-f16", args.device, prompt)

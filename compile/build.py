@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -21,6 +19,7 @@ from ..bundle import (MANIFEST, BundleError, Manifest, TargetBuild, check_compat
                       file_digest, graph_config, read_manifest)
 from ..weights.config import read_config
 from . import export, family, iree_compile
+from .iree_compile import cache_dir
 
 DEFAULT_MAX_CONTEXT = 512
 # Prompt tokens per prefill call, one value per bundle. On the CPU a short prompt pays for the
@@ -37,26 +36,12 @@ def default_prefill_chunk(targets) -> int:
     return DEFAULT_PREFILL_CHUNK_CUDA if set(targets) == {"cuda"} else DEFAULT_PREFILL_CHUNK
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("IREE_RUNNER_CACHE") or Path.home() / ".cache" / "iree-runner")
-
-
 def _export_code_digest() -> str:
     h = hashlib.sha256()
     here = Path(__file__).parent
-    for f in sorted([*here.glob("*.py"), *here.glob("kernels/*.ptx")]):
+    for f in sorted([*here.glob("*.py"), *here.glob("kernels/*.ptx"), *here.glob("kernels/*.c")]):
         h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:16]
-
-
-def _host_cpu() -> str:
-    """`--iree-llvmcpu-target-cpu=host` means this machine's CPU: key on its model and flags."""
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-        keep = [ln for ln in info if ln.startswith(("model name", "flags"))][:2]
-        return hashlib.sha256("\n".join(keep).encode()).hexdigest()[:12]
-    except OSError:
-        return platform.processor() or platform.machine()
 
 
 WEIGHT_DTYPES = {"f16": "float16", "f32": "float32"}
@@ -72,7 +57,7 @@ def weight_dtype_for(target: str, weight_dtype: str | None) -> str:
 
 
 def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: int, weight_dtype: str,
-              kernels: bool = True) -> str:
+              kernels: bool = True, packed_weights: tuple = ()) -> str:
     import jax
 
     parts = {
@@ -81,25 +66,30 @@ def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: in
         "flags": iree_compile.flags_for(target), "weight_dtype": weight_dtype,
         "cache_dtype": weight_dtype,
         "max_context": max_context, "prefill_chunk": prefill_chunk,
-        "host": _host_cpu() if target == "cpu" else None,
+        "host": iree_compile.host_cpu() if target == "cpu" else None,
         "kernels": iree_compile.export_options(target, kernels)["decode_kernel"],
+        "packed": [[p.name, p.bits, p.group_size] for p in packed_weights],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX_CONTEXT,
-                 prefill_chunk: int | None = None, weight_dtype: str | None = None, kernels: bool = True) -> Path:
+                 prefill_chunk: int | None = None, weight_dtype: str | None = None, kernels: bool = True,
+                 packed: bool = False) -> Path:
     """A one-target bundle in the artifact cache for this model; compiled only if needed.
 
     weight_dtype "f16" or "f32" overrides the target's default (f32 on CPU, f16 on CUDA);
     prefill_chunk defaults to default_prefill_chunk([target]); kernels=False compiles the
-    one-token CUDA step without the hand-written kernels (compile/extern.py)."""
+    one-token step without the hand-written kernels (compile/extern.py); packed=True keeps the
+    checkpoint's 4- and 8-bit linear weights packed on the device (compile/packed.py)."""
     cc = read_config(model_dir)
     fam = family.family_module(cc.model_type)
     iree_compile.flags_for(target)  # an unknown target fails here, with the known ones
     prefill_chunk = prefill_chunk or default_prefill_chunk([target])
     wdt = weight_dtype_for(target, weight_dtype)
-    key = build_key(cc.raw, target, max_context, prefill_chunk, wdt, kernels)
+    cfg = fam.Config.from_checkpoint(cc)
+    packed_weights = packed_weights_of(model_dir, fam.weight_shapes(cfg)) if packed else ()
+    key = build_key(cc.raw, target, max_context, prefill_chunk, wdt, kernels, packed_weights)
     entry = cache_dir() / key
     if (entry / MANIFEST).exists():
         try:
@@ -109,10 +99,8 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
             print(f"rebuilding cached artifact: {e}", file=sys.stderr)
             shutil.rmtree(entry, ignore_errors=True)
 
-    cfg = fam.Config.from_checkpoint(cc)
-    spec = export.step_spec(fam, cfg, capacity=max_context + prefill_chunk,
-                            weight_dtype=wdt,
-                            cache_dtype=wdt)
+    spec = export.step_spec(fam, cfg, capacity=max_context + prefill_chunk, weight_dtype=wdt, cache_dtype=wdt,
+                            packed_weights=packed_weights)
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
     try:
@@ -126,7 +114,8 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
             iree_compile.compile_mlir(mlir, tmp / rel, target, label=step)
             files[step], sums[rel] = rel, file_digest(tmp / rel)
         build = TargetBuild(target, key, iree_compile.flags_for(target), files, sums, spec.weight_names,
-                            spec.weight_shapes, spec.weight_dtype, spec.cache_shape, spec.cache_dtype)
+                            spec.weight_shapes, spec.weight_dtype, spec.cache_shape, spec.cache_dtype,
+                            tuple(p.name for p in spec.packed), spec.weight_dtypes)
         _manifest(cc, fam, cfg, max_context, prefill_chunk, {target: build}).write(tmp)
         try:
             tmp.replace(entry)
@@ -138,6 +127,16 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
     return entry
 
 
+def packed_weights_of(model_dir: Path, shapes: dict) -> tuple:
+    """The weights to keep packed, as the checkpoint in model_dir stores them."""
+    from ..resident import quant_spec
+    from ..weights import open_checkpoint
+    from .packed import choose
+
+    with open_checkpoint(model_dir) as ckpt:
+        return choose(shapes, lambda name: quant_spec(ckpt, name))
+
+
 def _manifest(cc, fam, cfg, max_context, prefill_chunk, targets) -> Manifest:
     return Manifest(cc.model_type, graph_config(cc.raw), config_digest(cc.raw),
                     iree_compile.compiler_version(), max_context, prefill_chunk,
@@ -146,9 +145,9 @@ def _manifest(cc, fam, cfg, max_context, prefill_chunk, targets) -> Manifest:
 
 def compile_bundle(model_dir: Path, targets: list[str], out: Path, *, max_context: int = DEFAULT_MAX_CONTEXT,
                    prefill_chunk: int | None = None, weight_dtype: str | None = None,
-                   kernels: bool = True) -> Manifest:
+                   kernels: bool = True, packed: bool = False) -> Manifest:
     """Build every target (through the cache) and gather them into one bundle at `out`.
-    prefill_chunk: default_prefill_chunk(targets) when None; kernels as build_target."""
+    prefill_chunk: default_prefill_chunk(targets) when None; kernels and packed as build_target."""
     prefill_chunk = prefill_chunk or default_prefill_chunk(targets)
     cc = read_config(model_dir)
     fam = family.family_module(cc.model_type)
@@ -156,7 +155,7 @@ def compile_bundle(model_dir: Path, targets: list[str], out: Path, *, max_contex
     out.mkdir(parents=True, exist_ok=True)
     for target in targets:
         entry = build_target(model_dir, target, max_context=max_context, prefill_chunk=prefill_chunk,
-                             weight_dtype=weight_dtype, kernels=kernels)
+                             weight_dtype=weight_dtype, kernels=kernels, packed=packed)
         build = read_manifest(entry).targets[target]
         shutil.rmtree(out / target, ignore_errors=True)
         shutil.copytree(entry / target, out / target)

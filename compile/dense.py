@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import jax.numpy as jnp
-
 from . import layers as L
 from .family import config_fields, freeze, head_dim, kv_heads, layer_names
 
@@ -72,7 +70,7 @@ def cache_shape(cfg: DenseConfig, capacity: int) -> tuple[int, ...]:
 def forward(cfg: DenseConfig, w: dict, tokens, positions, k_cache, v_cache):
     """tokens, positions: [C] -> hidden states [C, D] after the final norm, updated caches."""
     cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-    x = w["model.embed_tokens.weight"][tokens].astype(jnp.float32)  # [C, D]
+    x = L.embed(w["model.embed_tokens.weight"], tokens)  # [C, D]
     kv = L.KVCache(k_cache, v_cache, positions)
     for i, p in layer_names(cfg.num_hidden_layers):
         h = L.pre_norm(x, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)

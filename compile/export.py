@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import extern, layers
+from . import extern, layers, packed
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,11 @@ class StepSpec:
 
     weight_names: tuple[str, ...]  # in argument order (jax flattens a dict by sorted key)
     weight_shapes: tuple[tuple[int, ...], ...]
-    weight_dtype: str  # "float32" | "float16"
+    weight_dtype: str  # "float32" | "float16": every weight but the packed ones
     cache_shape: tuple[int, ...]  # K and V each; capacity already includes the chunk slack
     cache_dtype: str
+    packed: tuple[packed.PackedSpec, ...] = ()  # weights kept packed (three arguments each)
+    weight_dtypes: tuple[str, ...] = ()  # per argument; empty = all weight_dtype
 
 
 def first_argmax(x):
@@ -37,9 +39,12 @@ def first_argmax(x):
     return layers.max_and_first_index(x)[1][0]
 
 
-def make_step(family, cfg):
+def make_step(family, cfg, packed_weights: tuple[packed.PackedSpec, ...] = (), dtype=jnp.float32):
+    """The step function; packed_weights name the weight arguments that come as packed triples
+    (dequantized to `dtype` where no kernel reads them)."""
     def step(weights, k_cache, v_cache, tokens, start, last):
         # tokens: [C] int32, start/last: scalar int32 -> logits [V] f32, argmax, caches
+        weights = packed.view(weights, packed_weights, dtype)
         positions = start + jnp.arange(tokens.shape[0], dtype=jnp.int32)
         h, k_cache, v_cache = family.forward(cfg, weights, tokens, positions, k_cache, v_cache)
         # Row `last` as a masked sum: h[last] at a device-held index is read back to the host.
@@ -50,21 +55,26 @@ def make_step(family, cfg):
     return step
 
 
-def step_spec(family, cfg, *, capacity: int, weight_dtype: str, cache_dtype: str = "float32") -> StepSpec:
-    shapes = family.weight_shapes(cfg)
-    names = tuple(sorted(shapes))
-    return StepSpec(names, tuple(tuple(shapes[n]) for n in names), weight_dtype,
-                    tuple(family.cache_shape(cfg, capacity)), cache_dtype)
+def step_spec(family, cfg, *, capacity: int, weight_dtype: str, cache_dtype: str = "float32",
+              packed_weights: tuple[packed.PackedSpec, ...] = ()) -> StepSpec:
+    args = {n: (tuple(s), weight_dtype) for n, s in family.weight_shapes(cfg).items()}
+    for p in packed_weights:
+        if args.pop(p.name, (None,))[0] != p.shape:
+            raise ValueError(f"packed weight {p.name} {list(p.shape)} is not a weight of the model, or not of that shape")
+        args |= p.arguments()
+    names = tuple(sorted(args))
+    return StepSpec(names, tuple(args[n][0] for n in names), weight_dtype, tuple(family.cache_shape(cfg, capacity)),
+                    cache_dtype, tuple(packed_weights), tuple(args[n][1] for n in names))
 
 
 def export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str, cache_write: str = "slice",
-                decode_kernel: bool = False) -> str:
+                decode_kernel: str | None = None) -> str:
     """StableHLO text of the step for `tokens` tokens per call, its module renamed.
 
     The target's choices (iree_compile.export_options):
     - cache_write: how the KV cache is written, one of layers.CACHE_WRITES;
-    - decode_kernel: a one-token step's attention and linear layers as hand-written CUDA kernels
-      (compile/extern.py) where they fit, linked into the text as IREE dispatches."""
+    - decode_kernel: the target ("cuda" or "cpu") whose hand-written kernels (compile/extern.py)
+      a one-token step uses where they fit, linked into the text as IREE dispatches; None: none."""
     if cache_write not in layers.CACHE_WRITES:
         raise ValueError(f"cache_write {cache_write!r} is not one of {layers.CACHE_WRITES}")
     saved = layers.CACHE_WRITE, layers.DECODE_KERNEL
@@ -77,8 +87,9 @@ def export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str, cach
 
 def _export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str) -> str:
     wdt = np.dtype(spec.weight_dtype)
-    fn = make_step(family, cfg)
-    weights = {n: jax.ShapeDtypeStruct(s, wdt) for n, s in zip(spec.weight_names, spec.weight_shapes)}
+    fn = make_step(family, cfg, spec.packed, wdt)
+    dtypes = spec.weight_dtypes or (spec.weight_dtype,) * len(spec.weight_names)
+    weights = {n: jax.ShapeDtypeStruct(s, np.dtype(d)) for n, s, d in zip(spec.weight_names, spec.weight_shapes, dtypes)}
     cache = jax.ShapeDtypeStruct(spec.cache_shape, np.dtype(spec.cache_dtype))
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     exported = jax.export.export(jax.jit(fn, donate_argnums=(1, 2)), disabled_checks=extern.disabled_checks())(

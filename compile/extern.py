@@ -1,22 +1,27 @@
-"""Hand-written CUDA kernels inside an exported step, where IREE's codegen makes many small
+"""Hand-written kernels inside an exported step, where IREE's codegen makes many small
 dispatches of what one kernel can do (a step's time on a GPU is mostly per-dispatch cost:
-bench/dispatch_cost.py).
+bench/dispatch_cost.py), or reads packed 4-bit weights slowly (bench/q4_gemv_cpu.py).
 
 How: `call` leaves a `stablehlo.custom_call @iree_ext_<kernel>` placeholder in the JAX export,
 carrying its grid and push constants as attributes; `link` rewrites each into IREE's
 `flow.dispatch @<source>::@<kernel>[grid](constants, operands)` and adds a
-`hal.executable.source` whose object is the kernel's PTX (kernels/<source>.ptx, made by nvcc
-from the .cu next to it: `make ptx`), as in IREE's samples/custom_dispatch/cuda. The compiled
-step keeps its single host wait and memoized command buffers (tests/test_host_waits.py).
-CUDA only: the CPU target never gets a placeholder.
+`hal.executable.source` holding the kernel's object:
+- CUDA: its PTX (kernels/<source>.ptx, made by nvcc from the .cu next to it: `make ptx`), as
+  in IREE's samples/custom_dispatch/cuda. The compiled step keeps its single host wait and
+  memoized command buffers (tests/test_host_waits.py).
+- CPU: an object file that the C compiler makes from kernels/<source>.c when the step is
+  linked (cached by digest), called once per workgroup by a small MLIR function that hands it
+  the bindings, push constants and workgroup id, as in IREE's samples/custom_dispatch/cpu.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,20 +29,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .iree_compile import cache_dir, host_cpu
+from .packed import Packed
+
 KERNEL_DIR = Path(__file__).parent / "kernels"
 PREFIX = "iree_ext_"
 
 
 @dataclass(frozen=True)
 class Kernel:
-    source: str  # kernels/<source>.cu and .ptx
-    threads: int  # per block (its __launch_bounds__)
+    source: str  # CUDA: kernels/<source>.cu and .ptx; CPU: kernels/<source>.c
+    threads: int = 1  # CUDA: per block (its __launch_bounds__)
+    target: str = "cuda"
 
 
 KERNELS = {
     "decode_attn_partial": Kernel("decode_attention", 256),
     "decode_attn_combine": Kernel("decode_attention", 128),
     "gemv": Kernel("gemv", 256),
+    "gemv_q4": Kernel("gemv", 256),
+    "q4_gemv": Kernel("q4_gemv", target="cpu"),
+    "decode_attn_cpu_partial": Kernel("decode_attention_cpu", target="cpu"),
+    "decode_attn_cpu_combine": Kernel("decode_attention_cpu", target="cpu"),
 }
 
 
@@ -49,6 +62,12 @@ def disabled_checks() -> list:
 def f32_bits(x: float) -> int:
     """An f32 push constant: the kernel reads the int's bits back with __int_as_float."""
     return int(np.float32(x).view(np.int32))
+
+
+def words(w: Packed):
+    """A packed weight's words as int32, the same bits: IREE does not legalize a dispatch
+    operand of unsigned type."""
+    return jax.lax.bitcast_convert_type(w.words, jnp.int32)
 
 
 def absent(dtype):
@@ -72,7 +91,7 @@ _PLACEHOLDER = re.compile(
 
 def link(mlir: str) -> str:
     """`mlir` with every placeholder made a flow.dispatch of its kernel, and the kernels' sources."""
-    used: dict[str, dict[str, int]] = {}  # source -> kernel -> number of push constants
+    used: dict[str, dict[str, tuple[int, int]]] = {}  # source -> kernel -> (push constants, operands)
     lines = mlir.splitlines()
     for i, line in enumerate(lines):
         if f"@{PREFIX}" not in line:
@@ -83,9 +102,11 @@ def link(mlir: str) -> str:
         name, ind = m["name"], m["indent"]
         attrs = dict(re.findall(r"(\w+) = (-?\d+) : i32", m["attrs"]))
         consts = [int(attrs[k]) for k in sorted(k for k in attrs if k.startswith("c"))]
-        n_used = used.setdefault(KERNELS[name].source, {}).setdefault(name, len(consts))
-        if n_used != len(consts):
-            raise RuntimeError(f"kernel {name}: {len(consts)} push constants here, {n_used} elsewhere")
+        n_operands = len(m["operands"].split(","))
+        n_used = used.setdefault(KERNELS[name].source, {}).setdefault(name, (len(consts), n_operands))
+        if n_used != (len(consts), n_operands):
+            raise RuntimeError(f"kernel {name}: {len(consts)} push constants and {n_operands} operands here, "
+                               f"{n_used[0]} and {n_used[1]} elsewhere")
         v = f"%ext{i}"
         out = [f"{ind}{v}_grid = arith.constant {int(attrs['grid'])} : index"]
         out += [f"{ind}{v}_c{j} = arith.constant {c} : i32" for j, c in enumerate(consts)]
@@ -101,24 +122,108 @@ def link(mlir: str) -> str:
     return text[:head_end] + "".join(_executable(src, kernels) for src, kernels in used.items()) + text[head_end:]
 
 
-def _executable(source: str, kernels: dict[str, int]) -> str:
-    """The hal.executable.source of kernels/<source>.ptx exporting `kernels` (name -> constants)."""
-    ptx = checked_ptx(source)
-    exports = []
-    for ordinal, (name, n_consts) in enumerate(kernels.items()):
-        n_bindings = _bindings(ptx, name) - n_consts
-        bindings = ", ".join(["#hal.pipeline.binding<storage_buffer, ReadOnly>"] * (n_bindings - 1)
-                             + ["#hal.pipeline.binding<storage_buffer>"])
-        exports.append(f"""
-    hal.executable.export public @{name} ordinal({ordinal}) layout(#hal.pipeline.layout<constants = {n_consts},
-        bindings = [{bindings}]>) count(%device: !hal.device, %grid: index) -> (index, index, index) {{
+def _layout(n_consts: int, n_operands: int) -> str:
+    """Push constants, then the operands (read-only) and the result as bindings."""
+    bindings = ", ".join(["#hal.pipeline.binding<storage_buffer, ReadOnly>"] * n_operands
+                         + ["#hal.pipeline.binding<storage_buffer>"])
+    return f"#hal.pipeline.layout<constants = {n_consts}, bindings = [{bindings}]>"
+
+
+def _export(name: str, ordinal: int, layout: str, workgroup_size: str = "") -> str:
+    return f"""
+    hal.executable.export public @{name} ordinal({ordinal}) layout({layout})
+        count(%device: !hal.device, %grid: index) -> (index, index, index) {{
       %c1 = arith.constant 1 : index
       hal.return %grid, %c1, %c1 : index, index, index
-    }} <workgroup_size = [{KERNELS[name].threads} : index, 1 : index, 1 : index]>""")
+    }}{workgroup_size}"""
+
+
+def _executable(source: str, kernels: dict[str, tuple[int, int]]) -> str:
+    """The hal.executable.source of kernels/<source> exporting `kernels` (name -> constants, operands)."""
+    target = {KERNELS[name].target for name in kernels}.pop()
+    if target == "cpu":
+        return _cpu_executable(source, kernels)
+    ptx = checked_ptx(source)
+    exports = []
+    for ordinal, (name, (n_consts, n_operands)) in enumerate(kernels.items()):
+        if _bindings(ptx, name) != n_consts + n_operands + 1:
+            raise RuntimeError(f"{ptx}: kernel {name} takes {_bindings(ptx, name)} parameters, the step passes "
+                               f"{n_consts} push constants, {n_operands} operands and the result")
+        exports.append(_export(name, ordinal, _layout(n_consts, n_operands),
+                               f" <workgroup_size = [{KERNELS[name].threads} : index, 1 : index, 1 : index]>"))
     return f"""  hal.executable.source private @{source} <{{objects = #hal.executable.objects<{{
       #hal.executable.target<"cuda", "cuda-nvptx-fb"> = [#hal.executable.object<{{path = "{ptx.resolve()}"}}>]}}>}}> {{{"".join(exports)}
   }}
 """
+
+
+def _cpu_executable(source: str, kernels: dict[str, tuple[int, int]]) -> str:
+    """The llvm-cpu executable of kernels/<source>.c: per kernel an export whose function calls
+    the C function `<name>_workgroup(binding, byte offset, ..., push constants, workgroup id)`."""
+    obj = cpu_object(source)
+    exports, funcs = [], []
+    for ordinal, (name, (n_consts, n_operands)) in enumerate(kernels.items()):
+        layout = _layout(n_consts, n_operands)
+        exports.append(_export(name, ordinal, layout))
+        nb = n_operands + 1
+        params = [f"%b{i}: memref<i8>, %o{i}: index" for i in range(nb)] + [f"%k{j}: i32" for j in range(n_consts)]
+        body = [f"%k{j} = hal.interface.constant.load layout({layout}) ordinal({j}) : i32" for j in range(n_consts)]
+        for i in range(nb):
+            body += [f"%m{i} = hal.interface.binding.subspan layout({layout}) binding({i}) alignment(64) "
+                     f"offset(%c0) : memref<?xi8>{{%c1}}",
+                     f"%b{i}, %o{i}, %z{i}, %t{i} = iree_codegen.extract_strided_metadata %m{i} "
+                     f": memref<?xi8> -> memref<i8>, index, index, index"]
+        args = [f"%b{i}, %o{i}" for i in range(nb)] + [f"%k{j}" for j in range(n_consts)] + ["%wg"]
+        types = ["memref<i8>, index"] * nb + ["i32"] * n_consts + ["index"]
+        funcs.append(f"""
+      func.func private @{name}_workgroup({", ".join(params)}, %wg: index)
+          attributes {{hal.import.static, llvm.bareptr = true}}
+      func.func @{name}() {{
+        %c0 = arith.constant 0 : index
+        %c1 = arith.constant 1 : index
+        %wg = hal.interface.workgroup.id[0] : index
+        {(chr(10) + "        ").join(body)}
+        func.call @{name}_workgroup({", ".join(args)}) : ({", ".join(types)}) -> ()
+        return
+      }}""")
+    return f"""  hal.executable.source private @{source} <{{objects = #hal.executable.objects<{{
+      #hal.executable.target<"llvm-cpu", "embedded-elf-x86_64"> = [#hal.executable.object<{{path = "{obj}"}}>]}}>}}> {{{"".join(exports)}
+    builtin.module {{{"".join(funcs)}
+    }}
+  }}
+"""
+
+
+# IREE links the object into its embedded ELF, which has no libc: freestanding, no calls to
+# memset/memcpy for loops, a*b+c contracted to FMA (ISO C mode turns that off). -march=native
+# matches the step's --iree-llvmcpu-target-cpu=host.
+CC = ("-O3", "-march=native", "-std=c17", "-ffp-contract=fast", "-ffreestanding", "-fno-stack-protector",
+      "-fPIC", "-fvisibility=hidden", "-fno-plt", "-fdata-sections", "-ffunction-sections",
+      "-fno-tree-loop-distribute-patterns", "-c")
+
+
+def cpu_object(source: str) -> Path:
+    """kernels/<source>.c compiled for this CPU, cached under the artifact cache by digest."""
+    src = KERNEL_DIR / f"{source}.c"
+    cc = os.environ.get("CC", "gcc")
+    key = hashlib.sha256(src.read_bytes() + " ".join((cc, *CC, host_cpu())).encode()).hexdigest()[:16]
+    obj = cache_dir() / "kernels" / f"{source}-{key}.o"
+    if obj.exists():
+        return obj
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".o", dir=obj.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *CC, str(src), "-o", tmp], capture_output=True, text=True)
+    except FileNotFoundError:
+        os.unlink(tmp)
+        raise RuntimeError(f"the CPU kernels (compile/kernels/{source}.c) need a C compiler: no {cc!r} here; "
+                           "install gcc, set CC, or compile with --no-kernels") from None
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(f"{cc} failed on {src}:\n{proc.stderr[-4000:]}")
+    os.replace(tmp, obj)
+    return obj
 
 
 def _bindings(ptx: Path, name: str) -> int:
@@ -209,20 +314,51 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, 
     return out[:H * Dh], out[H * Dh:].reshape(KVH, Dh)
 
 
-# --- one-token linear layers (kernels/gemv.cu) ---------------------------------------------
+# --- decode attention on the CPU (kernels/decode_attention_cpu.c) --------------------------
+
+CPU_ROWS = 32  # cached keys per partial workgroup (the kernel's ROWS)
+CPU_MAX_Q, CPU_MAX_H = 4096, 64
+
+
+def cpu_decode_attention_fits(heads: int, head_dim: int, softcap) -> bool:
+    """Whether the CPU kernel takes this attention (no soft-cap: it has no tanh)."""
+    return softcap is None and heads * head_dim <= CPU_MAX_Q and heads <= CPU_MAX_H
+
+
+def cpu_decode_attention(q, k, v, k_cache, v_cache, positions, *, layer: int, scale: float, window: int | None):
+    """Attention of one query token on the CPU: q [H, Dh] (normed and rotated), the token's own
+    k, v [KVH, Dh] and the f32 caches [L, Dh, S, KVH] (rows < positions[0] valid) -> [H * Dh] f32."""
+    _, Dh, S, KVH = k_cache.shape
+    H = q.shape[0]
+    f32 = jnp.float32
+    consts = [S, KVH, H // KVH, Dh, layer, window or 0, f32_bits(scale)]
+    blocks = -(-S // CPU_ROWS)
+    q = q.reshape(-1).astype(f32)
+    part = call("decode_attn_cpu_partial", jax.ShapeDtypeStruct((blocks, H, Dh + 2), f32),
+                [q, k_cache, v_cache, positions], grid=blocks, constants=consts)
+    return call("decode_attn_cpu_combine", jax.ShapeDtypeStruct((H * Dh,), f32),
+                [q, k.reshape(-1).astype(f32), v.reshape(-1).astype(f32), part], grid=H, constants=consts)
+
+
+# --- one-token linear layers (kernels/gemv.cu, kernels/q4_gemv.c) -------------------------
 
 GEMV_WARPS = 8  # per block: one output each
 GEMV_MAX_K = 8192
 NORM, ONE_PLUS, BIAS, RESIDUAL, GATE, GELU = 1, 2, 4, 8, 16, 32  # the kernel's flags
+Q4_GROUP = 64  # the group size both 4-bit kernels read
 
 
 def gemv_fits(w) -> bool:
-    """Whether the kernel takes weight w ([N, K] f16); else the linear stays in JAX."""
+    """Whether the CUDA kernel takes weight w ([N, K] f16, or Packed 4-bit in groups of 64);
+    else the linear stays in JAX."""
+    if isinstance(w, Packed):
+        return w.ndim == 2 and w.bits == 4 and w.group_size == Q4_GROUP and w.shape[1] <= GEMV_MAX_K
     return w.ndim == 2 and w.dtype == jnp.float16 and w.shape[1] % 8 == 0 and w.shape[1] <= GEMV_MAX_K
 
 
 def gemv(x, w, *, bias=None, norm=None, residual=None, gate: str | None = None):
-    """w [N, K] f16 · x [K] (f32) -> [N] f32, with, folded into the one kernel:
+    """w [N, K] · x [K] (f32) -> [N] f32 on CUDA, w f16 or Packed 4-bit, with, folded into the
+    one kernel:
     - norm = (weight [K], eps, one_plus): x is RMS-normed first;
     - bias [N]; residual [N], added last;
     - gate "silu" or "gelu_tanh": w's rows are [gate; up], and the result is act(gate) * up [N / 2]."""
@@ -234,14 +370,32 @@ def gemv(x, w, *, bias=None, norm=None, residual=None, gate: str | None = None):
     if gate not in (None, "silu", "gelu_tanh"):
         raise ValueError(f"gate activation {gate!r}: silu or gelu_tanh")
     f16, f32 = jnp.float16, jnp.float32
-    operands = [x.astype(f32), w, absent(f16) if norm is None else norm[0].astype(f16),
+    weight = [words(w), w.scales, w.biases] if isinstance(w, Packed) else [w]
+    operands = [x.astype(f32), *weight, absent(f16) if norm is None else norm[0].astype(f16),
                 absent(f16) if bias is None else bias.astype(f16),
                 absent(f32) if residual is None else residual.astype(f32)]
     eps = 0.0 if norm is None else norm[1]
-    return call("gemv", jax.ShapeDtypeStruct((n,), f32), operands, grid=-(-n // GEMV_WARPS),
-                constants=[n, k, flags, f32_bits(eps)])
+    return call("gemv_q4" if isinstance(w, Packed) else "gemv", jax.ShapeDtypeStruct((n,), f32), operands,
+                grid=-(-n // GEMV_WARPS), constants=[n, k, flags, f32_bits(eps)])
+
+
+Q4_TILE = 64  # rows per CPU workgroup (kernels/q4_gemv.c TILE)
+Q4_MAX_K = 8192
+
+
+def q4_gemv_fits(w) -> bool:
+    """Whether the CPU kernel takes w: Packed 4-bit, groups of 64, K % 128 == 0, K <= 8192."""
+    return (isinstance(w, Packed) and w.ndim == 2 and w.bits == 4 and w.group_size == Q4_GROUP
+            and w.shape[1] % 128 == 0 and w.shape[1] <= Q4_MAX_K)
+
+
+def q4_gemv(x, w: Packed):
+    """dequant(w) [N, K] · x [K] -> [N] f32 on the CPU, w read packed (kernels/q4_gemv.c)."""
+    n, k = w.shape
+    return call("q4_gemv", jax.ShapeDtypeStruct((n,), jnp.float32), [words(w), w.scales, w.biases, x.astype(jnp.float32)],
+                grid=-(-n // Q4_TILE), constants=[n, k])
 
 
 if __name__ == "__main__":  # make ptx
-    for src in sorted({k.source for k in KERNELS.values()}):
+    for src in sorted({k.source for k in KERNELS.values() if k.target == "cuda"}):
         print(f"wrote {make_ptx(src)}", file=sys.stderr)

@@ -91,7 +91,7 @@ def forward(cfg: Config, w: dict, tokens, positions, k_cache, v_cache):
     norm = lambda x, name: L.rms_norm(x, w[name], cfg.rms_norm_eps, one_plus=True)  # noqa: E731
     pre_norm = lambda x, name: L.pre_norm(x, w[name], cfg.rms_norm_eps, one_plus=True)  # noqa: E731
     # HF multiplies by sqrt(hidden) cast to the weights' dtype; on f32 weights that is f32.
-    x = w["model.embed_tokens.weight"][tokens].astype(jnp.float32) * jnp.float32(math.sqrt(cfg.hidden_size))
+    x = L.embed(w["model.embed_tokens.weight"], tokens) * jnp.float32(math.sqrt(cfg.hidden_size))
     kv = L.KVCache(k_cache, v_cache, positions)
     for i, p in layer_names(cfg.num_hidden_layers):
         kind = cfg.layer_types[i]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import platform
 import subprocess
 import sys
 import threading
@@ -23,14 +26,19 @@ TARGETS = tuple(TARGET_FLAGS)
 WEIGHT_DTYPE = {"cpu": "float32", "cuda": "float16"}
 # How the step writes the KV cache (compile/layers.py KVCache.commit says why they differ).
 CACHE_WRITE = {"cpu": "slice", "cuda": "scatter"}
-# One-token steps through hand-written kernels (compile/extern.py: attention, linear layers): CUDA only.
-DECODE_KERNEL = {"cpu": False, "cuda": True}
 
 
 def export_options(target: str, kernels: bool = True) -> dict:
-    """export.export_step's per-target keyword arguments; kernels=False leaves the hand-written
-    kernels out (IREE's codegen alone: to compare or to debug)."""
-    return {"cache_write": CACHE_WRITE[target], "decode_kernel": DECODE_KERNEL[target] and kernels}
+    """export.export_step's per-target keyword arguments. One-token steps use the hand-written
+    kernels of the target (compile/extern.py: on CUDA attention and linear layers, on the CPU
+    the 4-bit matvec of packed weights); kernels=False leaves them out (IREE's codegen alone:
+    to compare or to debug)."""
+    return {"cache_write": CACHE_WRITE[target], "decode_kernel": target if kernels else None}
+
+
+def cache_dir() -> Path:
+    """Where compiled artifacts are kept: $IREE_RUNNER_CACHE or ~/.cache/iree-runner."""
+    return Path(os.environ.get("IREE_RUNNER_CACHE") or Path.home() / ".cache" / "iree-runner")
 
 
 def compiler_version() -> str:
@@ -86,3 +94,13 @@ def _progress(msg: str, final: bool = False) -> None:
     elif final:
         sys.stderr.write(msg)
     sys.stderr.flush()
+
+
+def host_cpu() -> str:
+    """`--iree-llvmcpu-target-cpu=host` means this machine's CPU: key on its model and flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        keep = [ln for ln in info if ln.startswith(("model name", "flags"))][:2]
+        return hashlib.sha256("\n".join(keep).encode()).hexdigest()[:12]
+    except OSError:
+        return platform.processor() or platform.machine()

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import extern
+from .packed import Packed
 
 F32 = jnp.float32
 # Masked scores use a large finite value rather than -inf: a fully masked padded row then gives
@@ -32,12 +33,22 @@ def tap(name: str, x):
 
 def linear(x, w, b=None, residual=None):
     """x: [..., in] · w: [out, in] (PyTorch layout, as stored) -> [..., out] in f32, plus
-    `residual` if given. x may be a Normed (pre_norm): the norm is applied here."""
-    if _one_token_kernel(x) and extern.gemv_fits(w) and (isinstance(x, Normed) or residual is not None):
-        x, norm = _gemv_input(x)
-        return extern.gemv(x, w, bias=b, norm=norm, residual=None if residual is None else residual[0])[None]
+    `residual` if given. x may be a Normed (pre_norm): the norm is applied here. w may be
+    Packed: a kernel reads it as it is where one fits, else the graph dequantizes it."""
+    one_row = x.shape[:-1] in ((), (1,))
+    if one_row and DECODE_KERNEL == "cuda" and extern.gemv_fits(w) and (
+            isinstance(w, Packed) or isinstance(x, Normed) or residual is not None):
+        xv, norm = _gemv_input(x)
+        y = extern.gemv(xv, w, bias=b, norm=norm, residual=None if residual is None else residual.reshape(-1))
+        return y.reshape(*x.shape[:-1], -1)
     if isinstance(x, Normed):
         x = x.value()
+    if isinstance(w, Packed):
+        if one_row and DECODE_KERNEL == "cpu" and extern.q4_gemv_fits(w):
+            y = extern.q4_gemv(x.reshape(-1), w).reshape(*x.shape[:-1], -1)
+            y = y if b is None else y + b.astype(F32)
+            return y if residual is None else residual + y
+        w = w.dequantize()
     y = jax.lax.dot_general(
         x.astype(w.dtype), w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=F32
     )
@@ -73,14 +84,21 @@ def pre_norm(x, w, eps, *, one_plus=False):
 
 def _one_token_kernel(x) -> bool:
     """Whether this one-token CUDA step computes x's linear layers with the gemv kernel."""
-    return DECODE_KERNEL and x.shape[0] == 1 and len(x.shape) == 2
+    return DECODE_KERNEL == "cuda" and x.shape[0] == 1 and len(x.shape) == 2
 
 
 def _gemv_input(x):
-    """(x, norm) for extern.gemv from a [1, K] array or Normed."""
+    """(x, norm) for extern.gemv from a [1, K] or [K] array or Normed."""
     if isinstance(x, Normed):
-        return x.x[0], (x.w, x.eps, x.one_plus)
-    return x[0], None
+        return x.x.reshape(-1), (x.w, x.eps, x.one_plus)
+    return x.reshape(-1), None
+
+
+def embed(table, tokens):
+    """Rows `tokens` of an embedding table (dense or Packed) in f32: [C, D]."""
+    if isinstance(table, Packed):
+        return table.rows(tokens).dequantize(F32)
+    return table[tokens].astype(F32)
 
 
 def layer_norm(x, w, b, eps):
@@ -216,10 +234,11 @@ CACHE_LAYOUT = "LDSH"
 # How commit() writes the cache: "scatter" or "slice" (set per target by export.export_step).
 CACHE_WRITE = "slice"
 CACHE_WRITES = ("scatter", "slice")
-# Whether a one-token step runs the hand-written CUDA kernels (compile/extern.py: attention from
-# the raw qkv, and linear layers with their norm, residual and gate folded in) where the shapes
-# and dtypes fit them; set per target by export.export_step. The JAX graph stays the reference.
-DECODE_KERNEL = False
+# Whose hand-written kernels a one-token step runs where the shapes and dtypes fit them, set per
+# target by export.export_step (compile/extern.py): "cuda" (attention from the raw qkv, and
+# linear layers with their norm, residual and gate folded in, on f16 or packed 4-bit weights),
+# "cpu" (linear layers on packed 4-bit weights) or None. The JAX graph stays the reference.
+DECODE_KERNEL: str | None = None
 
 
 def kv_cache_shape(layers: int, kv_heads: int, head_dim: int, capacity: int) -> tuple[int, ...]:
@@ -305,6 +324,7 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
     slow kernel for the concatenated, odd-sized row). Products accumulate in f32. Scores stay
     in [C, KVH, G, keys] order throughout, the order of the query rows.
 
+    A one-token CPU step runs a hand-written kernel instead (extern.cpu_decode_attention).
     Against the cache, two forms. With an f32 cache (the CPU), per-head batched matmuls in f32.
     With an f16 cache (CUDA), plain 2-D f16 matmuls of all query heads against all KV heads,
     keeping each head's own block: KVH times the flops, but IREE 3.13 on CUDA computes f16
@@ -313,6 +333,10 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
     keys are few and always go through f32.
     """
     C, H, Dh = q.shape
+    if (C == 1 and DECODE_KERNEL == "cpu" and kv.k_cache.dtype == jnp.float32 and CACHE_LAYOUT == "LDSH"
+            and extern.cpu_decode_attention_fits(H, Dh, softcap)):
+        return extern.cpu_decode_attention(q[0], k[0], v[0], kv.k_cache, kv.v_cache, kv.positions, layer=layer,
+                                           scale=scale, window=window)[None]
     k_old, v_old = kv.layer(layer)  # [S, KVH, Dh]
     S, KVH, _ = k_old.shape
     G = H // KVH
@@ -372,7 +396,7 @@ def self_attention(w: dict, p: str, h, cos, sin, kv: KVCache, layer: int, *, hea
     C = h.shape[0]
     g = lambda name: w.get(f"{p}.self_attn.{name}")  # noqa: E731 - absent biases are None
     qkv = linear(h, g("qkv_proj.weight"), g("qkv_proj.bias"))
-    if (DECODE_KERNEL and C == 1 and kv.k_cache.dtype == jnp.float16 and CACHE_LAYOUT == "LDSH"
+    if (DECODE_KERNEL == "cuda" and C == 1 and kv.k_cache.dtype == jnp.float16 and CACHE_LAYOUT == "LDSH"
             and extern.decode_attention_fits(heads, kv_heads, head_dim, kv.k_cache.shape[2])):
         # The hand-written kernels take qkv as it is: q/k norm, rotary and attention in two dispatches.
         qk_norm = None if qk_norm_eps is None else (g("q_norm.weight_rope"), g("k_norm.weight_rope"),

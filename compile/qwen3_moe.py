@@ -113,7 +113,7 @@ def moe(cfg: Config, w: dict, p: str, h):
 
 def forward(cfg: Config, w: dict, tokens, positions, k_cache, v_cache):
     cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-    x = w["model.embed_tokens.weight"][tokens].astype(F32)
+    x = L.embed(w["model.embed_tokens.weight"], tokens)
     kv = L.KVCache(k_cache, v_cache, positions)
     for i, p in layer_names(cfg.num_hidden_layers):
         h = L.pre_norm(x, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)

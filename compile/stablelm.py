@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import jax.numpy as jnp
 
 from . import layers as L
 from .family import config_fields, freeze, kv_heads, layer_names
@@ -72,7 +71,7 @@ def cache_shape(cfg: Config, capacity: int) -> tuple[int, ...]:
 def forward(cfg: Config, w: dict, tokens, positions, k_cache, v_cache):
     cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling))
     norm = lambda x, name: L.layer_norm(x, w[f"{name}.weight"], w[f"{name}.bias"], cfg.layer_norm_eps)  # noqa: E731
-    x = w["model.embed_tokens.weight"][tokens].astype(jnp.float32)
+    x = L.embed(w["model.embed_tokens.weight"], tokens)
     kv = L.KVCache(k_cache, v_cache, positions)
     for i, p in layer_names(cfg.num_hidden_layers):
         h = norm(x, f"{p}.input_layernorm")

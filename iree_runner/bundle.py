@@ -19,7 +19,9 @@ from pathlib import Path
 FORMAT = 1
 MANIFEST = "manifest.json"
 # config.json keys that do not change the compiled graph: dtype and quantization only change
-# how the host prepares weights (the graph always gets dequantized weights), the rest is metadata.
+# how the host prepares weights (the graph gets dequantized weights, or with --packed the
+# packed ones, whose bits and group size the argument shapes and the build key cover), the
+# rest is metadata.
 NON_GRAPH_KEYS = frozenset({
     "transformers_version", "torch_dtype", "dtype", "_name_or_path", "architectures",
     "quantization", "quantization_config", "bos_token_id", "eos_token_id", "pad_token_id",
@@ -66,18 +68,25 @@ class TargetBuild:
     weight_dtype: str
     cache_shape: tuple[int, ...]
     cache_dtype: str
+    packed: tuple[str, ...] = ()  # weights kept packed (compile/packed.py): three arguments each
+    weight_dtypes: tuple[str, ...] = ()  # per argument; empty = all weight_dtype
+
+    def dtypes(self) -> tuple[str, ...]:
+        return self.weight_dtypes or (self.weight_dtype,) * len(self.weight_names)
 
     def to_json(self) -> dict:
         return {"key": self.key, "flags": list(self.flags), "files": self.files, "sha256": self.sha256,
-                "weights": [[n, list(s)] for n, s in zip(self.weight_names, self.weight_shapes)],
-                "weight_dtype": self.weight_dtype, "cache_shape": list(self.cache_shape),
-                "cache_dtype": self.cache_dtype}
+                "weights": [[n, list(s), d] for n, s, d in zip(self.weight_names, self.weight_shapes, self.dtypes())],
+                "weight_dtype": self.weight_dtype, "packed": list(self.packed),
+                "cache_shape": list(self.cache_shape), "cache_dtype": self.cache_dtype}
 
     @classmethod
     def from_json(cls, target: str, d: dict) -> "TargetBuild":
+        w = d["weights"]
         return cls(target, d["key"], tuple(d["flags"]), dict(d["files"]), dict(d["sha256"]),
-                   tuple(n for n, _ in d["weights"]), tuple(tuple(s) for _, s in d["weights"]),
-                   d["weight_dtype"], tuple(d["cache_shape"]), d["cache_dtype"])
+                   tuple(e[0] for e in w), tuple(tuple(e[1]) for e in w), d["weight_dtype"],
+                   tuple(d["cache_shape"]), d["cache_dtype"], tuple(d.get("packed", ())),
+                   tuple(e[2] if len(e) > 2 else d["weight_dtype"] for e in w))
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,9 @@ def main():
 @click.option("--chat/--no-chat", default=True, show_default=True,
               help="Apply the model's chat template when it has one.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--packed", is_flag=True, help="Without --bundle: compile with `compile --packed`.")
 def generate(model_dir, prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
-             stop_strings, device, bundle, max_context, chat, fmt):
+             stop_strings, device, bundle, max_context, chat, fmt, packed):
     """Generate from a prompt (the default command)."""
     from .generate import DEFAULT_MODEL, load_model, stream_generate
 
@@ -67,7 +68,8 @@ def generate(model_dir, prompt, max_tokens, temperature, top_k, top_p, min_p, re
         params.validate()
         if max_tokens < 1:
             raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}")
-        model = load_model(model_dir or DEFAULT_MODEL, device=device, bundle=bundle, max_context=max_context)
+        model = load_model(model_dir or DEFAULT_MODEL, device=device, bundle=bundle, max_context=max_context,
+                           packed=packed)
         prompt_ids = model.tokenizer.encode_prompt(prompt, chat=chat)
         text_parts = []
         for r in stream_generate(model, prompt_ids, params, max_tokens, tuple(stop_strings)):
@@ -94,9 +96,12 @@ def generate(model_dir, prompt, max_tokens, temperature, top_k, top_p, min_p, re
 @click.option("--weight-dtype", type=click.Choice(["f16", "f32"]), default=None,
               help="Weights on the device. Default: f32 for cpu, f16 for cuda (f32 there matches an fp32 oracle).")
 @click.option("--no-kernels", is_flag=True,
-              help="CUDA: build the one-token step from IREE's codegen alone, without the hand-written kernels "
+              help="Build the one-token step from IREE's codegen alone, without the hand-written kernels "
                    "(to compare or to debug).")
-def compile_cmd(model_dir, target, out, max_context, prefill_chunk, weight_dtype, no_kernels):
+@click.option("--packed", is_flag=True,
+              help="Keep the checkpoint's 4- and 8-bit weights packed on the device (read by the kernels, "
+                   "dequantized inside the step elsewhere) instead of dequantizing them when loaded.")
+def compile_cmd(model_dir, target, out, max_context, prefill_chunk, weight_dtype, no_kernels, packed):
     """Compile a model ahead of time into a bundle that the runtime alone can run."""
     try:
         from .compile import build
@@ -109,7 +114,7 @@ def compile_cmd(model_dir, target, out, max_context, prefill_chunk, weight_dtype
         manifest = build.compile_bundle(model_dir or DEFAULT_MODEL, targets, out,
                                         max_context=max_context or build.DEFAULT_MAX_CONTEXT,
                                         prefill_chunk=prefill_chunk,
-                                        weight_dtype=weight_dtype, kernels=not no_kernels)
+                                        weight_dtype=weight_dtype, kernels=not no_kernels, packed=packed)
     except USER_ERRORS as e:
         _fail(str(e))
     click.echo(f"wrote {out} ({manifest.model_type}; targets: {', '.join(manifest.targets)})", err=True)

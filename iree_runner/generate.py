@@ -33,7 +33,9 @@ class Model:
 
 
 def load_model(model_dir: Path, *, device: str = "cpu", bundle: Path | None = None,
-               max_context: int | None = None) -> Model:
+               max_context: int | None = None, packed: bool = False) -> Model:
+    """The model ready to run on `device`: from `bundle`, or compiled for it through the
+    artifact cache (with packed=True keeping quantized weights packed, compile --packed)."""
     from .compile.family import SUPPORTED, UnsupportedModel
     from .weights import open_checkpoint
     from .weights.config import read_config
@@ -47,27 +49,29 @@ def load_model(model_dir: Path, *, device: str = "cpu", bundle: Path | None = No
                                f"supported: {', '.join(SUPPORTED)}")
     check_device(device)
     if bundle is None:
-        bundle = _compile_for(model_dir, device, max_context)
+        bundle = _compile_for(model_dir, device, max_context, packed)
     manifest = read_manifest(bundle)
     build = check_compatible(manifest, bundle, cc.raw, device)
-    weights = gather_weights(open_checkpoint(model_dir), list(build.weight_names), build.weight_dtype)
-    for name, shape in zip(build.weight_names, build.weight_shapes):
-        if tuple(weights[name].shape) != tuple(shape):
-            raise ModelError(f"{model_dir}: tensor {name} has shape {weights[name].shape}, "
-                             f"the compiled model expects {tuple(shape)}")
+    weights = gather_weights(open_checkpoint(model_dir), list(build.weight_names), build.weight_dtype, build.packed)
+    for name, shape, dtype in zip(build.weight_names, build.weight_shapes, build.dtypes()):
+        if tuple(weights[name].shape) != tuple(shape) or weights[name].dtype != dtype:
+            raise ModelError(f"{model_dir}: tensor {name} is {weights[name].dtype} {list(weights[name].shape)}, "
+                             f"the compiled model expects {dtype} {list(shape)}"
+                             + (" (packed as in the bundle's checkpoint: same bits and group size?)"
+                                if name.rsplit(".", 1)[0] + ".weight" in build.packed else ""))
     session = Session(bundle, build, weights, max_context=manifest.max_context,
                       prefill_chunk=manifest.prefill_chunk)
     del weights  # the device holds them now
     return Model(session, Tokenizer.from_dir(model_dir), model_dir)
 
 
-def _compile_for(model_dir: Path, target: str, max_context: int | None) -> Path:
+def _compile_for(model_dir: Path, target: str, max_context: int | None, packed: bool) -> Path:
     try:
         from .compile.build import DEFAULT_MAX_CONTEXT, build_target
     except ImportError as e:
         raise ModelError(f"no --bundle given and the compile step is not installed ({e}): "
                          "install iree-runner[compile] or pass a bundle made by `iree-generate compile`") from None
-    return build_target(model_dir, target, max_context=max_context or DEFAULT_MAX_CONTEXT)
+    return build_target(model_dir, target, max_context=max_context or DEFAULT_MAX_CONTEXT, packed=packed)
 
 
 def generate_step(session: Session, prompt: list[int], params: SamplingParams, max_tokens: int) -> Iterator[int]:

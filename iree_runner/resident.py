@@ -27,10 +27,19 @@ class MissingWeight(ValueError):
     pass
 
 
-def gather_weights(ckpt, names: list[str], dtype) -> dict[str, np.ndarray]:
-    """{name: array in dtype} for every name; a clear error for one the checkpoint lacks."""
-    direct = [n for n in names if n in ckpt]
-    out = ckpt.load_all(np.dtype(dtype), names=direct)
+PACKED_PART = re.compile(r"^(?P<base>.+)\.(?P<part>weight|scales|biases)$")
+
+
+def gather_weights(ckpt, names: list[str], dtype, packed: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """{name: array in dtype} for every name; a clear error for one the checkpoint lacks.
+
+    `packed` names weights (".weight") kept as the checkpoint stores them: for each, the step
+    takes the packed words (uint32) under its name and ".scales", ".biases" in f32."""
+    parts = {f"{b}.{p}": b + ".weight" for b in (n[: -len(".weight")] for n in packed)
+             for p in ("weight", "scales", "biases")}
+    out = {n: packed_tensor(ckpt, n) for n in names if n in parts}
+    direct = [n for n in names if n in ckpt and n not in parts]
+    out |= ckpt.load_all(np.dtype(dtype), names=direct)
     for name in names:
         if name in out:
             continue
@@ -44,6 +53,27 @@ def gather_weights(ckpt, names: list[str], dtype) -> dict[str, np.ndarray]:
         else:
             out[name] = _stacked_experts(ckpt, name, dtype)
     return out
+
+
+def packed_tensor(ckpt, name: str) -> np.ndarray:
+    """`<module>.weight`, `.scales` or `.biases` of a packed weight as the step takes it
+    (compile/packed.py), stacked projections concatenated along the output axis."""
+    base, part = PACKED_PART.match(name).group("base", "part")
+    m = STACKED.match(base + ".weight")
+    if m is None:
+        return ckpt.load_packed(base + ".weight", part)
+    return np.concatenate([ckpt.load_packed(f"{m['p']}.{p}.weight", part) for p in STACKED_PARTS[m["fused"]]])
+
+
+def quant_spec(ckpt, name: str) -> tuple[int, int] | None:
+    """(bits, group size) of a logical weight as the checkpoint stores it; None if it is not
+    quantized, or is a stacked projection whose parts differ."""
+    m = STACKED.match(name)
+    names = [f"{m['p']}.{p}.{m['kind']}" for p in STACKED_PARTS[m["fused"]]] if m else [name]
+    if not all(n in ckpt for n in names):
+        return None
+    specs = {(s.bits, s.group_size) if (s := ckpt.quant_spec(n)) else None for n in names}
+    return specs.pop() if len(specs) == 1 else None
 
 
 def _stacked_experts(ckpt, name: str, dtype) -> np.ndarray:

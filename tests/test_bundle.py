@@ -28,6 +28,15 @@ def ckpt():
     return mlx_checkpoint("qwen3", "bfloat16", "q4", keys="v4")
 
 
+def _shapes(ckpt) -> dict:
+    from iree_runner.compile import family
+    from iree_runner.weights import read_config
+
+    cc = read_config(ckpt)
+    fam = family.family_module(cc.model_type)
+    return fam.weight_shapes(fam.Config.from_checkpoint(cc))
+
+
 @pytest.fixture(scope="module")
 def bundle(ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle")
@@ -110,9 +119,11 @@ def test_cache_reuses_rebuilds_and_rekeys(ckpt, monkeypatch, tmp_path, capsys):
     key = build.build_key(raw, "cpu", 64, 32, "float32")
     assert key != build.build_key(raw, "cuda", 64, 32, "float32")
     assert key != build.build_key(raw, "cpu", 64, 32, "float16")
-    # --no-kernels changes the CUDA step only, and so its key only.
+    # --no-kernels changes the one-token step of either target, and so the key.
     assert build.build_key(raw, "cuda", 64, 32, "float16", kernels=False) != build.build_key(raw, "cuda", 64, 32, "float16")
-    assert build.build_key(raw, "cpu", 64, 32, "float32", kernels=False) == key
+    assert build.build_key(raw, "cpu", 64, 32, "float32", kernels=False) != key
+    packed = build.packed_weights_of(ckpt, _shapes(ckpt))
+    assert packed and build.build_key(raw, "cpu", 64, 32, "float32", packed_weights=packed) != key
 
 
 def test_weight_dtype_override(ckpt, tmp_path):

@@ -1,18 +1,18 @@
-"""Hand-written kernels linked into exported steps (compile/extern.py for CUDA; the same path on
-the CPU in bench/extern_dispatch.py --target cpu).
+"""Hand-written kernels linked into exported steps (compile/extern.py).
 
-What runs them is checked on a GPU (bench/gpu_check.sh: greedy tokens against the HF fp32
+The CUDA ones are checked on a GPU (bench/gpu_check.sh: greedy tokens against the HF fp32
 oracle; bench/diag_cuda.py: CUDA against the CPU step). Here, without a GPU: which steps get
 them, that the committed PTX is the current source's, and that IREE takes the linked text.
+The CPU ones run here: against numpy and the JAX attention below, and in every CPU decode step
+of the oracle tests (test_models.py, test_packed.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
-from pathlib import Path
 
+import numpy as np
 import pytest
 
 from checkpoints import FAMILIES
@@ -36,7 +36,81 @@ def test_cuda_decode_attention_is_the_kernel(family_name, tmp_path):
     for tokens, target, dtype in ((8, "cuda", "float16"), (1, "cpu", "float32"), (1, "cuda", "float32")):
         fam, cfg, spec = _spec(family_name, dtype)
         text = export.export_step(fam, cfg, spec, tokens, "step", **iree_compile.export_options(target))
-        assert "@decode_attention" not in text, (tokens, target, dtype)
+        assert "@decode_attention::" not in text, (tokens, target, dtype)
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_cpu_decode_attention_is_the_kernel(family_name):
+    fam, cfg, spec = _spec(family_name, "float32")
+    decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cpu"))
+    for kernel in ("decode_attn_cpu_partial", "decode_attn_cpu_combine"):
+        assert len(re.findall(rf"flow\.dispatch @decode_attention_cpu::@{kernel}\[", decode)) == cfg.num_hidden_layers
+    windows = {c[5] for c in _constants(decode, "decode_attn_cpu_partial")}
+    assert windows == ({0, cfg.sliding_window} if family_name == "gemma3_text" else {0})
+    assert [c[4] for c in _constants(decode, "decode_attn_cpu_combine")] == list(range(cfg.num_hidden_layers))
+    for tokens, kernels in ((8, True), (1, False)):
+        text = export.export_step(fam, cfg, spec, tokens, "step", **iree_compile.export_options("cpu", kernels))
+        assert "flow.dispatch" not in text, (tokens, kernels)
+
+
+def _run_on_cpu(fn, args, tmp_path):
+    """fn(*args) exported with its kernel placeholders linked, compiled for the CPU and run."""
+    import iree.runtime as rt
+    import jax
+
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+    text = jax.export.export(jax.jit(fn), disabled_checks=extern.disabled_checks())(*specs).mlir_module()
+    out = tmp_path / "fn.vmfb"
+    iree_compile.compile_mlir(extern.link(text), out, "cpu", label="kernel test")
+    config = rt.Config("local-task")
+    ctx = rt.SystemContext(vm_modules=[rt.VmModule.mmap(config.vm_instance, str(out))], config=config)
+    module = next(m for name, m in ctx.modules.items() if name.startswith("jit_"))
+    return np.asarray(module["main"](*args).to_host())
+
+
+def test_cpu_q4_gemv_matches_numpy(tmp_path):
+    """kernels/q4_gemv.c on MLX's packing, N not a multiple of its 64-row tiles."""
+    import jax.numpy as jnp
+
+    from iree_runner.compile.packed import Packed
+    from iree_runner.weights import dequantize_affine
+
+    rng = np.random.default_rng(0)
+    n, k = 200, 1024
+    words = rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint32)
+    scales = (rng.uniform(0.5, 1.5, size=(n, k // 64)) / 100).astype(np.float16)
+    biases = (-7.5 * scales).astype(np.float16)
+    x = rng.standard_normal(k).astype(np.float32)
+    got = _run_on_cpu(lambda x, p, s, b: extern.q4_gemv(x, Packed(p, s, b, 4, 64, jnp.float32)),
+                      [x, words, scales.astype(np.float32), biases.astype(np.float32)], tmp_path)
+    want = dequantize_affine(words, scales, biases, bits=4, group_size=64).astype(np.float64) @ x
+    assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("pos,window", [(0, None), (45, None), (100, None), (100, 8), (70, 40)])
+def test_cpu_decode_attention_matches_the_jax_attention(pos, window, tmp_path):
+    """kernels/decode_attention_cpu.c against layers.attention (the graph every other step
+    runs) on random data: GQA, rows in several blocks, the first position (no cached key),
+    sliding windows that empty whole blocks."""
+    import jax.numpy as jnp
+
+    from iree_runner.compile import layers
+
+    rng = np.random.default_rng(pos)
+    L, Dh, S, KVH, H, layer = 3, 32, 128, 2, 8, 1
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ((H, Dh), (KVH, Dh), (KVH, Dh)))
+    caches = [rng.standard_normal((L, Dh, S, KVH)).astype(np.float32) for _ in range(2)]
+    positions = np.array([pos], np.int32)
+
+    def ours(q, k, v, kc, vc, p):
+        return extern.cpu_decode_attention(q, k, v, kc, vc, p, layer=layer, scale=0.3, window=window)
+
+    def reference(q, k, v, kc, vc, p):
+        return layers.attention(q[None], k[None], v[None], layers.KVCache(kc, vc, p), layer, 0.3, window)[0]
+
+    got = _run_on_cpu(ours, [q, k, v, *caches, positions], tmp_path)
+    want = np.asarray(reference(*map(jnp.asarray, (q, k, v, *caches, positions))))
+    assert np.abs(got - want).max() < 1e-5
 
 
 def _constants(text: str, kernel: str) -> list[list[int]]:
@@ -88,16 +162,3 @@ def test_a_placeholder_it_cannot_read_is_an_error():
         extern.link("module @m {\n  %0 = stablehlo.custom_call @iree_ext_decode_attn_partial(%a) : weird\n}")
     with pytest.raises(ValueError, match="unknown kernel"):
         extern.call("nope", None, [], grid=1, constants=[])
-
-
-def test_a_c_kernel_runs_inside_a_cpu_step(tmp_path):
-    """The same linking on the CPU (bench/extern_dispatch.py --target cpu: a C object in an
-    llvm-cpu executable), compiled, run on local-task and compared with numpy: the path for
-    hand-written CPU kernels."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "extern_dispatch.py"
-    spec = importlib.util.spec_from_file_location("extern_dispatch", path)
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    assert shutil.which(demo.CC[0]), f"{demo.CC[0]} (a C compiler) is needed to build the kernel object"
-    demo.make(tmp_path, "cpu")
-    assert demo.run(tmp_path, "cpu") < 1e-5

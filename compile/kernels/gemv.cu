@@ -1,23 +1,30 @@
-// One-token linear layers (f16 weights [N, K], f32 activations) with what IREE keeps in
-// dispatches of their own folded in (compile/extern.py gemv):
+// One-token linear layers (f32 activations) with what IREE keeps in dispatches of their own
+// folded in (compile/extern.py gemv):
 // - the input RMSNorm: every block recomputes 1/RMS of x (K values), so the norm's reduction
 //   is no longer a dispatch before the matvec;
 // - a bias and a residual added to the output;
 // - gate mode: rows n and n + N of W are a gate and an up projection, out[n] = act(gate) * up
 //   (SwiGLU, or GeGLU with the tanh GELU), so the activation is no extra dispatch.
-// One warp per output row (two weight rows in gate mode), 16-byte weight loads. (Sharing long
-// rows among 2-8 warps was slower on an H100: bench/results/2026-11-26-h100-hand-kernels.txt.)
+// One warp per output row (two weight rows in gate mode). (Sharing long rows among 2-8 warps
+// was slower on an H100: bench/results/2026-11-26-h100-hand-kernels.txt.) Two weight formats:
+// - gemv: f16 W [N, K], 16-byte loads;
+// - gemv_q4: MLX affine 4-bit W as the checkpoint stores it (compile/packed.py), packed words
+//   [N, K/8] u32 (value i of a row in bits 4i..4i+3 of word i/8), scales and biases [N, K/64]
+//   f32, w = s * q + b. Per word: sum(w x) = s * sum(q x) + b * sum(x) over its 8 inputs.
 //
-// Bindings: x [K] f32, W f16, norm weight [K] f16, bias [N or 2N] f16, residual [N] f32, out [N]
-// f32 (absent ones are one-element dummies). Push constants: N (outputs), K, flags (1 norm,
-// 2 norm as 1 + w, 4 bias, 8 residual, 16 gate mode, 32 GELU instead of SiLU), eps (f32 bits).
-// Limits (checked at export, extern.gemv_fits): K % 8 == 0, K <= MAX_K.
+// Bindings: x [K] f32, the weight (W; or words, scales, biases), norm weight [K] f16, bias
+// [N or 2N] f16, residual [N] f32, out [N] f32 (absent ones are one-element dummies). Push
+// constants: N (outputs), K, flags (1 norm, 2 norm as 1 + w, 4 bias, 8 residual, 16 gate mode,
+// 32 GELU instead of SiLU), eps (f32 bits).
+// Limits (checked at export, extern.gemv_fits): K % 8 == 0 (f16), K % 64 == 0 (4-bit), K <= MAX_K.
 #include <cuda_fp16.h>
+#include <stdint.h>
 
 #define NT 256
 #define WARPS (NT / 32)
 #define MAX_K 8192
-#define PF 4  // 16-byte weight pieces per lane and row loaded ahead
+#define PF 4  // f16: 16-byte weight pieces per lane and row loaded ahead
+#define PFQ 8  // 4-bit: words per lane and row loaded ahead (K = 2048 is all in flight)
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -36,29 +43,108 @@ __device__ __forceinline__ float dot8(uint4 w, const float* x) {
   return acc;
 }
 
-extern "C" __global__ void __launch_bounds__(NT) gemv(
-    const float* __restrict__ x, const __half* __restrict__ W, const __half* __restrict__ norm_w,
-    const __half* __restrict__ bias, const float* __restrict__ residual, float* __restrict__ out,
-    int N, int K, int flags, int eps_bits) {
-  __shared__ __align__(16) float xs[MAX_K];
-  __shared__ float red[WARPS];
-  const int t = threadIdx.x, lane = t % 32, warp = t / 32;
-  const int n_raw = blockIdx.x * WARPS + warp, n = min(n_raw, N - 1);  // a spare warp redoes the last row
-  const bool gate = flags & 16;
-  const int K8 = K / 8;
-  const uint4* w0 = reinterpret_cast<const uint4*>(W) + (size_t)n * K8;
-  const uint4* w1 = reinterpret_cast<const uint4*>(W) + (size_t)(n + N) * K8;
-  // The first PF 16-byte pieces per lane are loaded before x is staged: they do not depend on
-  // it, and the weight stream is what the kernel waits for.
+// The f16 rows: PF 16-byte pieces per lane are loaded before x is staged (they do not depend
+// on it, and the weight stream is what the kernel waits for), the rest as the sum runs.
+struct F16Rows {
+  const uint4 *w0, *w1;
+  int K8;
   uint4 p0[PF], p1[PF];
+  __device__ __forceinline__ F16Rows(const __half* W, int n, int N, int K, bool gate, int lane) {
+    K8 = K / 8;
+    w0 = reinterpret_cast<const uint4*>(W) + (size_t)n * K8;
+    w1 = reinterpret_cast<const uint4*>(W) + (size_t)(n + N) * K8;
 #pragma unroll
-  for (int j = 0; j < PF; ++j) {
-    const int k8 = j * 32 + lane;
-    if (k8 < K8) {
-      p0[j] = w0[k8];
-      if (gate) p1[j] = w1[k8];
+    for (int j = 0; j < PF; ++j) {
+      const int k8 = j * 32 + lane;
+      if (k8 < K8) {
+        p0[j] = w0[k8];
+        if (gate) p1[j] = w1[k8];
+      }
     }
   }
+  __device__ __forceinline__ void dot(const float* xs, bool gate, int lane, float& a0, float& a1) {
+#pragma unroll
+    for (int j = 0; j < PF; ++j) {
+      const int k8 = j * 32 + lane;
+      if (k8 < K8) {
+        a0 += dot8(p0[j], xs + k8 * 8);
+        if (gate) a1 += dot8(p1[j], xs + k8 * 8);
+      }
+    }
+#pragma unroll 4
+    for (int k8 = PF * 32 + lane; k8 < K8; k8 += 32) {
+      const float* xk = xs + k8 * 8;
+      a0 += dot8(w0[k8], xk);
+      if (gate) a1 += dot8(w1[k8], xk);
+    }
+  }
+};
+
+// s * sum(q x) + b * sum(x) over the 8 inputs of one packed word.
+__device__ __forceinline__ float dot_q4(uint32_t w, const float* x, const float* scales, const float* biases,
+                                        int k8) {
+  const float4 xa = *reinterpret_cast<const float4*>(x), xb = *reinterpret_cast<const float4*>(x + 4);
+  const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+  float dq = 0.f, dx = 0.f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    dq += (float)((w >> (4 * j)) & 15u) * xv[j];
+    dx += xv[j];
+  }
+  const int g = k8 / 8;  // 8 words per group of 64
+  return scales[g] * dq + biases[g] * dx;
+}
+
+// The 4-bit rows: words, 4 bytes per lane and load, PFQ of them ahead as for f16.
+struct Q4Rows {
+  const uint32_t *w0, *w1;
+  const float *s0, *s1, *b0, *b1;
+  int K8;
+  uint32_t p0[PFQ], p1[PFQ];
+  __device__ __forceinline__ Q4Rows(const uint32_t* W, const float* scales, const float* biases, int n, int N,
+                                    int K, bool gate, int lane) {
+    K8 = K / 8;
+    const int G = K / 64;
+    w0 = W + (size_t)n * K8;
+    w1 = W + (size_t)(n + N) * K8;
+    s0 = scales + (size_t)n * G;
+    s1 = scales + (size_t)(n + N) * G;
+    b0 = biases + (size_t)n * G;
+    b1 = biases + (size_t)(n + N) * G;
+#pragma unroll
+    for (int j = 0; j < PFQ; ++j) {
+      const int k8 = j * 32 + lane;
+      if (k8 < K8) {
+        p0[j] = w0[k8];
+        if (gate) p1[j] = w1[k8];
+      }
+    }
+  }
+  __device__ __forceinline__ void dot(const float* xs, bool gate, int lane, float& a0, float& a1) {
+#pragma unroll
+    for (int j = 0; j < PFQ; ++j) {
+      const int k8 = j * 32 + lane;
+      if (k8 < K8) {
+        a0 += dot_q4(p0[j], xs + k8 * 8, s0, b0, k8);
+        if (gate) a1 += dot_q4(p1[j], xs + k8 * 8, s1, b1, k8);
+      }
+    }
+#pragma unroll 4
+    for (int k8 = PFQ * 32 + lane; k8 < K8; k8 += 32) {
+      a0 += dot_q4(w0[k8], xs + k8 * 8, s0, b0, k8);
+      if (gate) a1 += dot_q4(w1[k8], xs + k8 * 8, s1, b1, k8);
+    }
+  }
+};
+
+// Stage x (times the norm weight), run the rows' dot products, then the epilogue.
+template <class Rows>
+__device__ __forceinline__ void gemv_body(Rows& rows, const float* __restrict__ x, const __half* __restrict__ norm_w,
+                                          const __half* __restrict__ bias, const float* __restrict__ residual,
+                                          float* __restrict__ out, int n, int n_raw, int N, int K, int flags,
+                                          int eps_bits, float* xs, float* red) {
+  const int t = threadIdx.x, lane = t % 32, warp = t / 32;
+  const bool gate = flags & 16;
   // x times the norm weight, and x's sum of squares: the matvec of the normed x is then
   // 1/RMS times the matvec of x * w, so x is read and written once.
   float ss = 0.f;
@@ -77,20 +163,7 @@ extern "C" __global__ void __launch_bounds__(NT) gemv(
   __syncthreads();
 
   float a0 = 0.f, a1 = 0.f;
-#pragma unroll
-  for (int j = 0; j < PF; ++j) {
-    const int k8 = j * 32 + lane;
-    if (k8 < K8) {
-      a0 += dot8(p0[j], xs + k8 * 8);
-      if (gate) a1 += dot8(p1[j], xs + k8 * 8);
-    }
-  }
-#pragma unroll 4
-  for (int k8 = PF * 32 + lane; k8 < K8; k8 += 32) {
-    const float* xk = xs + k8 * 8;
-    a0 += dot8(w0[k8], xk);
-    if (gate) a1 += dot8(w1[k8], xk);
-  }
+  rows.dot(xs, gate, lane, a0, a1);
   a0 = warp_sum(a0);
   if (gate) a1 = warp_sum(a1);
   if (lane != 0 || n_raw >= N) return;
@@ -115,4 +188,26 @@ extern "C" __global__ void __launch_bounds__(NT) gemv(
   }
   if (flags & 8) y += residual[n];
   out[n] = y;
+}
+
+extern "C" __global__ void __launch_bounds__(NT) gemv(
+    const float* __restrict__ x, const __half* __restrict__ W, const __half* __restrict__ norm_w,
+    const __half* __restrict__ bias, const float* __restrict__ residual, float* __restrict__ out,
+    int N, int K, int flags, int eps_bits) {
+  __shared__ __align__(16) float xs[MAX_K];
+  __shared__ float red[WARPS];
+  const int n_raw = blockIdx.x * WARPS + threadIdx.x / 32, n = min(n_raw, N - 1);  // a spare warp redoes the last row
+  F16Rows rows(W, n, N, K, flags & 16, threadIdx.x % 32);
+  gemv_body(rows, x, norm_w, bias, residual, out, n, n_raw, N, K, flags, eps_bits, xs, red);
+}
+
+extern "C" __global__ void __launch_bounds__(NT) gemv_q4(
+    const float* __restrict__ x, const uint32_t* __restrict__ W, const float* __restrict__ scales,
+    const float* __restrict__ biases, const __half* __restrict__ norm_w, const __half* __restrict__ bias,
+    const float* __restrict__ residual, float* __restrict__ out, int N, int K, int flags, int eps_bits) {
+  __shared__ __align__(16) float xs[MAX_K];
+  __shared__ float red[WARPS];
+  const int n_raw = blockIdx.x * WARPS + threadIdx.x / 32, n = min(n_raw, N - 1);
+  Q4Rows rows(W, scales, biases, n, N, K, flags & 16, threadIdx.x % 32);
+  gemv_body(rows, x, norm_w, bias, residual, out, n, n_raw, N, K, flags, eps_bits, xs, red);
 }

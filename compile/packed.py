@@ -1,0 +1,85 @@
+"""MLX affine-quantized weights kept packed on the device (`iree-generate compile --packed`).
+
+A packed weight `x.weight` enters the step as three arguments, as the checkpoint stores them:
+`x.weight` (uint32 words [out, in * bits / 32]) and `x.scales`, `x.biases` ([out, in / group],
+widened to f32 when loaded, which is exact). The model code sees one `Packed` in their place:
+`layers.linear` gives it to a kernel that dequantizes as it reads (compile/extern.py: CUDA and
+CPU one-token steps), anything else dequantizes it in the graph (w = scales * q + biases per
+group along `in`, value i of a row in bits [i * bits, (i + 1) * bits) of its words).
+Only 2-D weights of linear and embedding layers are kept packed; MoE expert stacks and
+2/3/5/6-bit weights (whose values straddle words, or no kernel reads) are dequantized when
+loaded, as without --packed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+
+PACKED_BITS = (4, 8)  # values never straddle a word; the CUDA and CPU kernels read 4
+
+
+@dataclass(frozen=True)
+class PackedSpec:
+    """One weight kept packed: its logical name and shape, and how it was quantized."""
+
+    name: str  # the logical weight, "<module>.weight"
+    shape: tuple[int, int]  # logical [out, in]
+    bits: int
+    group_size: int
+
+    def arguments(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The step's arguments for it: name -> (shape, dtype)."""
+        base, (n, k) = self.name[: -len(".weight")], self.shape
+        return {self.name: ((n, k * self.bits // 32), "uint32"),
+                f"{base}.scales": ((n, k // self.group_size), "float32"),
+                f"{base}.biases": ((n, k // self.group_size), "float32")}
+
+
+def choose(shapes: dict[str, tuple[int, ...]], quant_spec) -> tuple[PackedSpec, ...]:
+    """The weights among `shapes` to keep packed. quant_spec(name) is the checkpoint's
+    (bits, group_size) for a logical weight, or None where it is not quantized (a stacked
+    weight such as qkv_proj: its parts' common spec, or None if they differ)."""
+    out = []
+    for name, shape in sorted(shapes.items()):
+        if len(shape) != 2 or not name.endswith(".weight"):
+            continue
+        spec = quant_spec(name)
+        if spec is not None and spec[0] in PACKED_BITS:
+            out.append(PackedSpec(name, tuple(shape), *spec))
+    return tuple(out)
+
+
+class Packed:
+    """A packed weight inside the traced step: words, scales and biases, bits and group size.
+    `dtype` is the float dtype the graph dequantizes to (the other weights' dtype)."""
+
+    def __init__(self, words, scales, biases, bits: int, group_size: int, dtype):
+        self.words, self.scales, self.biases = words, scales, biases
+        self.bits, self.group_size, self.dtype = bits, group_size, dtype
+        self.shape = (*words.shape[:-1], words.shape[-1] * 32 // bits)
+        self.ndim = len(self.shape)
+
+    def rows(self, idx) -> "Packed":
+        """The rows `idx` (an embedding lookup), still packed."""
+        return Packed(self.words[idx], self.scales[idx], self.biases[idx], self.bits, self.group_size, self.dtype)
+
+    def dequantize(self, dtype=None):
+        """[..., out, in] in `dtype` (default self.dtype), computed in f32."""
+        per_word = 32 // self.bits
+        shifts = jnp.arange(per_word, dtype=jnp.uint32) * self.bits
+        q = (self.words[..., None] >> shifts) & jnp.uint32((1 << self.bits) - 1)  # [..., words, per_word]
+        groups = q.reshape(*self.shape[:-1], -1, self.group_size).astype(jnp.float32)
+        w = groups * self.scales[..., None] + self.biases[..., None]
+        return w.reshape(self.shape).astype(dtype or self.dtype)
+
+
+def view(weights: dict, specs: tuple[PackedSpec, ...], dtype) -> dict:
+    """The step's weight arguments with each packed triple replaced by one Packed."""
+    w = dict(weights)
+    for s in specs:
+        base = s.name[: -len(".weight")]
+        w[s.name] = Packed(w[s.name], w.pop(f"{base}.scales"), w.pop(f"{base}.biases"), s.bits, s.group_size,
+                           dtype)
+    return w

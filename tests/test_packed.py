@@ -1,0 +1,144 @@
+"""Quantized weights kept packed on the device (`compile --packed`, compile/packed.py).
+
+The packed step against the oracles: HF fp32 greedy tokens and logits for every family (4-bit
+through the CPU kernel, 8-bit dequantized inside the graph), and the in-graph dequantization
+against mx.dequantize. Also which steps read the weights with a kernel, what the bundle
+records, and what a mismatched checkpoint gets.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from checkpoints import FAMILIES, mlx_checkpoint
+from test_models import MAX_CONTEXT, SEEDS, assert_matches_oracle
+
+mx = pytest.importorskip("mlx.core", reason="mx.dequantize is the oracle")  # oracle extra
+
+
+@pytest.mark.parametrize("family,dtype,quant", [(f, "bfloat16", "q4") for f in FAMILIES]
+                         + [(f, "float16", "q8") for f in FAMILIES], ids=str)
+def test_packed_greedy_matches_hf_fp32(family, dtype, quant):
+    from iree_runner.generate import load_model
+
+    ckpt = mlx_checkpoint(family, dtype, quant, keys="v4", seed=SEEDS.get((family, quant), 0))
+    ours = load_model(ckpt, device="cpu", max_context=MAX_CONTEXT, packed=True)
+    build = ours.session.build
+    assert build.packed and "model.layers.0.self_attn.qkv_proj.weight" in build.packed
+    assert_matches_oracle(ckpt, ours)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 64), (4, 128), (8, 64)])
+def test_in_graph_dequantize_matches_mx(bits, group_size):
+    import jax
+    import jax.numpy as jnp
+
+    from iree_runner.compile.packed import Packed
+
+    w = np.random.default_rng(bits * group_size).standard_normal((48, 256)).astype(np.float32)
+    words, scales, biases = mx.quantize(mx.array(w).astype(mx.bfloat16), group_size=group_size, bits=bits)
+    scales, biases = scales.astype(mx.float32), biases.astype(mx.float32)  # exact (oracles.md)
+    want = np.array(mx.dequantize(words, scales, biases, group_size=group_size, bits=bits))
+    args = [np.array(a) for a in (words, scales, biases)]
+    got = jax.jit(lambda p, s, b: Packed(p, s, b, bits, group_size, jnp.float32).dequantize())(*args)
+    assert np.array_equal(np.asarray(got), want)
+    rows = jax.jit(lambda p, s, b: Packed(p, s, b, bits, group_size, jnp.float32).rows(jnp.array([3, 0])).dequantize())
+    assert np.array_equal(np.asarray(rows(*args)), want[[3, 0]])
+
+
+def _packed_spec(family_name: str, weight_dtype: str):
+    from iree_runner.compile import build, export, family
+    from iree_runner.weights import read_config
+
+    ckpt = mlx_checkpoint(family_name, "bfloat16", "q4", keys="v4", seed=SEEDS.get((family_name, "q4"), 0))
+    cc = read_config(ckpt)
+    fam = family.family_module(cc.model_type)
+    cfg = fam.Config.from_checkpoint(cc)
+    packed = build.packed_weights_of(ckpt, fam.weight_shapes(cfg))
+    return fam, cfg, export.step_spec(fam, cfg, capacity=MAX_CONTEXT + 32, weight_dtype=weight_dtype,
+                                      cache_dtype=weight_dtype, packed_weights=packed)
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_one_token_steps_read_packed_weights_with_a_kernel(family_name):
+    """Every packed 4-bit linear layer of a decode step is a kernel dispatch (the CPU's and
+    CUDA's): 4 per dense layer (qkv, o, gate_up, down; MoE layers have a router and their
+    experts stay dequantized) and the lm_head. --no-kernels dequantizes in the graph."""
+    from iree_runner.compile import export, iree_compile
+
+    fam, cfg, spec = _packed_spec(family_name, "float32")
+    four_bit = {p.name for p in spec.packed if p.bits == 4}  # qwen3_moe's routers are 8-bit
+    lm_head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    expect = len(four_bit - {"model.embed_tokens.weight"}) + (lm_head in four_bit and cfg.tie_word_embeddings)
+    assert expect >= 4 * cfg.num_hidden_layers // (2 if family_name == "qwen3_moe" else 1)
+    for target, kernel, dtype in (("cpu", "@q4_gemv::@q4_gemv[", "float32"), ("cuda", "@gemv::@gemv_q4[", "float16")):
+        fam, cfg, spec = _packed_spec(family_name, dtype)
+        decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options(target))
+        assert decode.count(f"flow.dispatch {kernel}") == expect, target
+        # Prefill's layers dequantize in the graph; its lm_head is one row, the kernel's.
+        prefill = export.export_step(fam, cfg, spec, 8, "prefill", **iree_compile.export_options(target))
+        assert prefill.count("flow.dispatch") == prefill.count(f"flow.dispatch {kernel}") == (lm_head in four_bit)
+        text = export.export_step(fam, cfg, spec, 1, "step", **iree_compile.export_options(target, kernels=False))
+        assert "flow.dispatch" not in text, target
+
+
+def test_packed_cuda_step_compiles(tmp_path):
+    """CI's ahead-of-time step with packed weights: the CUDA decode step with its 4-bit kernel."""
+    from iree_runner.compile import build
+
+    ckpt = mlx_checkpoint("qwen3", "bfloat16", "q4", keys="v4")
+    m = build.compile_bundle(ckpt, ["cuda"], tmp_path, max_context=64, packed=True)
+    assert (tmp_path / m.targets["cuda"].files["decode"]).stat().st_size > 0
+
+
+def test_bundle_records_packed_weights_and_keeps_them_small(tmp_path):
+    from iree_runner.bundle import read_manifest
+    from iree_runner.generate import load_model
+
+    ckpt = mlx_checkpoint("qwen3", "bfloat16", "q4", keys="v4")
+    dense = load_model(ckpt, device="cpu", max_context=64).session
+    packed = load_model(ckpt, device="cpu", max_context=64, packed=True).session
+    b = packed.build
+    types = dict(zip(b.weight_names, b.dtypes()))
+    for name in b.packed:
+        base = name[: -len(".weight")]
+        assert (types[name], types[f"{base}.scales"], types[f"{base}.biases"]) == ("uint32", "float32", "float32")
+    assert types["model.norm.weight"] == "float32"
+    # f32 dense weights against 4-bit words plus f32 scales and biases per 64: about 1/6 for
+    # the linear layers; norms stay f32 either way.
+    assert packed.stats.weight_bytes < 0.25 * dense.stats.weight_bytes
+    from iree_runner.compile import build as build_mod
+
+    out = tmp_path / "bundle"
+    build_mod.compile_bundle(ckpt, ["cpu"], out, max_context=64, packed=True)
+    assert read_manifest(out).targets["cpu"] == packed.build.__class__.from_json("cpu", read_manifest(out).targets["cpu"].to_json())
+    assert read_manifest(out).targets["cpu"].packed == b.packed
+
+
+def test_packed_bundle_refuses_an_unquantized_checkpoint(tmp_path):
+    from iree_runner.compile import build
+    from iree_runner.generate import load_model
+    from iree_runner.weights import CheckpointError
+
+    out = tmp_path / "bundle"
+    build.compile_bundle(mlx_checkpoint("qwen3", "bfloat16", "q4", keys="v4"), ["cpu"], out, max_context=64, packed=True)
+    plain = mlx_checkpoint("qwen3", "float16", "none", keys="v4")
+    with pytest.raises(CheckpointError, match=re.escape("'model.embed_tokens.weight' is not quantized")):
+        load_model(plain, device="cpu", bundle=out)
+
+
+def test_load_packed_names_what_is_wrong():
+    from iree_runner.weights import CheckpointError, open_checkpoint
+
+    with open_checkpoint(mlx_checkpoint("qwen3", "bfloat16", "q4", keys="v4")) as ckpt:
+        words = ckpt.load_packed("model.layers.0.mlp.down_proj.weight")
+        scales = ckpt.load_packed("model.layers.0.mlp.down_proj.weight", "scales")
+        assert words.dtype == np.uint32 and scales.dtype == np.float32
+        assert words.shape[0] == scales.shape[0] and words.shape[1] * 8 == scales.shape[1] * 64
+        with pytest.raises(CheckpointError, match="'model.norm.weight' is not quantized"):
+            ckpt.load_packed("model.norm.weight")
+        with pytest.raises(KeyError, match="no tensor 'nope.weight'"):
+            ckpt.load_packed("nope.weight")
