@@ -87,8 +87,9 @@ def test_cpu_q4_gemv_matches_numpy(tmp_path):
     assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("kv_heads", [2, 8])  # 8: the kernel's vector path (Qwen3, Llama 3)
 @pytest.mark.parametrize("pos,window", [(0, None), (45, None), (100, None), (100, 8), (70, 40)])
-def test_cpu_decode_attention_matches_the_jax_attention(pos, window, tmp_path):
+def test_cpu_decode_attention_matches_the_jax_attention(pos, window, kv_heads, tmp_path):
     """kernels/decode_attention_cpu.c against layers.attention (the graph every other step
     runs) on random data: GQA, rows in several blocks, the first position (no cached key),
     sliding windows that empty whole blocks."""
@@ -97,7 +98,8 @@ def test_cpu_decode_attention_matches_the_jax_attention(pos, window, tmp_path):
     from iree_runner.compile import layers
 
     rng = np.random.default_rng(pos)
-    L, Dh, S, KVH, H, layer = 3, 32, 128, 2, 8, 1
+    L, Dh, S, KVH, layer = 3, 32, 128, kv_heads, 1
+    H = 16 if KVH == 8 else 8
     q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ((H, Dh), (KVH, Dh), (KVH, Dh)))
     caches = [rng.standard_normal((L, Dh, S, KVH)).astype(np.float32) for _ in range(2)]
     positions = np.array([pos], np.int32)

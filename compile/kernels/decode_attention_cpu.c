@@ -23,6 +23,16 @@
 #define MAX_H 64     // query heads
 #define NEG (-1e30f) // masked / empty, as compile/layers.py MASKED
 
+typedef float v8 __attribute__((vector_size(32)));  // the 8 KV heads of one row and feature
+
+static inline v8 load8(const float* p) {
+  v8 v;
+  __builtin_memcpy(&v, p, sizeof v);  // unaligned: rows start at any multiple of 4 bytes
+  return v;
+}
+
+static inline void store8(float* p, v8 v) { __builtin_memcpy(p, &v, sizeof v); }
+
 typedef union {
   float f;
   int32_t i;
@@ -87,11 +97,21 @@ void decode_attn_cpu_partial_workgroup(const char* q_b, size_t q_o, const char* 
       for (int32_t d = 0; d < Dh; ++d) qt[(d * G + g) * KVH + h] = q[(h * G + g) * Dh + d] * scale;
   float s[ROWS * MAX_H];  // [row][G][KVH]
   for (int32_t i = 0; i < n * H; ++i) s[i] = 0.0f;
-  for (int32_t d = 0; d < Dh; ++d) {
-    const float* krow = kc + ((size_t)d * S + r0) * KVH;
-    for (int32_t r = 0; r < n; ++r)
-      for (int32_t g = 0; g < G; ++g)
-        for (int32_t h = 0; h < KVH; ++h) s[(r * G + g) * KVH + h] += qt[(d * G + g) * KVH + h] * krow[r * KVH + h];
+  if (KVH == 8) {  // one 8-float vector per row and feature (Qwen3, Llama 3): no loop over heads
+    for (int32_t d = 0; d < Dh; ++d) {
+      const float* krow = kc + ((size_t)d * S + r0) * 8;
+      for (int32_t g = 0; g < G; ++g) {
+        const v8 qv = load8(qt + (d * G + g) * 8);
+        for (int32_t r = 0; r < n; ++r) store8(s + (r * G + g) * 8, load8(s + (r * G + g) * 8) + qv * load8(krow + r * 8));
+      }
+    }
+  } else {
+    for (int32_t d = 0; d < Dh; ++d) {
+      const float* krow = kc + ((size_t)d * S + r0) * KVH;
+      for (int32_t r = 0; r < n; ++r)
+        for (int32_t g = 0; g < G; ++g)
+          for (int32_t h = 0; h < KVH; ++h) s[(r * G + g) * KVH + h] += qt[(d * G + g) * KVH + h] * krow[r * KVH + h];
+    }
   }
   float m[MAX_H], l[MAX_H];
   for (int32_t i = 0; i < H; ++i) m[i] = NEG, l[i] = 0.0f;
@@ -107,9 +127,17 @@ void decode_attn_cpu_partial_workgroup(const char* q_b, size_t q_o, const char* 
   for (int32_t d = 0; d < Dh; ++d) {
     const float* vrow = vc + ((size_t)d * S + r0) * KVH;
     for (int32_t i = 0; i < H; ++i) acc[i] = 0.0f;
-    for (int32_t r = 0; r < n; ++r)
-      for (int32_t g = 0; g < G; ++g)
-        for (int32_t h = 0; h < KVH; ++h) acc[g * KVH + h] += s[(r * G + g) * KVH + h] * vrow[r * KVH + h];
+    if (KVH == 8) {
+      for (int32_t g = 0; g < G; ++g) {
+        v8 a = {0};
+        for (int32_t r = 0; r < n; ++r) a += load8(s + (r * G + g) * 8) * load8(vrow + r * 8);
+        store8(acc + g * 8, a);
+      }
+    } else {
+      for (int32_t r = 0; r < n; ++r)
+        for (int32_t g = 0; g < G; ++g)
+          for (int32_t h = 0; h < KVH; ++h) acc[g * KVH + h] += s[(r * G + g) * KVH + h] * vrow[r * KVH + h];
+    }
     for (int32_t g = 0; g < G; ++g)
       for (int32_t h = 0; h < KVH; ++h) out[(h * G + g) * W + 2 + d] = acc[g * KVH + h];
   }
