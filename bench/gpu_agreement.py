@@ -75,7 +75,8 @@ def check(ckpt_root: Path, out: Path, bundle_roots: list[Path]) -> None:
                 while len(free) < NEW_TOKENS:
                     free.append(s.decode(free[-1], greedy=True))
                 n_dev = next((j for j, (a, b) in enumerate(zip(free, want)) if a != b), NEW_TOKENS)
-                rows.append({"family": family, "checkpoint": ckpt.name, "weights": s.build.weight_dtype,
+                weights = s.build.weight_dtype + (" + packed 4/8-bit" if s.build.packed else "")
+                rows.append({"family": family, "checkpoint": ckpt.name, "bundle": root.name, "weights": weights,
                              "prompt_tokens": len(prompt), "tokens_agreeing": n, "of": NEW_TOKENS,
                              "max_logit_err": err, "finite": bool(np.isfinite(got_logits).all()),
                              "device_greedy_agreeing": n_dev})
