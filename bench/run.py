@@ -3,7 +3,8 @@
 For each model (bench/configs/, random weights) and variant (MLX 4-bit with BF16 scales, f16):
 load time (files -> device-resident weights), prefill tok/s on a 512-token prompt, time to first
 token, decode tok/s at batch 1 over 128 new tokens, device memory. Peers, same weights and
-shapes: JAX/XLA running our own model code under jax.jit; HF transformers (torch, eager).
+shapes: JAX/XLA running our own model code under jax.jit; HF transformers (torch, eager); on the CPU,
+llama.cpp on Q4_0 and Q4_1 GGUF files made from the f16 checkpoint (--peers jax,torch,llamacpp).
 The roofline is the bytes a decode step must read (weights + the live KV cache) divided by the
 copy bandwidth measured in the same run.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -218,6 +220,76 @@ def bench_torch(f16_ckpt: Path, device: str, prompt: list[int]) -> dict:
     return _timed_generation(prefill, decode, prompt)
 
 
+def llamacpp_gguf(f16_ckpt: Path, quant: str) -> Path:
+    """<model>-gguf/<quant>.gguf beside the f16 checkpoint, made once: f16.gguf by the HF -> GGUF
+    converter of the llama-cpp-python sdist of the installed version (pip download, unpacked into the
+    checkpoints folder), then llama_model_quantize to `quant` ("Q4_0", "Q4_1")."""
+    import ctypes
+    import tarfile
+
+    import llama_cpp
+
+    out = f16_ckpt.with_name(f16_ckpt.name.removesuffix("-f16") + "-gguf")
+    out.mkdir(exist_ok=True)
+    f16, dst = out / "f16.gguf", out / f"{quant}.gguf"
+    if not f16.exists():
+        sdist = f"llama_cpp_python-{llama_cpp.__version__}"
+        src = out.parent / sdist / "vendor" / "llama.cpp"
+        if not src.exists():
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                            "-d", out.parent, f"llama-cpp-python=={llama_cpp.__version__}"], check=True)
+            with tarfile.open(out.parent / f"{sdist}.tar.gz") as tar:
+                tar.extractall(out.parent, filter="data")
+        # Our checkpoints' stand-in tokenizer (3 words, no merges) is not one the converter knows: it names the
+        # pre-tokenizer from a hash of the tokenizer's output and stops on an unknown one, and llama.cpp loads no
+        # BPE vocabulary without merges. The timing never tokenizes: call it qwen2 and give it one merge.
+        patched = ("import runpy, sys, gguf; from conversion.base import TextModel; "
+                   "TextModel.get_vocab_base_pre = lambda self, tokenizer: 'qwen2'; "
+                   "SV = gguf.SpecialVocab; txt = SV._try_load_merges_txt; "
+                   "SV._try_load_merges_txt = lambda self, path: txt(self, path) or self.merges.append('<s> </s>'); "
+                   "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+        tmp = out / "f16.gguf.part"
+        subprocess.run([sys.executable, "-c", patched, src / "convert_hf_to_gguf.py", f16_ckpt, "--outtype", "f16",
+                        "--outfile", tmp], check=True,
+                       env=os.environ | {"PYTHONPATH": os.pathsep.join([str(src), str(src / "gguf-py")])})
+        tmp.rename(f16)
+    if not dst.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
+        tmp = out / f"{quant}.gguf.part"
+        if llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), ctypes.byref(params)):
+            raise RuntimeError(f"llama_model_quantize {f16} -> {quant} failed")
+        tmp.rename(dst)
+    return dst
+
+
+def bench_llamacpp(gguf: Path, prompt: list[int]) -> dict:
+    """llama.cpp through llama_cpp.Llama on all the CPU's cores: prefill = reset + eval(prompt), decode =
+    eval([token]), each then the argmax of the last position's logits."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(gguf), n_ctx=PROMPT_LEN + NEW_TOKENS + 16, n_threads=os.cpu_count(),
+                          n_threads_batch=os.cpu_count(), logits_all=False, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def argmax_last():
+        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).argmax())
+
+    def prefill(p):
+        llm.reset()
+        llm.eval(p)
+        return argmax_last()
+
+    def decode(t):
+        llm.eval([t])
+        return argmax_last()
+
+    _timed_generation(prefill, decode, prompt[:64], sync=lambda: None)
+    r = _timed_generation(prefill, decode, prompt, sync=lambda: None)
+    llm.close()
+    return r
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         import torch
@@ -290,6 +362,16 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001
                 rows.append({"model": model, "variant": "f16", "runtime": "hf-transformers", "error": repr(e)[:300]})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        if "llamacpp" in args.peers and args.device == "cpu":
+            for quant in ("Q4_0", "Q4_1"):
+                try:
+                    ll = bench_llamacpp(llamacpp_gguf(args.ckpts / f"{model}-f16", quant), prompt)
+                    version = md.version("llama-cpp-python")
+                    rows.append({"model": model, "variant": quant, "runtime": f"llama.cpp {version}", **ll,
+                                 "same_tokens": leading_agreement(ll["tokens"], ours_tokens["f16"])})
+                except Exception as e:  # noqa: BLE001
+                    rows.append({"model": model, "variant": quant, "runtime": "llama.cpp", "error": repr(e)[:300]})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     result = {"device": device_name(args.device), "copy_bandwidth_gbs": bw,
               "iree_runtime": md.version("iree-base-runtime"),
               "iree_compiler": sorted({json.loads((args.bundles / m / "manifest.json").read_text())["compiler_version"]
