@@ -330,7 +330,7 @@ def main() -> None:
                 roof = bw * 1e9 / need
                 logits = r.pop("prompt_logits")
                 if suffix == "":
-                    ours_tokens[variant], ours_logits, base_weights = r["tokens"], logits, weights
+                    ours_tokens[variant], ours_logits, base_weights, base_roof = r["tokens"], logits, weights, roof
                 else:
                     r["same_tokens"] = leading_agreement(r["tokens"], ours_tokens[variant])
                     r["prompt_logit_err"] = float(np.abs(logits - ours_logits).max())
@@ -346,7 +346,7 @@ def main() -> None:
                                   manifest["max_context"], manifest["targets"][args.device]["cache_dtype"])
                     jax_logits = j.pop("prompt_logits")
                     rows.append({"model": model, "variant": variant, "runtime": "jax-xla (our model code)", **j,
-                                 "roofline_frac": j["decode_tps"] / roof,
+                                 "roofline_frac": j["decode_tps"] / base_roof,
                                  "same_tokens": leading_agreement(j["tokens"], ours_tokens[variant]),
                                  "prompt_logit_err": float(np.abs(jax_logits - ours_logits).max()),
                                  "prompt_logit_max": float(np.abs(ours_logits).max())})
