@@ -75,20 +75,21 @@ def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: in
 
 def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX_CONTEXT,
                  prefill_chunk: int | None = None, weight_dtype: str | None = None, kernels: bool = True,
-                 packed: bool = False) -> Path:
+                 packed: bool | None = None) -> Path:
     """A one-target bundle in the artifact cache for this model; compiled only if needed.
 
     weight_dtype "f16" or "f32" overrides the target's default (f32 on CPU, f16 on CUDA);
     prefill_chunk defaults to default_prefill_chunk([target]); kernels=False compiles the
     one-token step without the hand-written kernels (compile/extern.py); packed=True keeps the
-    checkpoint's 4- and 8-bit linear weights packed on the device (compile/packed.py)."""
+    checkpoint's 4- and 8-bit linear weights packed on the device (compile/packed.py), False
+    none, None the target's default (iree_compile.PACKED_BITS_DEFAULT)."""
     cc = read_config(model_dir)
     fam = family.family_module(cc.model_type)
     iree_compile.flags_for(target)  # an unknown target fails here, with the known ones
     prefill_chunk = prefill_chunk or default_prefill_chunk([target])
     wdt = weight_dtype_for(target, weight_dtype)
     cfg = fam.Config.from_checkpoint(cc)
-    packed_weights = packed_weights_of(model_dir, fam.weight_shapes(cfg)) if packed else ()
+    packed_weights = _packed_weights(model_dir, fam.weight_shapes(cfg), target, packed)
     key = build_key(cc.raw, target, max_context, prefill_chunk, wdt, kernels, packed_weights)
     entry = cache_dir() / key
     if (entry / MANIFEST).exists():
@@ -127,14 +128,23 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
     return entry
 
 
-def packed_weights_of(model_dir: Path, shapes: dict) -> tuple:
-    """The weights to keep packed, as the checkpoint in model_dir stores them."""
+def packed_weights_of(model_dir: Path, shapes: dict, bits: tuple[int, ...] | None = None) -> tuple:
+    """The weights to keep packed (quantized with one of `bits`, default all that can be), as
+    the checkpoint in model_dir stores them."""
     from ..resident import quant_spec
     from ..weights import open_checkpoint
-    from .packed import choose
+    from .packed import PACKED_BITS, choose
 
     with open_checkpoint(model_dir) as ckpt:
-        return choose(shapes, lambda name: quant_spec(ckpt, name))
+        return choose(shapes, lambda name: quant_spec(ckpt, name), PACKED_BITS if bits is None else bits)
+
+
+def _packed_weights(model_dir: Path, shapes: dict, target: str, packed: bool | None) -> tuple:
+    if packed is None:  # the target's default; a config without weights (compiling ahead of them) packs none
+        bits = iree_compile.PACKED_BITS_DEFAULT[target]
+        has_weights = any(Path(model_dir).glob("*.safetensors"))
+        return packed_weights_of(model_dir, shapes, bits) if bits and has_weights else ()
+    return packed_weights_of(model_dir, shapes) if packed else ()
 
 
 def _manifest(cc, fam, cfg, max_context, prefill_chunk, targets) -> Manifest:
@@ -145,7 +155,7 @@ def _manifest(cc, fam, cfg, max_context, prefill_chunk, targets) -> Manifest:
 
 def compile_bundle(model_dir: Path, targets: list[str], out: Path, *, max_context: int = DEFAULT_MAX_CONTEXT,
                    prefill_chunk: int | None = None, weight_dtype: str | None = None,
-                   kernels: bool = True, packed: bool = False) -> Manifest:
+                   kernels: bool = True, packed: bool | None = None) -> Manifest:
     """Build every target (through the cache) and gather them into one bundle at `out`.
     prefill_chunk: default_prefill_chunk(targets) when None; kernels and packed as build_target."""
     prefill_chunk = prefill_chunk or default_prefill_chunk(targets)

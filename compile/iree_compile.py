@@ -26,6 +26,11 @@ TARGETS = tuple(TARGET_FLAGS)
 WEIGHT_DTYPE = {"cpu": "float32", "cuda": "float16"}
 # How the step writes the KV cache (compile/layers.py KVCache.commit says why they differ).
 CACHE_WRITE = {"cpu": "slice", "cuda": "scatter"}
+# Quantized weights kept packed by default (compile/packed.py; --packed / --no-packed override):
+# on the CPU the 4-bit ones, which its kernel reads (3.4x faster decode than f32 weights,
+# bench/results/2026-11-26-cpu-2core-packed-llamacpp.json); 8-bit ones would be dequantized
+# inside every step. None on CUDA: the same decode speed there, slower prefill.
+PACKED_BITS_DEFAULT = {"cpu": (4,), "cuda": ()}
 
 
 def export_options(target: str, kernels: bool = True) -> dict:

@@ -37,16 +37,17 @@ class PackedSpec:
                 f"{base}.biases": ((n, k // self.group_size), "float32")}
 
 
-def choose(shapes: dict[str, tuple[int, ...]], quant_spec) -> tuple[PackedSpec, ...]:
-    """The weights among `shapes` to keep packed. quant_spec(name) is the checkpoint's
-    (bits, group_size) for a logical weight, or None where it is not quantized (a stacked
-    weight such as qkv_proj: its parts' common spec, or None if they differ)."""
+def choose(shapes: dict[str, tuple[int, ...]], quant_spec, bits: tuple[int, ...] = PACKED_BITS) -> tuple[PackedSpec, ...]:
+    """The weights among `shapes` to keep packed: those quantized with one of `bits`.
+    quant_spec(name) is the checkpoint's (bits, group_size) for a logical weight, or None where
+    it is not quantized (a stacked weight such as qkv_proj: its parts' common spec, or None if
+    they differ)."""
     out = []
     for name, shape in sorted(shapes.items()):
         if len(shape) != 2 or not name.endswith(".weight"):
             continue
         spec = quant_spec(name)
-        if spec is not None and spec[0] in PACKED_BITS:
+        if spec is not None and spec[0] in bits:
             out.append(PackedSpec(name, tuple(shape), *spec))
     return tuple(out)
 

@@ -56,7 +56,7 @@ def main():
 @click.option("--chat/--no-chat", default=True, show_default=True,
               help="Apply the model's chat template when it has one.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
-@click.option("--packed", is_flag=True, help="Without --bundle: compile with `compile --packed`.")
+@click.option("--packed/--no-packed", default=None, help="Without --bundle: as `compile --packed/--no-packed`.")
 def generate(model_dir, prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
              stop_strings, device, bundle, max_context, chat, fmt, packed):
     """Generate from a prompt (the default command)."""
@@ -98,9 +98,10 @@ def generate(model_dir, prompt, max_tokens, temperature, top_k, top_p, min_p, re
 @click.option("--no-kernels", is_flag=True,
               help="Build the one-token step from IREE's codegen alone, without the hand-written kernels "
                    "(to compare or to debug).")
-@click.option("--packed", is_flag=True,
+@click.option("--packed/--no-packed", default=None,
               help="Keep the checkpoint's 4- and 8-bit weights packed on the device (read by the kernels, "
-                   "dequantized inside the step elsewhere) instead of dequantizing them when loaded.")
+                   "dequantized inside the step elsewhere) instead of dequantizing them when loaded; or none. "
+                   "Default: the 4-bit ones on cpu (its kernel reads them), none on cuda.")
 def compile_cmd(model_dir, target, out, max_context, prefill_chunk, weight_dtype, no_kernels, packed):
     """Compile a model ahead of time into a bundle that the runtime alone can run."""
     try:

@@ -33,9 +33,9 @@ class Model:
 
 
 def load_model(model_dir: Path, *, device: str = "cpu", bundle: Path | None = None,
-               max_context: int | None = None, packed: bool = False) -> Model:
+               max_context: int | None = None, packed: bool | None = None) -> Model:
     """The model ready to run on `device`: from `bundle`, or compiled for it through the
-    artifact cache (with packed=True keeping quantized weights packed, compile --packed)."""
+    artifact cache (packed: as `compile --packed/--no-packed`; None: the target's default)."""
     from .compile.family import SUPPORTED, UnsupportedModel
     from .weights import open_checkpoint
     from .weights.config import read_config
@@ -65,7 +65,7 @@ def load_model(model_dir: Path, *, device: str = "cpu", bundle: Path | None = No
     return Model(session, Tokenizer.from_dir(model_dir), model_dir)
 
 
-def _compile_for(model_dir: Path, target: str, max_context: int | None, packed: bool) -> Path:
+def _compile_for(model_dir: Path, target: str, max_context: int | None, packed: bool | None) -> Path:
     try:
         from .compile.build import DEFAULT_MAX_CONTEXT, build_target
     except ImportError as e:

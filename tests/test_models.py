@@ -1,4 +1,6 @@
 """Every family, compiled by IREE for the CPU, against the HF transformers fp32 oracle.
+(The CPU's defaults: 4-bit weights stay packed and are read by compile/kernels/q4_gemv.c,
+decode attention runs compile/kernels/decode_attention_cpu.c; test_packed.py runs the rest.)
 
 Per checkpoint: prompt ids equal the HF tokenizer's; 32 greedy tokens on 3 prompts equal the
 oracle's (one prompt longer than Gemma3's sliding window and than one prefill chunk); logits

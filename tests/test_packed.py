@@ -1,8 +1,9 @@
 """Quantized weights kept packed on the device (`compile --packed`, compile/packed.py).
 
 The packed step against the oracles: HF fp32 greedy tokens and logits for every family (4-bit
-through the CPU kernel, 8-bit dequantized inside the graph), and the in-graph dequantization
-against mx.dequantize. Also which steps read the weights with a kernel, what the bundle
+through the CPU kernel in test_models.py, the CPU's default; 8-bit dequantized inside the
+graph and 4-bit dequantized when loaded here), and the in-graph dequantization against
+mx.dequantize. Also which steps read the weights with a kernel, what the bundle
 records, and what a mismatched checkpoint gets.
 """
 
@@ -19,16 +20,30 @@ from test_models import MAX_CONTEXT, SEEDS, assert_matches_oracle
 mx = pytest.importorskip("mlx.core", reason="mx.dequantize is the oracle")  # oracle extra
 
 
-@pytest.mark.parametrize("family,dtype,quant", [(f, "bfloat16", "q4") for f in FAMILIES]
-                         + [(f, "float16", "q8") for f in FAMILIES], ids=str)
-def test_packed_greedy_matches_hf_fp32(family, dtype, quant):
+# The CPU's default packs 4-bit weights (test_models.py runs it); here the other two choices:
+# 4-bit dequantized when loaded (--no-packed) and 8-bit kept packed (--packed: dequantized
+# inside the step, no kernel reads 8 bits).
+@pytest.mark.parametrize("family,dtype,quant,packed", [(f, "bfloat16", "q4", False) for f in FAMILIES]
+                         + [(f, "float16", "q8", True) for f in FAMILIES], ids=str)
+def test_greedy_matches_hf_fp32_packed_or_not(family, dtype, quant, packed):
     from iree_runner.generate import load_model
 
     ckpt = mlx_checkpoint(family, dtype, quant, keys="v4", seed=SEEDS.get((family, quant), 0))
-    ours = load_model(ckpt, device="cpu", max_context=MAX_CONTEXT, packed=True)
-    build = ours.session.build
-    assert build.packed and "model.layers.0.self_attn.qkv_proj.weight" in build.packed
+    ours = load_model(ckpt, device="cpu", max_context=MAX_CONTEXT, packed=packed)
+    assert ("model.layers.0.self_attn.qkv_proj.weight" in ours.session.build.packed) == packed
     assert_matches_oracle(ckpt, ours)
+
+
+def test_what_each_target_packs_by_default(tmp_path):
+    """CPU: the 4-bit weights (its kernel reads them), not 8-bit ones; CUDA: none."""
+    from iree_runner.compile import build
+
+    q4, q8 = (mlx_checkpoint("qwen3_moe", "bfloat16", "q4", keys="v4"), mlx_checkpoint("qwen3", "float16", "q8", keys="v4"))
+    m = build.compile_bundle(q4, ["cpu", "cuda"], tmp_path / "q4", max_context=64)
+    cpu = m.targets["cpu"].packed
+    assert "model.layers.0.self_attn.qkv_proj.weight" in cpu and "model.layers.0.mlp.gate.weight" not in cpu  # 8-bit router
+    assert m.targets["cuda"].packed == ()
+    assert build.compile_bundle(q8, ["cpu"], tmp_path / "q8", max_context=64).targets["cpu"].packed == ()
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 64), (4, 128), (8, 64)])
@@ -99,7 +114,7 @@ def test_bundle_records_packed_weights_and_keeps_them_small(tmp_path):
     from iree_runner.generate import load_model
 
     ckpt = mlx_checkpoint("qwen3", "bfloat16", "q4", keys="v4")
-    dense = load_model(ckpt, device="cpu", max_context=64).session
+    dense = load_model(ckpt, device="cpu", max_context=64, packed=False).session
     packed = load_model(ckpt, device="cpu", max_context=64, packed=True).session
     b = packed.build
     types = dict(zip(b.weight_names, b.dtypes()))
