@@ -49,6 +49,7 @@ KERNELS = {
     "gemv": Kernel("gemv", 256),
     "gemv_q4": Kernel("gemv", 256),
     "q4_gemv": Kernel("q4_gemv", target="cpu"),
+    "q4_gemm": Kernel("q4_gemv", target="cpu"),
     "decode_attn_cpu_partial": Kernel("decode_attention_cpu", target="cpu"),
     "decode_attn_cpu_combine": Kernel("decode_attention_cpu", target="cpu"),
 }
@@ -387,6 +388,23 @@ def q4_gemv_fits(w) -> bool:
     """Whether the CPU kernel takes w: Packed 4-bit, groups of 64, K % 128 == 0, K <= 8192."""
     return (isinstance(w, Packed) and w.ndim == 2 and w.bits == 4 and w.group_size == Q4_GROUP
             and w.shape[1] % 128 == 0 and w.shape[1] <= Q4_MAX_K)
+
+
+Q4_GEMM_TILE, Q4_GEMM_MAX_K = 32, 4096  # kernels/q4_gemv.c GEMM_TILE, GEMM_KMAX
+
+
+def q4_gemm_fits(w) -> bool:
+    """Whether the CPU's several-token kernel takes w: Packed 4-bit, groups of 64, K <= 4096."""
+    return (isinstance(w, Packed) and w.ndim == 2 and w.bits == 4 and w.group_size == Q4_GROUP
+            and w.shape[1] <= Q4_GEMM_MAX_K)
+
+
+def q4_gemm(x, w: Packed):
+    """x [C, K] @ dequant(w)^T -> [C, N] f32 on the CPU, w read packed (kernels/q4_gemv.c)."""
+    n, k = w.shape
+    c = x.shape[0]
+    return call("q4_gemm", jax.ShapeDtypeStruct((c, n), jnp.float32),
+                [words(w), w.scales, w.biases, x.astype(jnp.float32)], grid=-(-n // Q4_GEMM_TILE), constants=[n, k, c])
 
 
 def q4_gemv(x, w: Packed):

@@ -87,6 +87,26 @@ def test_cpu_q4_gemv_matches_numpy(tmp_path):
     assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
 
 
+def test_cpu_q4_gemm_matches_numpy(tmp_path):
+    """The several-token kernel of kernels/q4_gemv.c: an odd row count (a single last row), a
+    last workgroup of 6 rows, 5 tokens."""
+    import jax.numpy as jnp
+
+    from iree_runner.compile.packed import Packed
+    from iree_runner.weights import dequantize_affine
+
+    rng = np.random.default_rng(1)
+    n, k, c = 70, 256, 5
+    words = rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint32)
+    scales = (rng.uniform(0.5, 1.5, size=(n, k // 64)) / 100).astype(np.float16)
+    biases = (-7.5 * scales).astype(np.float16)
+    x = rng.standard_normal((c, k)).astype(np.float32)
+    got = _run_on_cpu(lambda x, p, s, b: extern.q4_gemm(x, Packed(p, s, b, 4, 64, jnp.float32)),
+                      [x, words, scales.astype(np.float32), biases.astype(np.float32)], tmp_path)
+    want = x.astype(np.float64) @ dequantize_affine(words, scales, biases, bits=4, group_size=64).astype(np.float64).T
+    assert got.shape == (c, n) and np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+
+
 @pytest.mark.parametrize("kv_heads", [2, 8])  # 8: the kernel's vector path (Qwen3, Llama 3)
 @pytest.mark.parametrize("pos,window", [(0, None), (45, None), (100, None), (100, 8), (70, 40)])
 def test_cpu_decode_attention_matches_the_jax_attention(pos, window, kv_heads, tmp_path):

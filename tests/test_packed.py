@@ -81,7 +81,8 @@ def _packed_spec(family_name: str, weight_dtype: str):
 def test_one_token_steps_read_packed_weights_with_a_kernel(family_name):
     """Every packed 4-bit linear layer of a decode step is a kernel dispatch (the CPU's and
     CUDA's): 4 per dense layer (qkv, o, gate_up, down; MoE layers have a router and their
-    experts stay dequantized) and the lm_head. --no-kernels dequantizes in the graph."""
+    experts stay dequantized) and the lm_head; on the CPU, prefill's too. --no-kernels
+    dequantizes in the graph."""
     from iree_runner.compile import export, iree_compile
 
     fam, cfg, spec = _packed_spec(family_name, "float32")
@@ -93,9 +94,13 @@ def test_one_token_steps_read_packed_weights_with_a_kernel(family_name):
         fam, cfg, spec = _packed_spec(family_name, dtype)
         decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options(target))
         assert decode.count(f"flow.dispatch {kernel}") == expect, target
-        # Prefill's layers dequantize in the graph; its lm_head is one row, the kernel's.
+        # Prefill's lm_head is one row, the one-token kernel's. Its layers: on the CPU the
+        # several-token kernel, on CUDA dequantized in the graph.
         prefill = export.export_step(fam, cfg, spec, 8, "prefill", **iree_compile.export_options(target))
-        assert prefill.count("flow.dispatch") == prefill.count(f"flow.dispatch {kernel}") == (lm_head in four_bit)
+        assert prefill.count(f"flow.dispatch {kernel}") == (lm_head in four_bit)
+        gemm = prefill.count("flow.dispatch @q4_gemv::@q4_gemm[")
+        assert gemm == (expect - (lm_head in four_bit) if target == "cpu" else 0), target
+        assert prefill.count("flow.dispatch") == (lm_head in four_bit) + gemm
         text = export.export_step(fam, cfg, spec, 1, "step", **iree_compile.export_options(target, kernels=False))
         assert "flow.dispatch" not in text, target
 

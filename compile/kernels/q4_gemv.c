@@ -62,3 +62,60 @@ void q4_gemv_workgroup(const char* packed_base, size_t packed_off, const char* s
     y[r] = s;
   }
 }
+
+// Several tokens (a prefill chunk) at once: Y[C, N] = X[C, K] @ dequant(W)^T. Each pair of rows
+// is dequantized once into f32 on the stack (2 * K floats, K <= GEMM_KMAX), then every token's
+// row of X (kept in cache: C * K floats) is dotted with both: the weights are read once per
+// chunk instead of once per token, and each load of X feeds two FMAs.
+#define GEMM_TILE 32  // rows per workgroup
+#define GEMM_KMAX 4096
+
+static inline void dequant_row(const uint32_t* restrict p, const float* restrict sc, const float* restrict bi,
+                               size_t k, float* restrict out) {
+  for (size_t i = 0; i < k / 8; ++i) {
+    const uint32_t w = p[i];
+    const float s = sc[i / 8], b = bi[i / 8];  // 8 words per group of 64
+    for (unsigned t = 0; t < 8; ++t) out[8 * i + t] = s * (float)((w >> (4 * t)) & 15u) + b;
+  }
+}
+
+static inline float hsum(vf v) {
+  float s = 0.0f;
+  for (size_t j = 0; j < 16; ++j) s += v[j];
+  return s;
+}
+
+static inline vf loadv(const float* p) {
+  vf v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+void q4_gemm_workgroup(const char* packed_base, size_t packed_off, const char* scales_base, size_t scales_off,
+                       const char* biases_base, size_t biases_off, const char* x_base, size_t x_off,
+                       char* y_base, size_t y_off, int32_t n_i32, int32_t k_i32, int32_t c_i32, size_t wg) {
+  const uint32_t* restrict packed = (const uint32_t*)(packed_base + packed_off);
+  const float* restrict scales = (const float*)(scales_base + scales_off);
+  const float* restrict biases = (const float*)(biases_base + biases_off);
+  const float* restrict x = (const float*)(x_base + x_off);
+  float* restrict y = (float*)(y_base + y_off);
+  const size_t n = (size_t)n_i32, k = (size_t)k_i32, c = (size_t)c_i32, ng = k / 64;
+  const size_t r0 = wg * GEMM_TILE, r1 = r0 + GEMM_TILE < n ? r0 + GEMM_TILE : n;
+  float w0[GEMM_KMAX], w1[GEMM_KMAX];
+  for (size_t r = r0; r < r1; r += 2) {
+    const int two = r + 1 < r1;
+    dequant_row(packed + r * (k / 8), scales + r * ng, biases + r * ng, k, w0);
+    if (two) dequant_row(packed + (r + 1) * (k / 8), scales + (r + 1) * ng, biases + (r + 1) * ng, k, w1);
+    for (size_t t = 0; t < c; ++t) {
+      const float* xt = x + t * k;
+      vf a0 = {0}, a1 = {0};
+      for (size_t i = 0; i < k; i += 16) {  // k % 64 == 0
+        const vf xv = loadv(xt + i);
+        a0 += loadv(w0 + i) * xv;
+        if (two) a1 += loadv(w1 + i) * xv;
+      }
+      y[t * n + r] = hsum(a0);
+      if (two) y[t * n + r + 1] = hsum(a1);
+    }
+  }
+}
