@@ -43,96 +43,68 @@ __device__ __forceinline__ float dot8(uint4 w, const float* x) {
   return acc;
 }
 
-// The f16 rows: PF 16-byte pieces per lane are loaded before x is staged (they do not depend
-// on it, and the weight stream is what the kernel waits for), the rest as the sum runs.
-struct F16Rows {
-  const uint4 *w0, *w1;
-  int K8;
-  uint4 p0[PF], p1[PF];
-  __device__ __forceinline__ F16Rows(const __half* W, int n, int N, int K, bool gate, int lane) {
-    K8 = K / 8;
-    w0 = reinterpret_cast<const uint4*>(W) + (size_t)n * K8;
-    w1 = reinterpret_cast<const uint4*>(W) + (size_t)(n + N) * K8;
+// One weight row in pieces of 8 inputs per lane and load. f16: a 16-byte piece.
+struct F16Row {
+  using Piece = uint4;
+  const uint4* w;
+  __device__ __forceinline__ F16Row(const __half* W, int row, int K) : w(reinterpret_cast<const uint4*>(W) + (size_t)row * (K / 8)) {}
+  __device__ __forceinline__ Piece load(int k8) const { return w[k8]; }
+  __device__ __forceinline__ float dot(Piece p, const float* x, int) const { return dot8(p, x); }
+};
+
+// 4-bit: one packed word, s * sum(q x) + b * sum(x) over its 8 inputs.
+struct Q4Row {
+  using Piece = uint32_t;
+  const uint32_t* w;
+  const float *s, *b;
+  __device__ __forceinline__ Q4Row(const uint32_t* W, const float* scales, const float* biases, int row, int K)
+      : w(W + (size_t)row * (K / 8)), s(scales + (size_t)row * (K / 64)), b(biases + (size_t)row * (K / 64)) {}
+  __device__ __forceinline__ Piece load(int k8) const { return w[k8]; }
+  __device__ __forceinline__ float dot(Piece p, const float* x, int k8) const {
+    const float4 xa = *reinterpret_cast<const float4*>(x), xb = *reinterpret_cast<const float4*>(x + 4);
+    const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+    float dq = 0.f, dx = 0.f;
 #pragma unroll
-    for (int j = 0; j < PF; ++j) {
-      const int k8 = j * 32 + lane;
-      if (k8 < K8) {
-        p0[j] = w0[k8];
-        if (gate) p1[j] = w1[k8];
-      }
+    for (int j = 0; j < 8; ++j) {
+      dq += (float)((p >> (4 * j)) & 15u) * xv[j];
+      dx += xv[j];
     }
-  }
-  __device__ __forceinline__ void dot(const float* xs, bool gate, int lane, float& a0, float& a1) {
-#pragma unroll
-    for (int j = 0; j < PF; ++j) {
-      const int k8 = j * 32 + lane;
-      if (k8 < K8) {
-        a0 += dot8(p0[j], xs + k8 * 8);
-        if (gate) a1 += dot8(p1[j], xs + k8 * 8);
-      }
-    }
-#pragma unroll 4
-    for (int k8 = PF * 32 + lane; k8 < K8; k8 += 32) {
-      const float* xk = xs + k8 * 8;
-      a0 += dot8(w0[k8], xk);
-      if (gate) a1 += dot8(w1[k8], xk);
-    }
+    const int g = k8 / 8;  // 8 words per group of 64
+    return s[g] * dq + b[g] * dx;
   }
 };
 
-// s * sum(q x) + b * sum(x) over the 8 inputs of one packed word.
-__device__ __forceinline__ float dot_q4(uint32_t w, const float* x, const float* scales, const float* biases,
-                                        int k8) {
-  const float4 xa = *reinterpret_cast<const float4*>(x), xb = *reinterpret_cast<const float4*>(x + 4);
-  const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
-  float dq = 0.f, dx = 0.f;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    dq += (float)((w >> (4 * j)) & 15u) * xv[j];
-    dx += xv[j];
-  }
-  const int g = k8 / 8;  // 8 words per group of 64
-  return scales[g] * dq + biases[g] * dx;
-}
-
-// The 4-bit rows: words, 4 bytes per lane and load, PFQ of them ahead as for f16.
-struct Q4Rows {
-  const uint32_t *w0, *w1;
-  const float *s0, *s1, *b0, *b1;
+// A warp's row (two in gate mode): AHEAD pieces per lane are loaded before x is staged (they
+// do not depend on it, and the weight stream is what the kernel waits for), the rest as the
+// sum runs.
+template <class Row, int AHEAD>
+struct Rows {
+  Row r0, r1;
   int K8;
-  uint32_t p0[PFQ], p1[PFQ];
-  __device__ __forceinline__ Q4Rows(const uint32_t* W, const float* scales, const float* biases, int n, int N,
-                                    int K, bool gate, int lane) {
-    K8 = K / 8;
-    const int G = K / 64;
-    w0 = W + (size_t)n * K8;
-    w1 = W + (size_t)(n + N) * K8;
-    s0 = scales + (size_t)n * G;
-    s1 = scales + (size_t)(n + N) * G;
-    b0 = biases + (size_t)n * G;
-    b1 = biases + (size_t)(n + N) * G;
+  typename Row::Piece p0[AHEAD], p1[AHEAD];
+  __device__ __forceinline__ Rows(Row row0, Row row1, int K, bool gate, int lane) : r0(row0), r1(row1), K8(K / 8) {
 #pragma unroll
-    for (int j = 0; j < PFQ; ++j) {
+    for (int j = 0; j < AHEAD; ++j) {
       const int k8 = j * 32 + lane;
       if (k8 < K8) {
-        p0[j] = w0[k8];
-        if (gate) p1[j] = w1[k8];
+        p0[j] = r0.load(k8);
+        if (gate) p1[j] = r1.load(k8);
       }
     }
   }
   __device__ __forceinline__ void dot(const float* xs, bool gate, int lane, float& a0, float& a1) {
 #pragma unroll
-    for (int j = 0; j < PFQ; ++j) {
+    for (int j = 0; j < AHEAD; ++j) {
       const int k8 = j * 32 + lane;
       if (k8 < K8) {
-        a0 += dot_q4(p0[j], xs + k8 * 8, s0, b0, k8);
-        if (gate) a1 += dot_q4(p1[j], xs + k8 * 8, s1, b1, k8);
+        a0 += r0.dot(p0[j], xs + k8 * 8, k8);
+        if (gate) a1 += r1.dot(p1[j], xs + k8 * 8, k8);
       }
     }
 #pragma unroll 4
-    for (int k8 = PFQ * 32 + lane; k8 < K8; k8 += 32) {
-      a0 += dot_q4(w0[k8], xs + k8 * 8, s0, b0, k8);
-      if (gate) a1 += dot_q4(w1[k8], xs + k8 * 8, s1, b1, k8);
+    for (int k8 = AHEAD * 32 + lane; k8 < K8; k8 += 32) {
+      a0 += r0.dot(r0.load(k8), xs + k8 * 8, k8);
+      if (gate) a1 += r1.dot(r1.load(k8), xs + k8 * 8, k8);
     }
   }
 };
@@ -197,7 +169,7 @@ extern "C" __global__ void __launch_bounds__(NT) gemv(
   __shared__ __align__(16) float xs[MAX_K];
   __shared__ float red[WARPS];
   const int n_raw = blockIdx.x * WARPS + threadIdx.x / 32, n = min(n_raw, N - 1);  // a spare warp redoes the last row
-  F16Rows rows(W, n, N, K, flags & 16, threadIdx.x % 32);
+  Rows<F16Row, PF> rows(F16Row(W, n, K), F16Row(W, n + N, K), K, flags & 16, threadIdx.x % 32);
   gemv_body(rows, x, norm_w, bias, residual, out, n, n_raw, N, K, flags, eps_bits, xs, red);
 }
 
@@ -208,6 +180,7 @@ extern "C" __global__ void __launch_bounds__(NT) gemv_q4(
   __shared__ __align__(16) float xs[MAX_K];
   __shared__ float red[WARPS];
   const int n_raw = blockIdx.x * WARPS + threadIdx.x / 32, n = min(n_raw, N - 1);
-  Q4Rows rows(W, scales, biases, n, N, K, flags & 16, threadIdx.x % 32);
+  Rows<Q4Row, PFQ> rows(Q4Row(W, scales, biases, n, K), Q4Row(W, scales, biases, n + N, K), K, flags & 16,
+                        threadIdx.x % 32);
   gemv_body(rows, x, norm_w, bias, residual, out, n, n_raw, N, K, flags, eps_bits, xs, red);
 }

@@ -64,9 +64,9 @@ void q4_gemv_workgroup(const char* packed_base, size_t packed_off, const char* s
 }
 
 // Several tokens (a prefill chunk) at once: Y[C, N] = X[C, K] @ dequant(W)^T. Each pair of rows
-// is dequantized once into f32 on the stack (2 * K floats, K <= GEMM_KMAX), then every token's
-// row of X (kept in cache: C * K floats) is dotted with both: the weights are read once per
-// chunk instead of once per token, and each load of X feeds two FMAs.
+// is dequantized once into f32 on the stack (2 * K floats, K <= GEMM_KMAX), then the tokens'
+// rows of X (kept in cache: C * K floats) are dotted with both, four tokens at a time: the
+// weights are read once per chunk instead of once per token.
 #define GEMM_TILE 32  // rows per workgroup
 #define GEMM_KMAX 4096
 
@@ -106,13 +106,32 @@ void q4_gemm_workgroup(const char* packed_base, size_t packed_off, const char* s
     const int two = r + 1 < r1;
     dequant_row(packed + r * (k / 8), scales + r * ng, biases + r * ng, k, w0);
     if (two) dequant_row(packed + (r + 1) * (k / 8), scales + (r + 1) * ng, biases + (r + 1) * ng, k, w1);
-    for (size_t t = 0; t < c; ++t) {
+    else
+      for (size_t i = 0; i < k; ++i) w1[i] = 0.0f;  // a lone last row: the second is computed and dropped
+    size_t t = 0;
+    for (; t + 4 <= c; t += 4) {  // 4 tokens x 2 rows: 6 loads feed 8 FMAs
+      const float* xt = x + t * k;
+      vf a[4][2] = {{{0}}};
+      for (size_t i = 0; i < k; i += 16) {  // k % 64 == 0
+        const vf u0 = loadv(w0 + i), u1 = loadv(w1 + i);
+        for (size_t j = 0; j < 4; ++j) {
+          const vf xv = loadv(xt + j * k + i);
+          a[j][0] += u0 * xv;
+          a[j][1] += u1 * xv;
+        }
+      }
+      for (size_t j = 0; j < 4; ++j) {
+        y[(t + j) * n + r] = hsum(a[j][0]);
+        if (two) y[(t + j) * n + r + 1] = hsum(a[j][1]);
+      }
+    }
+    for (; t < c; ++t) {
       const float* xt = x + t * k;
       vf a0 = {0}, a1 = {0};
-      for (size_t i = 0; i < k; i += 16) {  // k % 64 == 0
+      for (size_t i = 0; i < k; i += 16) {
         const vf xv = loadv(xt + i);
         a0 += loadv(w0 + i) * xv;
-        if (two) a1 += loadv(w1 + i) * xv;
+        a1 += loadv(w1 + i) * xv;
       }
       y[t * n + r] = hsum(a0);
       if (two) y[t * n + r + 1] = hsum(a1);
