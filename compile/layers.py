@@ -239,10 +239,11 @@ CACHE_LAYOUT = "LDSH"
 # How commit() writes the cache: "scatter" or "slice" (set per target by export.export_step).
 CACHE_WRITE = "slice"
 CACHE_WRITES = ("scatter", "slice")
-# Whose hand-written kernels a one-token step runs where the shapes and dtypes fit them, set per
-# target by export.export_step (compile/extern.py): "cuda" (attention from the raw qkv, and
-# linear layers with their norm, residual and gate folded in, on f16 or packed 4-bit weights),
-# "cpu" (linear layers on packed 4-bit weights) or None. The JAX graph stays the reference.
+# Whose hand-written kernels a step runs where the shapes and dtypes fit them, set per target by
+# export.export_step (compile/extern.py): "cuda" (one-token steps: attention from the raw qkv,
+# and linear layers with their norm, residual and gate folded in, on f16 or packed 4-bit
+# weights), "cpu" (one-token attention; linear layers on packed 4-bit weights, for one token or
+# a prefill chunk) or None. The JAX graph stays the reference.
 DECODE_KERNEL: str | None = None
 
 
@@ -330,7 +331,7 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
     in [C, KVH, G, keys] order throughout, the order of the query rows.
 
     A one-token CPU step runs a hand-written kernel instead (extern.cpu_decode_attention).
-    Against the cache, two forms. With an f32 cache (the CPU), per-head batched matmuls in f32.
+    Against the cache, two forms. With an f32 cache (the CPU), per KV head plain 2-D matmuls in f32.
     With an f16 cache (CUDA), plain 2-D f16 matmuls of all query heads against all KV heads,
     keeping each head's own block: KVH times the flops, but IREE 3.13 on CUDA computes f16
     matmuls with batch dimensions wrongly (bench/cuda_ops.py) and its f32 ones for these shapes
