@@ -30,8 +30,8 @@ class StepSpec:
     weight_dtype: str  # "float32" | "float16": every weight but the packed ones
     cache_shape: tuple[int, ...]  # K and V each; capacity already includes the chunk slack
     cache_dtype: str
-    packed: tuple[packed.PackedSpec, ...] = ()  # weights kept packed (three arguments each)
-    weight_dtypes: tuple[str, ...] = ()  # per argument; empty = all weight_dtype
+    packed: tuple[packed.PackedSpec, ...]  # weights kept packed (three arguments each)
+    weight_dtypes: tuple[str, ...]  # per argument
 
 
 def first_argmax(x):
@@ -74,7 +74,8 @@ def export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str, cach
     The target's choices (iree_compile.export_options):
     - cache_write: how the KV cache is written, one of layers.CACHE_WRITES;
     - decode_kernel: the target ("cuda" or "cpu") whose hand-written kernels (compile/extern.py)
-      a one-token step uses where they fit, linked into the text as IREE dispatches; None: none."""
+      the step uses where they fit (mostly one-token steps; layers.DECODE_KERNEL says which),
+      linked into the text as IREE dispatches; None: none."""
     if cache_write not in layers.CACHE_WRITES:
         raise ValueError(f"cache_write {cache_write!r} is not one of {layers.CACHE_WRITES}")
     saved = layers.CACHE_WRITE, layers.DECODE_KERNEL
@@ -88,8 +89,8 @@ def export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str, cach
 def _export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str) -> str:
     wdt = np.dtype(spec.weight_dtype)
     fn = make_step(family, cfg, spec.packed, wdt)
-    dtypes = spec.weight_dtypes or (spec.weight_dtype,) * len(spec.weight_names)
-    weights = {n: jax.ShapeDtypeStruct(s, np.dtype(d)) for n, s, d in zip(spec.weight_names, spec.weight_shapes, dtypes)}
+    weights = {n: jax.ShapeDtypeStruct(s, np.dtype(d))
+               for n, s, d in zip(spec.weight_names, spec.weight_shapes, spec.weight_dtypes)}
     cache = jax.ShapeDtypeStruct(spec.cache_shape, np.dtype(spec.cache_dtype))
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     exported = jax.export.export(jax.jit(fn, donate_argnums=(1, 2)), disabled_checks=extern.disabled_checks())(

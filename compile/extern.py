@@ -65,10 +65,10 @@ def f32_bits(x: float) -> int:
     return int(np.float32(x).view(np.int32))
 
 
-def words(w: Packed):
-    """A packed weight's words as int32, the same bits: IREE does not legalize a dispatch
-    operand of unsigned type."""
-    return jax.lax.bitcast_convert_type(w.words, jnp.int32)
+def packed_operands(w: Packed) -> list:
+    """A packed weight as a kernel's operands: words, scales, biases. The words go as int32, the
+    same bits: IREE does not legalize a dispatch operand of unsigned type."""
+    return [jax.lax.bitcast_convert_type(w.words, jnp.int32), w.scales, w.biases]
 
 
 def absent(dtype):
@@ -349,11 +349,17 @@ NORM, ONE_PLUS, BIAS, RESIDUAL, GATE, GELU = 1, 2, 4, 8, 16, 32  # the kernel's 
 Q4_GROUP = 64  # the group size both 4-bit kernels read
 
 
+def _q4_fits(w, max_k: int) -> bool:
+    """Whether w is what the 4-bit kernels read: Packed, 2-D, 4 bits in groups of 64, K <= max_k."""
+    return (isinstance(w, Packed) and w.ndim == 2 and w.bits == 4 and w.group_size == Q4_GROUP
+            and w.shape[1] <= max_k)
+
+
 def gemv_fits(w) -> bool:
     """Whether the CUDA kernel takes weight w ([N, K] f16, or Packed 4-bit in groups of 64);
     else the linear stays in JAX."""
     if isinstance(w, Packed):
-        return w.ndim == 2 and w.bits == 4 and w.group_size == Q4_GROUP and w.shape[1] <= GEMV_MAX_K
+        return _q4_fits(w, GEMV_MAX_K)
     return w.ndim == 2 and w.dtype == jnp.float16 and w.shape[1] % 8 == 0 and w.shape[1] <= GEMV_MAX_K
 
 
@@ -371,7 +377,7 @@ def gemv(x, w, *, bias=None, norm=None, residual=None, gate: str | None = None):
     if gate not in (None, "silu", "gelu_tanh"):
         raise ValueError(f"gate activation {gate!r}: silu or gelu_tanh")
     f16, f32 = jnp.float16, jnp.float32
-    weight = [words(w), w.scales, w.biases] if isinstance(w, Packed) else [w]
+    weight = packed_operands(w) if isinstance(w, Packed) else [w]
     operands = [x.astype(f32), *weight, absent(f16) if norm is None else norm[0].astype(f16),
                 absent(f16) if bias is None else bias.astype(f16),
                 absent(f32) if residual is None else residual.astype(f32)]
@@ -386,8 +392,7 @@ Q4_MAX_K = 8192
 
 def q4_gemv_fits(w) -> bool:
     """Whether the CPU kernel takes w: Packed 4-bit, groups of 64, K % 128 == 0, K <= 8192."""
-    return (isinstance(w, Packed) and w.ndim == 2 and w.bits == 4 and w.group_size == Q4_GROUP
-            and w.shape[1] % 128 == 0 and w.shape[1] <= Q4_MAX_K)
+    return _q4_fits(w, Q4_MAX_K) and w.shape[1] % 128 == 0
 
 
 Q4_GEMM_TILE, Q4_GEMM_MAX_K = 32, 4096  # kernels/q4_gemv.c GEMM_TILE, GEMM_KMAX
@@ -395,8 +400,7 @@ Q4_GEMM_TILE, Q4_GEMM_MAX_K = 32, 4096  # kernels/q4_gemv.c GEMM_TILE, GEMM_KMAX
 
 def q4_gemm_fits(w) -> bool:
     """Whether the CPU's several-token kernel takes w: Packed 4-bit, groups of 64, K <= 4096."""
-    return (isinstance(w, Packed) and w.ndim == 2 and w.bits == 4 and w.group_size == Q4_GROUP
-            and w.shape[1] <= Q4_GEMM_MAX_K)
+    return _q4_fits(w, Q4_GEMM_MAX_K)
 
 
 def q4_gemm(x, w: Packed):
@@ -404,13 +408,13 @@ def q4_gemm(x, w: Packed):
     n, k = w.shape
     c = x.shape[0]
     return call("q4_gemm", jax.ShapeDtypeStruct((c, n), jnp.float32),
-                [words(w), w.scales, w.biases, x.astype(jnp.float32)], grid=-(-n // Q4_GEMM_TILE), constants=[n, k, c])
+                [*packed_operands(w), x.astype(jnp.float32)], grid=-(-n // Q4_GEMM_TILE), constants=[n, k, c])
 
 
 def q4_gemv(x, w: Packed):
     """dequant(w) [N, K] · x [K] -> [N] f32 on the CPU, w read packed (kernels/q4_gemv.c)."""
     n, k = w.shape
-    return call("q4_gemv", jax.ShapeDtypeStruct((n,), jnp.float32), [words(w), w.scales, w.biases, x.astype(jnp.float32)],
+    return call("q4_gemv", jax.ShapeDtypeStruct((n,), jnp.float32), [*packed_operands(w), x.astype(jnp.float32)],
                 grid=-(-n // Q4_TILE), constants=[n, k])
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
+from ..resident import packed_arguments
+
 PACKED_BITS = (4, 8)  # values never straddle a word; the CUDA and CPU kernels read 4
 
 
@@ -31,10 +33,9 @@ class PackedSpec:
 
     def arguments(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """The step's arguments for it: name -> (shape, dtype)."""
-        base, (n, k) = self.name[: -len(".weight")], self.shape
-        return {self.name: ((n, k * self.bits // 32), "uint32"),
-                f"{base}.scales": ((n, k // self.group_size), "float32"),
-                f"{base}.biases": ((n, k // self.group_size), "float32")}
+        (n, k), groups = self.shape, (self.shape[0], self.shape[1] // self.group_size)
+        words, scales, biases = packed_arguments(self.name)
+        return {words: ((n, k * self.bits // 32), "uint32"), scales: (groups, "float32"), biases: (groups, "float32")}
 
 
 def choose(shapes: dict[str, tuple[int, ...]], quant_spec, bits: tuple[int, ...] = PACKED_BITS) -> tuple[PackedSpec, ...]:
@@ -80,7 +81,6 @@ def view(weights: dict, specs: tuple[PackedSpec, ...], dtype) -> dict:
     """The step's weight arguments with each packed triple replaced by one Packed."""
     w = dict(weights)
     for s in specs:
-        base = s.name[: -len(".weight")]
-        w[s.name] = Packed(w[s.name], w.pop(f"{base}.scales"), w.pop(f"{base}.biases"), s.bits, s.group_size,
-                           dtype)
+        words, scales, biases = packed_arguments(s.name)
+        w[words] = Packed(w[words], w.pop(scales), w.pop(biases), s.bits, s.group_size, dtype)
     return w

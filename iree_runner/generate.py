@@ -14,7 +14,7 @@ from typing import Iterator
 
 from .bundle import check_compatible, read_manifest
 from .sampling import SamplingParams, make_sampler
-from .resident import gather_weights
+from .resident import gather_weights, packed_arguments
 from .session import Session, check_device
 from .tokenizer import Tokenizer, find_stop, stop_holdback
 
@@ -53,12 +53,13 @@ def load_model(model_dir: Path, *, device: str = "cpu", bundle: Path | None = No
     manifest = read_manifest(bundle)
     build = check_compatible(manifest, bundle, cc.raw, device)
     weights = gather_weights(open_checkpoint(model_dir), list(build.weight_names), build.weight_dtype, build.packed)
+    packed_args = {a for n in build.packed for a in packed_arguments(n)}
     for name, shape, dtype in zip(build.weight_names, build.weight_shapes, build.dtypes()):
         if tuple(weights[name].shape) != tuple(shape) or weights[name].dtype != dtype:
             raise ModelError(f"{model_dir}: tensor {name} is {weights[name].dtype} {list(weights[name].shape)}, "
                              f"the compiled model expects {dtype} {list(shape)}"
                              + (" (packed as in the bundle's checkpoint: same bits and group size?)"
-                                if name.rsplit(".", 1)[0] + ".weight" in build.packed else ""))
+                                if name in packed_args else ""))
     session = Session(bundle, build, weights, max_context=manifest.max_context,
                       prefill_chunk=manifest.prefill_chunk)
     del weights  # the device holds them now

@@ -30,13 +30,19 @@ class MissingWeight(ValueError):
 PACKED_PART = re.compile(r"^(?P<base>.+)\.(?P<part>weight|scales|biases)$")
 
 
+def packed_arguments(name: str) -> tuple[str, str, str]:
+    """The step's three arguments for packed weight `<module>.weight` (compile/packed.py): the
+    words under its own name, then `<module>.scales` and `<module>.biases`."""
+    base = name.removesuffix(".weight")
+    return (name, f"{base}.scales", f"{base}.biases")
+
+
 def gather_weights(ckpt, names: list[str], dtype, packed: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """{name: array in dtype} for every name; a clear error for one the checkpoint lacks.
 
     `packed` names weights (".weight") kept as the checkpoint stores them: for each, the step
     takes the packed words (uint32) under its name and ".scales", ".biases" in f32."""
-    parts = {f"{b}.{p}": b + ".weight" for b in (n[: -len(".weight")] for n in packed)
-             for p in ("weight", "scales", "biases")}
+    parts = {a for n in packed for a in packed_arguments(n)}
     out = {n: packed_tensor(ckpt, n) for n in names if n in parts}
     direct = [n for n in names if n in ckpt and n not in parts]
     out |= ckpt.load_all(np.dtype(dtype), names=direct)

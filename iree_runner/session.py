@@ -70,8 +70,7 @@ class Session:
         self._steps = {s: getattr(self._ctx.modules, s).vm_module.lookup_function("main") for s in ("prefill", "decode")}
         self.stats = LoadStats()
         t0 = time.perf_counter()
-        self._weights = [rt.asdevicearray(device, weights[n]) for n in build.weight_names]
-        self._weight_views = [w._buffer_view for w in self._weights]
+        self._weight_views = [rt.asdevicearray(device, weights[n])._buffer_view for n in build.weight_names]
         self.stats.upload_s = time.perf_counter() - t0
         self.stats.weight_bytes = sum(weights[n].nbytes for n in build.weight_names)
         self._device = device

@@ -68,43 +68,39 @@ def _run_on_cpu(fn, args, tmp_path):
     return np.asarray(module["main"](*args).to_host())
 
 
-def test_cpu_q4_gemv_matches_numpy(tmp_path):
-    """kernels/q4_gemv.c on MLX's packing, N not a multiple of its 64-row tiles."""
+def _run_q4_kernel(kernel, x, n: int, seed: int, tmp_path):
+    """extern.<kernel>(x, w) on the CPU for random MLX-packed 4-bit w [n, K] (F16 scales and
+    biases, group 64), and w dequantized by numpy (f64), the reference."""
     import jax.numpy as jnp
 
     from iree_runner.compile.packed import Packed
     from iree_runner.weights import dequantize_affine
 
-    rng = np.random.default_rng(0)
-    n, k = 200, 1024
+    rng = np.random.default_rng(seed)
+    k = x.shape[-1]
     words = rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint32)
     scales = (rng.uniform(0.5, 1.5, size=(n, k // 64)) / 100).astype(np.float16)
     biases = (-7.5 * scales).astype(np.float16)
-    x = rng.standard_normal(k).astype(np.float32)
-    got = _run_on_cpu(lambda x, p, s, b: extern.q4_gemv(x, Packed(p, s, b, 4, 64, jnp.float32)),
+    got = _run_on_cpu(lambda x, p, s, b: getattr(extern, kernel)(x, Packed(p, s, b, 4, 64, jnp.float32)),
                       [x, words, scales.astype(np.float32), biases.astype(np.float32)], tmp_path)
-    want = dequantize_affine(words, scales, biases, bits=4, group_size=64).astype(np.float64) @ x
+    return got, dequantize_affine(words, scales, biases, bits=4, group_size=64).astype(np.float64)
+
+
+def test_cpu_q4_gemv_matches_numpy(tmp_path):
+    """kernels/q4_gemv.c on MLX's packing, N not a multiple of its 64-row tiles."""
+    x = np.random.default_rng(10).standard_normal(1024).astype(np.float32)
+    got, w = _run_q4_kernel("q4_gemv", x, 200, 0, tmp_path)
+    want = w @ x
     assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
 
 
 def test_cpu_q4_gemm_matches_numpy(tmp_path):
     """The several-token kernel of kernels/q4_gemv.c: 69 rows (a last workgroup of 5, so a lone
     last row), 5 tokens (a block of 4 and one more)."""
-    import jax.numpy as jnp
-
-    from iree_runner.compile.packed import Packed
-    from iree_runner.weights import dequantize_affine
-
-    rng = np.random.default_rng(1)
-    n, k, c = 69, 256, 5
-    words = rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint32)
-    scales = (rng.uniform(0.5, 1.5, size=(n, k // 64)) / 100).astype(np.float16)
-    biases = (-7.5 * scales).astype(np.float16)
-    x = rng.standard_normal((c, k)).astype(np.float32)
-    got = _run_on_cpu(lambda x, p, s, b: extern.q4_gemm(x, Packed(p, s, b, 4, 64, jnp.float32)),
-                      [x, words, scales.astype(np.float32), biases.astype(np.float32)], tmp_path)
-    want = x.astype(np.float64) @ dequantize_affine(words, scales, biases, bits=4, group_size=64).astype(np.float64).T
-    assert got.shape == (c, n) and np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+    x = np.random.default_rng(11).standard_normal((5, 256)).astype(np.float32)
+    got, w = _run_q4_kernel("q4_gemm", x, 69, 1, tmp_path)
+    want = x.astype(np.float64) @ w.T
+    assert got.shape == (5, 69) and np.abs(got - want).max() < 1e-5 * np.abs(want).max()
 
 
 @pytest.mark.parametrize("kv_heads", [2, 8])  # 8: the kernel's vector path (Qwen3, Llama 3)
