@@ -171,7 +171,8 @@ def make(root: Path, model: Path, variants: list[str], layers: int | None = None
                 modules["probe"] = probe_text
             (d / target).mkdir(parents=True, exist_ok=True)
             for step, text in modules.items():
-                iree_compile.compile_mlir(text, d / target / f"{step}.vmfb", target, label=f"{name} {step}")
+                iree_compile.compile_mlir(text, d / target / f"{step}.vmfb", target, label=f"{name} {step}",
+                                          flags=None if step == "probe" else iree_compile.step_flags(target))
         (d / "meta.json").write_text(json.dumps({"names": spec.weight_names, "shapes": spec.weight_shapes,
                                                  "wd": wd, "cd": cd, "cache_shape": spec.cache_shape,
                                                  "max_context": max_context}))

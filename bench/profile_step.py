@@ -41,7 +41,7 @@ def random_session(bundle: Path, target: str = "cuda") -> Session:
 def main(bundle: Path, target: str = "cuda", steps: int = 1) -> None:
     rng = np.random.default_rng(0)
     s = random_session(bundle, target)
-    prompt = rng.integers(100, 1000, s.chunk).tolist()
+    prompt = rng.integers(100, 1000, int(os.environ.get("PROFILE_PROMPT", s.chunk))).tolist()  # tokens before the step
     for _ in range(steps):
         s.reset()
         t0 = time.perf_counter()

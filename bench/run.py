@@ -98,14 +98,27 @@ def decode_bytes(weights: dict, cfg_raw: dict, context: int, cache_bytes: int) -
 def _timed_generation(prefill, decode, prompt, sync=_sync_cuda):
     """prefill(prompt) -> token; decode(token) -> token: greedy, each runtime taking the argmax
     on the device and reading back one int per step."""
+    def stream(p):
+        token = prefill(p)
+        yield token
+        for _ in range(NEW_TOKENS - 1):
+            token = decode(token)
+            yield token
+    return _timed_stream(stream, prompt, sync)
+
+
+def _timed_stream(stream, prompt, sync=_sync_cuda):
+    """stream(prompt) yields NEW_TOKENS greedy tokens, each as the host gets it."""
     sync()
     t0 = time.perf_counter()
-    tokens = [prefill(prompt)]
-    ttft = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    for _ in range(NEW_TOKENS - 1):
-        tokens.append(decode(tokens[-1]))
+    tokens = []
+    for token in stream(prompt):
+        tokens.append(token)
+        if len(tokens) == 1:
+            ttft = time.perf_counter() - t0
+            t1 = time.perf_counter()
     decode_s = time.perf_counter() - t1
+    assert len(tokens) == NEW_TOKENS, (len(tokens), NEW_TOKENS)
     return {"prefill_tps": len(prompt) / ttft, "ttft_ms": ttft * 1e3, "decode_tps": (NEW_TOKENS - 1) / decode_s,
             "tokens": tokens}
 
@@ -117,6 +130,8 @@ def leading_agreement(a: list[int], b: list[int]) -> int:
 
 def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tuple[dict, dict]:
     from iree_runner.bundle import check_compatible, read_manifest
+    from iree_runner.generate import generate_step
+    from iree_runner.sampling import SamplingParams
     from iree_runner.resident import gather_weights
     from iree_runner.session import Session
     from iree_runner.weights import open_checkpoint
@@ -130,15 +145,11 @@ def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tupl
     s = Session(bundle, build, weights, max_context=manifest.max_context, prefill_chunk=manifest.prefill_chunk)
     load_s = time.perf_counter() - t0
 
-    def prefill(p):
-        s.reset()
-        return s.prefill(p, greedy=True)
+    def stream(p):  # as iree-generate runs it: the next step queued before a token is read
+        return generate_step(s, p, SamplingParams(), NEW_TOKENS)
 
-    def decode(t):
-        return s.decode(t, greedy=True)
-
-    _timed_generation(prefill, decode, prompt[:64])  # warm-up
-    r = _timed_generation(prefill, decode, prompt)
+    _timed_stream(stream, prompt[:64])  # warm-up
+    r = _timed_stream(stream, prompt)
     r |= {"load_s": load_s, "host_dequant_s": t_host, "device_mb": device_used_mb(device) - before}
     s.reset()
     r["prompt_logits"] = np.asarray(s.prefill(prompt), np.float32)  # to compare with the JAX peer

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,8 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--pipelined", action="store_true",
+                    help="queue each step before reading the one before, as generation does")
     a = ap.parse_args()
     s = random_session(a.bundle, "cuda")
     torch.zeros(1, device="cuda")  # torch's CUDA context exists before profiling starts
@@ -52,12 +55,34 @@ def main() -> None:
         except FloatingPointError:  # random weights: timing only
             s.pos += 1 if tokens is None else len(tokens)
 
+    def pipelined(n):
+        """n steps, each queued before the one before is read; host ms to queue and to read."""
+        queue, times = [s.decode_next()], []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            queue.append(s.decode_next())
+            t1 = time.perf_counter()
+            try:
+                queue.pop(0).result()
+            except FloatingPointError:
+                pass
+            times.append((1e3 * (t1 - t0), 1e3 * (time.perf_counter() - t1)))
+        queue.pop(0).view  # the last one is left to finish
+        s.wait()
+        return times
+
     step(list(range(100, 100 + a.prompt)))
     for _ in range(5):
         step(None)
+    if a.pipelined:
+        t = np.array(pipelined(50))
+        print(f"pipelined: queue {np.median(t[5:, 0]):.3f} ms, read {np.median(t[5:, 1]):.3f} ms (medians)")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(a.steps):
-            step(None)
+        if a.pipelined:
+            pipelined(a.steps)
+        else:
+            for _ in range(a.steps):
+                step(None)
     prof.export_chrome_trace(str(a.out))
     events = json.loads(a.out.read_text())["traceEvents"]
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])

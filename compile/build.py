@@ -63,7 +63,7 @@ def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: in
     parts = {
         "config": graph_config(raw_config), "export": _export_code_digest(),
         "iree": iree_compile.compiler_version(), "jax": jax.__version__, "target": target,
-        "flags": iree_compile.flags_for(target), "weight_dtype": weight_dtype,
+        "flags": iree_compile.step_flags(target), "weight_dtype": weight_dtype,
         "cache_dtype": weight_dtype,
         "max_context": max_context, "prefill_chunk": prefill_chunk,
         "host": iree_compile.host_cpu() if target == "cpu" else None,
@@ -112,9 +112,9 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
             mlir = export.export_step(fam, cfg, spec, tokens, module_name=step,
                                       **iree_compile.export_options(target, kernels))
             rel = f"{target}/{step}.vmfb"
-            iree_compile.compile_mlir(mlir, tmp / rel, target, label=step)
+            iree_compile.compile_mlir(mlir, tmp / rel, target, label=step, flags=iree_compile.step_flags(target))
             files[step], sums[rel] = rel, file_digest(tmp / rel)
-        build = TargetBuild(target, key, iree_compile.flags_for(target), files, sums, spec.weight_names,
+        build = TargetBuild(target, key, iree_compile.step_flags(target), files, sums, spec.weight_names,
                             spec.weight_shapes, spec.weight_dtype, spec.cache_shape, spec.cache_dtype,
                             tuple(p.name for p in spec.packed), spec.weight_dtypes)
         _manifest(cc, fam, cfg, max_context, prefill_chunk, {target: build}).write(tmp)

@@ -101,4 +101,21 @@ def _export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str) -> 
     head = f"module @jit_{fn.__name__}"
     if head not in text:
         raise RuntimeError(f"unexpected jax export: no {head!r} header")
-    return text.replace(head, f"module @{module_name}", 1)
+    return _caller_storage(text.replace(head, f"module @{module_name}", 1))
+
+
+# Buffers the caller passes after the step's own arguments (iree_runner/session.py keeps two
+# of each and alternates): storage for the logits and the argmax, and for IREE's transients.
+# Without them IREE allocates and frees them on the queue in every call, and the CUDA HAL's
+# queue alloca/dealloca block the host until the GPU reaches them (iree 3.13 cuda_device.c),
+# so no call returned before its step had run.
+CALLER_STORAGE = ("%logits_storage: !hal.buffer {iree.abi.output = 0 : index}",
+                  "%argmax_storage: !hal.buffer {iree.abi.output = 1 : index}",
+                  "%transients: !hal.buffer {iree.abi.transients}")
+
+
+def _caller_storage(text: str) -> str:
+    """The exported main with CALLER_STORAGE appended to its arguments."""
+    start = text.index("func.func public @main(")
+    end = text.index(") -> (", start)
+    return text[:end] + ", " + ", ".join(CALLER_STORAGE) + text[end:]

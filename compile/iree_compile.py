@@ -13,6 +13,10 @@ from pathlib import Path
 
 # O3 first: IREE's default O0 is ~20x slower on decode (shared notes, iree-cuda.md).
 COMMON_FLAGS = ("--iree-input-type=stablehlo", "--iree-opt-level=O3")
+# The model steps are called with async-external: a call returns once its work is queued, taking
+# a fence to wait on and one to signal (iree_runner/session.py), so the host queues the next
+# greedy step while the device runs this one.
+STEP_FLAGS = ("--iree-execution-model=async-external",)
 TARGET_FLAGS = {
     "cpu": ("--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu",
             "--iree-llvmcpu-target-cpu=host"),
@@ -65,12 +69,19 @@ def flags_for(target: str) -> tuple[str, ...]:
     return COMMON_FLAGS + TARGET_FLAGS[target]
 
 
-def compile_mlir(mlir: str, out: Path, target: str, label: str, timeout: float | None = None) -> None:
+def step_flags(target: str) -> tuple[str, ...]:
+    """What a model step (export.export_step) is compiled with."""
+    return flags_for(target) + STEP_FLAGS
+
+
+def compile_mlir(mlir: str, out: Path, target: str, label: str, timeout: float | None = None,
+                 flags: tuple[str, ...] | None = None) -> None:
     """Compile StableHLO text to a .vmfb at `out`, ticking elapsed seconds on stderr.
-    With `timeout` (seconds), a longer compile raises subprocess.TimeoutExpired."""
+    flags: flags_for(target) by default. With `timeout` (seconds), a longer compile raises
+    subprocess.TimeoutExpired."""
     src = out.with_suffix(".mlir")
     src.write_text(mlir)
-    cmd = [iree_compile_path(), str(src), *flags_for(target), "-o", str(out)]
+    cmd = [iree_compile_path(), str(src), *(flags or flags_for(target)), "-o", str(out)]
     done = threading.Event()
     t0 = time.monotonic()
 

@@ -16,7 +16,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT = 1
+# 2: each step returns once its work is queued (IREE's async-external model) and takes the
+# storage for its results and transients from the caller (compile/export.py CALLER_STORAGE).
+FORMAT = 2
 MANIFEST = "manifest.json"
 # config.json keys that do not change the compiled graph: dtype and quantization only change
 # how the host prepares weights (the graph gets dequantized weights, or with --packed the
@@ -122,7 +124,8 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path}: not valid JSON ({e})") from None
     if d.get("format") != FORMAT:
-        raise BundleError(f"{path}: bundle format {d.get('format')!r}, this runtime reads format {FORMAT}")
+        raise BundleError(f"{path}: bundle format {d.get('format')!r}, this runtime reads format {FORMAT} "
+                          "(compile the bundle again with this version's `iree-generate compile`)")
     try:
         return Manifest(d["model_type"], d["config"], d["config_digest"], d["compiler_version"],
                         d["max_context"], d["prefill_chunk"], d["vocab_size"],

@@ -78,20 +78,42 @@ def _compile_for(model_dir: Path, target: str, max_context: int | None, packed: 
 def generate_step(session: Session, prompt: list[int], params: SamplingParams, max_tokens: int) -> Iterator[int]:
     """Yields sampled token ids until max_tokens or the compiled context is full.
 
-    Plain greedy takes the argmax computed on the device, so one int crosses back per step;
-    other sampling reads the logits row and samples on the host."""
-    on_device = params.temperature == 0 and params.repetition_penalty == 1.0
-    sampler = None if on_device else make_sampler(params)
+    Plain greedy takes the argmax computed on the device: one int crosses back per step, and
+    the next step is queued before that int is read, so the device never waits for the host
+    (the session rewinds the one step queued ahead when the caller stops early). Other
+    sampling reads the logits row and samples on the host."""
     session.reset()
-    out = session.prefill(prompt, greedy=on_device)
+    if params.temperature == 0 and params.repetition_penalty == 1.0:
+        yield from _greedy_on_device(session, prompt, max_tokens)
+        return
+    sampler = make_sampler(params)
+    out = session.prefill(prompt)
     tokens = list(prompt)
     for i in range(max_tokens):
-        token = out if on_device else sampler(out, tokens)
+        token = sampler(out, tokens)
         tokens.append(token)
         yield token
         if i + 1 == max_tokens or session.pos >= session.max_context:
             return
-        out = session.decode(token, greedy=on_device)
+        out = session.decode(token)
+
+
+def _greedy_on_device(session: Session, prompt: list[int], max_tokens: int) -> Iterator[int]:
+    first = session.prefill(prompt, greedy=True)
+    queued = []  # decode steps queued whose tokens are not yet yielded
+    try:
+        yield first
+        for produced in range(1, max_tokens):
+            if not queued:
+                if session.pos >= session.max_context:
+                    return
+                queued.append(session.decode_next())
+            if produced + 1 < max_tokens and session.pos < session.max_context:
+                queued.append(session.decode_next())  # one step ahead of the token being read
+            yield queued.pop(0).result()
+    finally:
+        if queued:
+            session.rewind(len(queued))
 
 
 @dataclass

@@ -52,7 +52,37 @@ def _device_config(target: str):
         raise RuntimeError(f"cannot open the IREE {DRIVERS[target]!r} driver for --device {target}: {e}") from None
 
 
+class PendingToken:
+    """A greedy step's argmax, on its way to the host: result() waits for it."""
+
+    def __init__(self, view, read, pos: int, vocab_size: int):
+        self.view = view  # the int32 scalar on the device, which a next step can take as its token
+        self._read, self._pos, self._vocab_size, self._value = read, pos, vocab_size, None
+
+    def done_as(self, token: int) -> bool:
+        """Whether this was read already and came out as `token`."""
+        return self._value is not None and self._value == token
+
+    def result(self) -> int:
+        if self._value is None:
+            value = self._read()
+            if not 0 <= value < self._vocab_size:  # the argmax of NaN logits is out of range
+                raise FloatingPointError(f"the model produced non-finite logits at position {self._pos}")
+            self._value = value
+        return self._value
+
+
 class Session:
+    """Steps run in order on one device timeline. Each call returns once its work is queued
+    (IREE's async-external model, iree_compile.COMMON_FLAGS), so the host can queue the next
+    greedy step, whose input token never leaves the device, while the device runs this one.
+
+    The steps write their results and transients into buffers passed in (compile/export.py
+    CALLER_STORAGE), two sets used in turn: a set is reused only once the step before last,
+    which used it, is done."""
+
+    RING = 2
+
     def __init__(self, bundle_dir: Path, build: TargetBuild, weights: dict[str, np.ndarray], *,
                  max_context: int, prefill_chunk: int):
         import iree.runtime as rt
@@ -74,77 +104,121 @@ class Session:
         self.stats.upload_s = time.perf_counter() - t0
         self.stats.weight_bytes = sum(weights[n].nbytes for n in build.weight_names)
         self._device = device
-        self._scalars: dict[int, object] = {}  # int32 scalars on the device (positions), made once each
-        self._readback = None  # (host buffer, semaphore, value) for reading one int without a mapping
+        # Every position (and row index) as an int32 scalar on the device, made up front: an upload
+        # during generation is a synchronous copy that the queued steps wait behind.
+        self._scalars = [rt.asdevicearray(device, np.array(i, np.int32))._buffer_view
+                         for i in range(max(max_context, prefill_chunk) + 1)]
+        transients = max(int(f.reflection["iree.abi.transients.size.constant"]) for f in self._steps.values())
+        self._storage = [tuple(self._device_buffer(n) for n in (self.vocab_size * 4, 4, transients))
+                         for _ in range(self.RING)]
+        self._storage_ticks = [0] * self.RING  # when each set's last user is done
+        self._calls = 0
+        # Every step and readback copy waits for the one before it on this timeline.
+        self._timeline, self._tick = device.create_semaphore(0), 0
+        self._host_ints: list = []  # free 4-byte host buffers for reading one int each
         self.reset()
+
+    def _device_buffer(self, size: int):
+        import iree.runtime as rt
+
+        return self._device.allocator.allocate_buffer(
+            memory_type=int(rt.MemoryType.DEVICE_LOCAL),
+            allowed_usage=int(rt.BufferUsage.DEFAULT), allocation_size=max(size, 4))
 
     def reset(self) -> None:
         """Forget the sequence: a fresh zeroed KV cache."""
         import iree.runtime as rt
 
+        self.wait()
         zeros = np.zeros(self.build.cache_shape, np.dtype(self.build.cache_dtype))
         self._k = rt.asdevicearray(self._device, zeros)._buffer_view
         self._v = rt.asdevicearray(self._device, zeros)._buffer_view
-        self._last_argmax = None  # (token id, its device buffer view) from the last greedy step
+        self._last_greedy: PendingToken | None = None  # the last step's argmax, if it was greedy
         self.pos = 0
 
-    def _scalar(self, value: int):
-        if value not in self._scalars:
-            import iree.runtime as rt
+    def rewind(self, steps: int) -> None:
+        """Drop the last `steps` positions (decode steps queued ahead whose tokens went unused).
+        Their cache rows stay but are never read: attention stops at the position."""
+        if not 0 <= steps <= self.pos:
+            raise ValueError(f"cannot rewind {steps} of {self.pos} positions")
+        self.pos -= steps
+        self._last_greedy = None
 
-            self._scalars[value] = rt.asdevicearray(self._device, np.array(value, np.int32))._buffer_view
-        return self._scalars[value]
+    def wait(self) -> None:
+        """Until everything queued so far is done."""
+        self._fence(self._tick).wait()
+
+    def _fence(self, value: int):
+        import iree.runtime as rt
+
+        return rt.HalFence.create_at(self._timeline, value)
 
     def _tokens(self, tokens: np.ndarray):
         """The tokens as a device array. A greedy step's own argmax, fed back as the next token,
         stays on the device (its buffer viewed as [1])."""
         import iree.runtime as rt
 
-        if self._last_argmax is not None and tokens.shape == (1,) and int(tokens[0]) == self._last_argmax[0]:
-            view = self._last_argmax[1]
-            return rt.HalBufferView(view.get_buffer(), [1], view.element_type)
+        if self._last_greedy is not None and tokens.shape == (1,) and self._last_greedy.done_as(int(tokens[0])):
+            return self._argmax_as_tokens()
         return rt.asdevicearray(self._device, tokens)._buffer_view
 
-    def _read_int(self, view) -> int:
-        """One int32 from the device: mapped where the buffer is host-visible (CPU), else copied
-        into one host buffer kept for the purpose (a fresh host allocation per read cost ~0.3 ms
-        on CUDA)."""
+    def _argmax_as_tokens(self):
+        import iree.runtime as rt
+
+        view = self._last_greedy.view
+        return rt.HalBufferView(view.get_buffer(), [1], view.element_type)
+
+    def _read_int(self, view, ready: int):
+        """A function reading one int32 from the device once timeline value `ready` is reached:
+        mapped where the buffer is host-visible (CPU), else copied by the queue into a kept
+        host buffer (a fresh host allocation per read cost ~0.3 ms on CUDA)."""
         import iree.runtime as rt
 
         buf = view.get_buffer()
         if buf.memory_type() & int(rt.MemoryType.HOST_VISIBLE) and buf.allowed_usage() & int(rt.BufferUsage.MAPPING_SCOPED):
-            return int(buf.map().asarray([1], np.dtype(np.int32))[0])
-        if self._readback is None:
-            host = self._device.allocator.allocate_buffer(
-                memory_type=int(rt.MemoryType.HOST_LOCAL | rt.MemoryType.DEVICE_VISIBLE),
-                allowed_usage=int(rt.BufferUsage.TRANSFER_TARGET | rt.BufferUsage.MAPPING_SCOPED), allocation_size=4)
-            self._readback = [host, self._device.create_semaphore(0), 0]
-        host, sem, value = self._readback
-        self._device.queue_copy(buf, host, wait_semaphores=rt.HalFence.create_at(sem, value),
-                                signal_semaphores=rt.HalFence.create_at(sem, value + 1))
-        rt.HalFence.create_at(sem, value + 1).wait()
-        self._readback[2] = value + 1
-        return int(host.map().asarray([1], np.dtype(np.int32))[0])
+            def read_mapped():
+                self._fence(ready).wait()
+                return int(buf.map().asarray([1], np.dtype(np.int32))[0])
+            return read_mapped
+        host = self._host_ints.pop() if self._host_ints else self._device.allocator.allocate_buffer(
+            memory_type=int(rt.MemoryType.HOST_LOCAL | rt.MemoryType.DEVICE_VISIBLE),
+            allowed_usage=int(rt.BufferUsage.TRANSFER_TARGET | rt.BufferUsage.MAPPING_SCOPED), allocation_size=4)
+        copied = self._tick + 1
+        self._device.queue_copy(buf, host, wait_semaphores=self._fence(self._tick),
+                                signal_semaphores=self._fence(copied))
+        self._tick = copied
 
-    def _run(self, step: str, tokens: np.ndarray, last: int, greedy: bool):
+        def read_copied():
+            self._fence(copied).wait()
+            value = int(host.map().asarray([1], np.dtype(np.int32))[0])
+            self._host_ints.append(host)
+            return value
+        return read_copied
+
+    def _run(self, step: str, tokens, last: int, greedy: bool):
+        """Queue one step; returns its logits (waiting for them) or, greedy, a PendingToken."""
         import iree.runtime as rt
 
-        args = rt.VmVariantList(len(self._weight_views) + 5)
-        for view in (*self._weight_views, self._k, self._v, self._tokens(tokens), self._scalar(self.pos),
-                     self._scalar(last)):
-            args.push_ref(view)
+        ring = self._calls % self.RING
+        self._fence(self._storage_ticks[ring]).wait()  # the step that last used this set is done
+        args = rt.VmVariantList(len(self._weight_views) + 10)
+        for ref in (*self._weight_views, self._k, self._v, tokens, self._scalars[self.pos], self._scalars[last],
+                    *self._storage[ring], self._fence(self._tick), self._fence(self._tick + 1)):
+            args.push_ref(ref)
+        self._tick += 1
+        self._calls += 1
+        self._storage_ticks[ring] = self._tick
         results = rt.VmVariantList(4)
         self._ctx.vm_context.invoke(self._steps[step], args, results)
         logits, token, self._k, self._v = (results.get_as_object(i, rt.HalBufferView) for i in range(4))
         # Only what is asked for crosses back: one int for greedy, else the logits row.
         if not greedy:
-            self._last_argmax = None
-            return rt.DeviceArray(self._device, logits).to_host()
-        value = self._read_int(token)
-        if not 0 <= value < self.vocab_size:  # the argmax of NaN logits is out of range
-            raise FloatingPointError(f"the model produced non-finite logits at position {self.pos}")
-        self._last_argmax = (value, token)
-        return value
+            self._last_greedy = None
+            self.wait()
+            # A copy: on the CPU to_host() maps the buffer, which a later step writes again.
+            return np.array(rt.DeviceArray(self._device, logits).to_host(), copy=True)
+        self._last_greedy = PendingToken(token, self._read_int(token, self._tick), self.pos, self.vocab_size)
+        return self._last_greedy
 
     def prefill(self, tokens: list[int], greedy: bool = False):
         """Run the prompt (continuing the current sequence) chunk by chunk.
@@ -160,14 +234,27 @@ class Session:
             part = ids[start:start + self.chunk]
             padded = np.zeros(self.chunk, np.int32)
             padded[:len(part)] = part
-            out = self._run("prefill", padded, len(part) - 1, greedy)
+            out = self._run("prefill", self._tokens(padded), len(part) - 1, greedy)
             self.pos += len(part)
-        return out
+        return out.result() if greedy else out
 
     def decode(self, token: int, greedy: bool = False):
         """Append one token; logits for the next (or their argmax with greedy=True)."""
-        if self.pos + 1 > self.max_context:
-            raise ContextFull(f"the compiled context of {self.max_context} tokens is full")
-        out = self._run("decode", np.array([token], np.int32), 0, greedy)
+        self._check_room()
+        out = self._run("decode", self._tokens(np.array([token], np.int32)), 0, greedy)
+        self.pos += 1
+        return out.result() if greedy else out
+
+    def decode_next(self) -> PendingToken:
+        """Queue a greedy step on the last greedy step's argmax without waiting for it: the token
+        stays on the device, and the host may queue the step after this one before reading it."""
+        if self._last_greedy is None:
+            raise RuntimeError("decode_next follows a greedy prefill or decode step")
+        self._check_room()
+        out = self._run("decode", self._argmax_as_tokens(), 0, greedy=True)
         self.pos += 1
         return out
+
+    def _check_room(self) -> None:
+        if self.pos + 1 > self.max_context:
+            raise ContextFull(f"the compiled context of {self.max_context} tokens is full")

@@ -1,4 +1,5 @@
-"""What the compiled step asks of the host on CUDA: one wait per call, no values read back.
+"""What the compiled step asks of the host on CUDA: it queues its work, waits for nothing and
+reads nothing back.
 
 An `optimization_barrier` made IREE wait on the host for the GPU at every layer (29 waits in a
 Qwen3-0.6B decode step), and a cache write at a device-held offset made it read that offset
@@ -36,7 +37,7 @@ def _main_of_vm_program(mlir: str, tmp_path) -> str:
     src = tmp_path / "step.mlir"
     src.write_text(mlir)
     out = tmp_path / "step.vm.mlir"
-    proc = subprocess.run([iree_compile.iree_compile_path(), str(src), *iree_compile.flags_for("cuda"),
+    proc = subprocess.run([iree_compile.iree_compile_path(), str(src), *iree_compile.step_flags("cuda"),
                            "--compile-to=vm", "-o", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = out.read_text()
@@ -50,12 +51,18 @@ def test_cuda_step_waits_once_and_reads_nothing_back(family_name, tokens, tmp_pa
     fam, cfg, spec = _spec(family_name, "float16")
     mlir = export.export_step(fam, cfg, spec, tokens, "step", **iree_compile.export_options("cuda"))
     assert "optimization_barrier" not in mlir
-    main = _main_of_vm_program(mlir, tmp_path)
-    assert len(re.findall(r"@hal\.fence\.await\(", main)) == 1, "host waits on the GPU inside the step"
+    assert_step_only_queues(_main_of_vm_program(mlir, tmp_path))
+
+
+def assert_step_only_queues(main: str) -> None:
+    """A step's VM program queues its work and returns: no host wait for the device, no device
+    value read back mid-step, no queue alloca/dealloca (on CUDA they wait on the host for the
+    work before them: the caller passes the storage, export.CALLER_STORAGE)."""
+    assert "@hal.fence.await(" not in main, "the step waits on the host for the device"
     assert "@hal.buffer.load(" not in main, "a device value is read back to the host mid-step"
-    # Every command buffer is recorded once and replayed (memoized), none per call.
-    assert "@hal.device.queue.execute.indirect(" in main
-    assert "@hal.command_buffer.create(" not in main
+    for op in ("alloca", "dealloca"):
+        assert f"@hal.device.queue.{op}(" not in main, f"the step calls queue.{op}"
+    assert len(re.findall(r"@hal\.device\.queue\.execute(\.indirect)?\(", main)) == 1
 
 
 def test_scatter_and_slice_cache_writes_agree_on_cpu(tmp_path):
@@ -69,13 +76,37 @@ def test_scatter_and_slice_cache_writes_agree_on_cpu(tmp_path):
     results = {}
     for write in ("scatter", "slice"):
         vmfb = tmp_path / f"{write}.vmfb"
-        iree_compile.compile_mlir(export.export_step(fam, cfg, spec, 8, "step", write), vmfb, "cpu", write)
-        config = rt.Config("local-task")
-        ctx = rt.SystemContext(vm_modules=[rt.VmModule.mmap(config.vm_instance, str(vmfb))], config=config)
-        outs = ctx.modules.step["main"](*weights, cache.copy(), cache.copy(), np.arange(3, 11, dtype=np.int32),
-                                        np.int32(20), np.int32(5))
-        results[write] = [np.asarray(o.to_host()) for o in outs]
+        iree_compile.compile_mlir(export.export_step(fam, cfg, spec, 8, "step", write), vmfb, "cpu", write,
+                                  flags=iree_compile.step_flags("cpu"))
+        results[write] = run_step(vmfb, "step", [*weights, cache.copy(), cache.copy(), np.arange(3, 11, dtype=np.int32),
+                                                 np.int32(20), np.int32(5)], vocab_size=cfg.vocab_size)
     logits, argmax, k, v = results["scatter"]
     assert not np.array_equal(k, cache), "the chunk was not written"
     for a, b in zip(results["scatter"], results["slice"]):
         np.testing.assert_array_equal(a, b)
+
+
+def run_step(vmfb, module: str, inputs: list, vocab_size: int) -> list[np.ndarray]:
+    """One call of a compiled step on the CPU, as iree_runner.session makes it: the inputs, then
+    storage for the results and transients (export.CALLER_STORAGE), then a wait and a signal
+    fence. Returns logits, argmax, and the two caches."""
+    import iree.runtime as rt
+
+    config = rt.Config("local-task")
+    device = config.device
+    ctx = rt.SystemContext(vm_modules=[rt.VmModule.mmap(config.vm_instance, str(vmfb))], config=config)
+    fn = ctx.modules[module].vm_module.lookup_function("main")
+    transients = int(fn.reflection["iree.abi.transients.size.constant"])
+    args = rt.VmVariantList(len(inputs) + 5)
+    for x in inputs:
+        args.push_ref(rt.asdevicearray(device, np.asarray(x))._buffer_view)
+    for size in (vocab_size * 4, 4, max(transients, 4)):
+        args.push_ref(device.allocator.allocate_buffer(memory_type=int(rt.MemoryType.DEVICE_LOCAL),
+                                                       allowed_usage=int(rt.BufferUsage.DEFAULT), allocation_size=size))
+    timeline = device.create_semaphore(0)
+    args.push_ref(rt.HalFence.create_at(timeline, 0))
+    args.push_ref(rt.HalFence.create_at(timeline, 1))
+    results = rt.VmVariantList(4)
+    ctx.vm_context.invoke(fn, args, results)
+    rt.HalFence.create_at(timeline, 1).wait()
+    return [np.asarray(rt.DeviceArray(device, results.get_as_object(i, rt.HalBufferView)).to_host()) for i in range(4)]
