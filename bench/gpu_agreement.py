@@ -50,7 +50,8 @@ def oracle(ckpt_root: Path) -> None:
 
 
 def check(ckpt_root: Path, out: Path, bundle_roots: list[Path]) -> None:
-    from iree_runner.generate import load_model
+    from iree_runner.generate import generate_step, load_model
+    from iree_runner.sampling import SamplingParams
 
     rows = []
     for ckpt in sorted(p for p in ckpt_root.iterdir() if p.is_dir()):
@@ -69,11 +70,9 @@ def check(ckpt_root: Path, out: Path, bundle_roots: list[Path]) -> None:
                 got = got_logits.argmax(-1)
                 n = int(np.argmax(got != want)) if (got != want).any() else NEW_TOKENS
                 err = float(np.abs(got_logits[:n + 1] - want_logits[:n + 1]).max())
-                # Generation's own path: free-running, argmax taken on the device, one int back.
-                s.reset()
-                free = [s.prefill(prompt, greedy=True)]
-                while len(free) < NEW_TOKENS:
-                    free.append(s.decode(free[-1], greedy=True))
+                # Generation's own path: free-running, argmax taken on the device, one int back,
+                # each step queued before the token of the one before is read.
+                free = list(generate_step(s, prompt, SamplingParams(), NEW_TOKENS))
                 n_dev = next((j for j, (a, b) in enumerate(zip(free, want)) if a != b), NEW_TOKENS)
                 weights = s.build.weight_dtype + (" + packed 4/8-bit" if s.build.packed else "")
                 rows.append({"family": family, "checkpoint": ckpt.name, "bundle": root.name, "weights": weights,

@@ -44,7 +44,9 @@ class Kernel:
 
 
 KERNELS = {
-    "decode_attn_partial": Kernel("decode_attention", 256),
+    "decode_attn_partial": Kernel("decode_attention", 256),  # G > 2 query heads per KV head
+    "decode_attn_partial_g1": Kernel("decode_attention", 256),
+    "decode_attn_partial_g2": Kernel("decode_attention", 256),
     "decode_attn_combine": Kernel("decode_attention", 128),
     "gemv": Kernel("gemv", 256),
     "gemv_q4": Kernel("gemv", 256),
@@ -288,9 +290,9 @@ def decode_attention_fits(heads: int, kv_heads: int, head_dim: int, rows: int) -
     """Whether the kernel takes this shape (rows: the cache's S); else the attention stays in JAX."""
     ch = KEYS_PER_BLOCK
     return (heads * head_dim <= MAX_Q and heads * (ch + 1) <= MAX_P and head_dim * ch * kv_heads <= MAX_KV
-            and head_dim <= 256 and head_dim % 4 == 0 and ch <= 32
+            and head_dim <= 256 and head_dim % 32 == 0 and ch <= 32
             and heads // kv_heads <= MAX_G and rows % ch == 0 and rows // ch <= MAX_B
-            and (rows * kv_heads) % 8 == 0 and (ch * kv_heads) % 8 == 0)  # 16-byte loads
+            and (rows * kv_heads) % 8 == 0 and (ch * kv_heads) % 16 == 0)  # 16-byte loads; lane pairs
 
 
 def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, layer: int, scale: float,
@@ -313,10 +315,13 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, 
               qk, f32_bits(eps), cos.shape[-1]]
     blocks = -(-S // KEYS_PER_BLOCK)
     qkv, cos, sin = qkv.astype(f32), cos.astype(f32), sin.astype(f32)
-    part = call("decode_attn_partial", jax.ShapeDtypeStruct((blocks, H, Dh + 2), f32),
+    # The partial kernel for G <= 2 query heads per KV head has G built in (decode_attention.cu).
+    G = H // KVH
+    part = call(f"decode_attn_partial_g{G}" if G <= 2 else "decode_attn_partial",
+                jax.ShapeDtypeStruct((blocks, H, Dh + 2), f32),
                 [qkv, wq, cos, sin, k_cache, v_cache, positions], grid=blocks, constants=consts)
     out = call("decode_attn_combine", jax.ShapeDtypeStruct(((H + KVH) * Dh,), f32),
-               [qkv, wq, wk, cos, sin, positions, part], grid=H, constants=consts)
+               [qkv, wq, wk, cos, sin, positions, part], grid=H * Dh // 32, constants=consts)
     return out[:H * Dh], out[H * Dh:].reshape(KVH, Dh)
 
 

@@ -26,7 +26,9 @@ def test_cuda_decode_attention_is_the_kernel(family_name, tmp_path):
     layers = cfg.num_hidden_layers
     decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda"))
     assert "stablehlo.custom_call" not in decode
-    for kernel in ("decode_attn_partial", "decode_attn_combine"):
+    g = cfg.num_attention_heads // cfg.num_key_value_heads
+    partial = f"decode_attn_partial_g{g}" if g <= 2 else "decode_attn_partial"  # extern.decode_attention
+    for kernel in (partial, "decode_attn_combine"):
         assert len(re.findall(rf"flow\.dispatch @decode_attention::@{kernel}\[", decode)) == layers
     assert_step_only_queues(_main_of_vm_program(decode, tmp_path))
     # --no-kernels, prefill, the CPU and an f32 cache keep the attention in JAX.
@@ -142,8 +144,8 @@ def _constants(text: str, kernel: str) -> list[list[int]]:
 def test_push_constants_follow_the_config():
     fam, cfg, spec = _spec("gemma3_text", "float16")
     decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda"))
-    attn = _constants(decode, "decode_attn_partial")
     S, KVH, G, Dh = spec.cache_shape[2], cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
+    attn = _constants(decode, f"decode_attn_partial_g{G}" if G <= 2 else "decode_attn_partial")
     assert all(c[:4] == [S, KVH, G, Dh] for c in attn)
     assert [c[4] for c in attn] == list(range(cfg.num_hidden_layers)), "each layer its own"
     assert {c[6] for c in attn} == {0, cfg.sliding_window}, "global layers pass window 0, sliding ones their window"

@@ -2,7 +2,7 @@
 // qkv projection's raw output, in two kernels:
 // - decode_attn_partial: one block per CH cached keys: q's per-head RMSNorm and rotary, scores,
 //   softmax, weights x V, relative to the block's own max;
-// - decode_attn_combine: one block per query head: norms and rotates its q head and the token's
+// - decode_attn_combine: one block per 32 features of a query head: norms and rotates the q head and the token's
 //   own key (handed back for the cache write), and folds the blocks' partials together with that
 //   key and the token's value, split-softmax style.
 // They replace ~11 of IREE's dispatches per layer (compile/extern.py, compile/layers.py).
@@ -119,22 +119,20 @@ __device__ __forceinline__ void store_rows(const Staged& r, __half* kvs, int CH,
 
 // part: [blocks, H, Dh + 2] f32: per head, sum_k exp(s_k - m) v_k, then m, then sum_k exp(s_k - m).
 // qkv: [(H + 2 KVH) Dh] f32; wq: the q norm weight (first Dh); cos, sin: [rot].
-extern "C" __global__ void __launch_bounds__(NT) decode_attn_partial(
+// GT: G (query heads per KV head) as a compile-time constant, or 0 for a runtime Gr. With GT,
+// a score item is (key, KV head) with its G heads and two lanes; with 0, (key, query head) and
+// value loops unrolled to MAX_G. On an H100 (ncu, 512 tokens in) GT = 2 took Qwen3-0.6B's block
+// from 15.1 to 12.3 us, but GT = 4 took Llama-3.2-1B's from 12.4 to 19.7 us, so only G <= 2
+// takes the compile-time form (decode_attn_partial_g1, _g2).
+template <int GT>
+__device__ __forceinline__ void partial_body(
     const float* __restrict__ qkv, const __half* __restrict__ wq, const float* __restrict__ cos,
-    const float* __restrict__ sin, const __half* __restrict__ kc, const __half* __restrict__ vc,
-    const int* __restrict__ pos_p, float* __restrict__ part,
-    int S, int KVH, int G, int Dh, int layer, int CH, int window, int scale_bits, int softcap_bits,
-    int qk, int eps_bits, int rot) {
-  __shared__ float qs[MAX_Q + MAX_Q / 32];  // q, rows padded to Dh + 1 (no bank conflicts)
-  __shared__ float ps[MAX_P];               // scores, then weights: [H][CH + 1]
-  __shared__ __align__(16) __half kvs[MAX_KV];  // [Dh][CH * KVH]: keys, then values
-  __shared__ float wqs[256], cs[256], sn[256];  // q's norm weight, cos, sin
-  const int pos = pos_p[0], H = KVH * G, b = blockIdx.x, t = threadIdx.x, warp = t / 32;
-  const float eps = __int_as_float(eps_bits);
+    const float* __restrict__ sin, const __half* __restrict__ kc, const __half* __restrict__ vc, int pos,
+    float* __restrict__ part, int S, int KVH, int Gr, int Dh, int layer, int CH, int window, float scale,
+    float cap, int qk, float eps, int rot, float* qs, float* ps, __half* kvs, float* wqs, float* cs, float* sn) {
+  const int G = GT ? GT : Gr, H = KVH * G, b = blockIdx.x, t = threadIdx.x, warp = t / 32;
   int lo, hi;
   block_keys(b, CH, pos, window, &lo, &hi);
-  if (lo >= hi) return;  // the combine skips this block as well
-  const float scale = __int_as_float(scale_bits), cap = __int_as_float(softcap_bits);
   const size_t plane = (size_t)S * KVH, base = (size_t)layer * Dh * plane;
   const int Q1 = Dh + 1, P1 = CH + 1, R = CH * KVH;
   float qr[MAX_Q / NT];  // q, keys and values are all requested before anything waits
@@ -155,17 +153,39 @@ extern "C" __global__ void __launch_bounds__(NT) decode_attn_partial(
   for (int h = warp; h < H; h += NT / 32) norm_rope_head(qs + h * Q1, wqs, cs, sn, Dh, rot, qk, eps);
   __syncthreads();
 
-  // Scores: item = (key, g, kvh), kvh fastest. Rows outside [lo, hi) may hold anything: unused.
-  for (int i = t; i < CH * H; i += NT) {
-    const int kvh = i % KVH, g = (i / KVH) % G, s = i / H, qh = kvh * G + g;
-    const __half* kp = kvs + s * KVH + kvh;
-    const float* qp = qs + qh * Q1;
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};  // 4 chains: the adds do not wait on each other
+  // Scores. Rows outside [lo, hi) may hold anything: unused.
+  if constexpr (GT == 0) {  // item = (key, g, kvh), kvh fastest
+    for (int i = t; i < CH * H; i += NT) {
+      const int kvh = i % KVH, g = (i / KVH) % G, s = i / H, qh = kvh * G + g;
+      const __half* kp = kvs + s * KVH + kvh;
+      const float* qp = qs + qh * Q1;
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};  // 4 chains: the adds do not wait on each other
 #pragma unroll 4
-    for (int d = 0; d < Dh; d += 4)
+      for (int d = 0; d < Dh; d += 4)
 #pragma unroll
-      for (int u = 0; u < 4; ++u) acc[u] += qp[d + u] * __half2float(kp[(d + u) * R]);
-    ps[qh * P1 + s] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        for (int u = 0; u < 4; ++u) acc[u] += qp[d + u] * __half2float(kp[(d + u) * R]);
+      ps[qh * P1 + s] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    }
+  } else {  // item = (key, kvh), kvh fastest, its G heads together; two lanes, every other feature
+  for (int i = t / 2; i < CH * KVH; i += NT / 2) {
+    const int kvh = i % KVH, s = i / KVH;
+    const __half* kp = kvs + s * KVH + kvh;
+    const float* qp = qs + kvh * G * Q1;
+    float acc[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) acc[g] = 0.f;
+#pragma unroll 4
+    for (int d = t & 1; d < Dh; d += 2) {
+      const float k = __half2float(kp[d * R]);
+#pragma unroll
+      for (int g = 0; g < G; ++g) acc[g] += qp[g * Q1 + d] * k;
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float sum = acc[g] + __shfl_xor_sync(0xffffffffu, acc[g], 1);
+      if ((t & 1) == 0) ps[(kvh * G + g) * P1 + s] = sum;
+    }
+  }
   }
   __syncthreads();
   store_rows(values, kvs, CH, KVH, Dh);
@@ -190,25 +210,51 @@ extern "C" __global__ void __launch_bounds__(NT) decode_attn_partial(
   __syncthreads();
 
   // Weights x V: item = (d, kvh), kvh fastest; G heads each.
+  constexpr int GU = GT ? GT : MAX_G;  // unrolled heads (predicated when GT is 0)
   for (int i = t; i < Dh * KVH; i += NT) {
     const int kvh = i % KVH, d = i / KVH;
-    float acc[MAX_G];
+    float acc[GU];
 #pragma unroll
-    for (int g = 0; g < MAX_G; ++g) acc[g] = 0.f;
+    for (int g = 0; g < GU; ++g) acc[g] = 0.f;
     const __half* vp = kvs + d * R + kvh;
     const float* p = ps + kvh * G * P1;
 #pragma unroll 4
     for (int s = s0; s < s1; ++s) {
       const float v = __half2float(vp[s * KVH]);
 #pragma unroll
-      for (int g = 0; g < MAX_G; ++g)
-        if (g < G) acc[g] += p[g * P1 + s] * v;
+      for (int g = 0; g < GU; ++g)
+        if (GT || g < G) acc[g] += p[g * P1 + s] * v;
     }
 #pragma unroll
-    for (int g = 0; g < MAX_G; ++g)
-      if (g < G) part[((size_t)b * H + kvh * G + g) * (Dh + 2) + d] = acc[g];
+    for (int g = 0; g < GU; ++g)
+      if (GT || g < G) part[((size_t)b * H + kvh * G + g) * (Dh + 2) + d] = acc[g];
   }
 }
+
+// One kernel per form (compile/extern.py picks by G): one kernel holding all three forms ran
+// the runtime-G one at 17.1 us per Llama-3.2-1B layer instead of 12.4 (H100).
+#define PARTIAL_KERNEL(name, gt)                                                                              \
+  extern "C" __global__ void __launch_bounds__(NT) name(                                                      \
+      const float* __restrict__ qkv, const __half* __restrict__ wq, const float* __restrict__ cos,            \
+      const float* __restrict__ sin, const __half* __restrict__ kc, const __half* __restrict__ vc,            \
+      const int* __restrict__ pos_p, float* __restrict__ part, int S, int KVH, int G, int Dh, int layer,     \
+      int CH, int window, int scale_bits, int softcap_bits, int qk, int eps_bits, int rot) {                  \
+    __shared__ float qs[MAX_Q + MAX_Q / 32]; /* q, rows padded to Dh + 1 (no bank conflicts) */              \
+    __shared__ float ps[MAX_P];              /* scores, then weights: [H][CH + 1] */                          \
+    __shared__ __align__(16) __half kvs[MAX_KV]; /* [Dh][CH * KVH]: keys, then values */                     \
+    __shared__ float wqs[256], cs[256], sn[256]; /* q's norm weight, cos, sin */                              \
+    const int pos = pos_p[0];                                                                                 \
+    int lo, hi;                                                                                               \
+    block_keys(blockIdx.x, CH, pos, window, &lo, &hi);                                                        \
+    if (lo >= hi) return; /* the combine skips this block as well */                                          \
+    partial_body<gt>(qkv, wq, cos, sin, kc, vc, pos, part, S, KVH, G, Dh, layer, CH, window,                  \
+                     __int_as_float(scale_bits), __int_as_float(softcap_bits), qk, __int_as_float(eps_bits),  \
+                     rot, qs, ps, kvs, wqs, cs, sn);                                                          \
+  }
+PARTIAL_KERNEL(decode_attn_partial, 0)
+PARTIAL_KERNEL(decode_attn_partial_g1, 1)
+PARTIAL_KERNEL(decode_attn_partial_g2, 2)
+#undef PARTIAL_KERNEL
 
 // Sum or max over a block of 128 threads: each warp's, then the 4 warps' results.
 template <bool MAX>
@@ -224,8 +270,11 @@ __device__ __forceinline__ float block_reduce(float x, float* red) {
 }
 
 // out: [H, Dh] f32, then the token's own key, normed and rotated, [KVH, Dh] (for the cache; the
-// block of each KV head's first query head writes it). Its value comes from qkv.
-// One block of 128 threads per query head.
+// blocks of each KV head's first query head write it). Its value comes from qkv.
+// Grid H * Dh / 32: block = (query head, 32 features); 128 threads, the 4 warps taking every
+// fourth partial block, a lane per feature. (One block per head, each thread over all partial
+// blocks, took 6.9 us per Qwen3-0.6B layer on an H100 after 512 tokens; this form 6.4. Both
+// are bound by their chain of dependent loads and barriers, not by the work.)
 extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
     const float* __restrict__ qkv, const __half* __restrict__ wq, const __half* __restrict__ wk,
     const float* __restrict__ cos, const float* __restrict__ sin, const int* __restrict__ pos_p,
@@ -234,8 +283,10 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
     int qk, int eps_bits, int rot) {
   __shared__ float red[4];
   __shared__ float ws[MAX_B];  // each active block's weight exp(m_b - m)
+  __shared__ float acc_s[4][32];
   __shared__ float qh_s[256], kh_s[256], wqs[256], wks[256], cs[256], sn[256];
-  const int pos = pos_p[0], H = KVH * G, qh = blockIdx.x, kvh = qh / G, t = threadIdx.x;
+  const int slices = Dh / 32, qh = blockIdx.x / slices, d0 = (blockIdx.x % slices) * 32;
+  const int pos = pos_p[0], H = KVH * G, kvh = qh / G, t = threadIdx.x, lane = t % 32, warp = t / 32;
   const float scale = __int_as_float(scale_bits), cap = __int_as_float(softcap_bits);
   const float* v_new = qkv + (H + KVH) * Dh + kvh * Dh;
   for (int d = t; d < Dh; d += 128) qh_s[d] = qkv[qh * Dh + d], kh_s[d] = qkv[(H + kvh) * Dh + d];
@@ -247,8 +298,7 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
   if (t < 32) norm_rope_head(qh_s, wqs, cs, sn, Dh, rot, qk, eps);
   else if (t < 64) norm_rope_head(kh_s, wks, cs, sn, Dh, rot, qk, eps);
   __syncthreads();
-  if (qh % G == 0)
-    for (int d = t; d < Dh; d += 128) out[H * Dh + kvh * Dh + d] = kh_s[d];
+  if (qh % G == 0 && t < 32) out[H * Dh + kvh * Dh + d0 + t] = kh_s[d0 + t];
   // The active blocks are b0..b1-1 (as block_keys says).
   const int first = first_key(pos, window);
   const int b0 = first / CH, b1 = first < pos ? (pos + CH - 1) / CH : b0;
@@ -282,10 +332,12 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
   }
   const float w_new = __expf(s_new - m);
   const float denom = block_reduce<false>(l, red) + w_new;  // its barrier also publishes ws
-  for (int d = t; d < Dh; d += 128) {
-    float acc = w_new * v_new[d];
-#pragma unroll 8
-    for (int b = b0; b < b1; ++b) acc += ws[b - b0] * ph[(size_t)b * H * row + d];
-    out[qh * Dh + d] = acc / denom;
-  }
+  float acc = 0.f;
+#pragma unroll 4
+  for (int b = b0 + warp; b < b1; b += 4) acc += ws[b - b0] * ph[(size_t)b * H * row + d0 + lane];
+  acc_s[warp][lane] = acc;
+  __syncthreads();
+  if (t < 32)
+    out[qh * Dh + d0 + t] =
+        (w_new * v_new[d0 + t] + ((acc_s[0][t] + acc_s[1][t]) + (acc_s[2][t] + acc_s[3][t]))) / denom;
 }
