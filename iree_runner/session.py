@@ -78,10 +78,12 @@ class Session:
     greedy step, whose input token never leaves the device, while the device runs this one.
 
     The steps write their results and transients into buffers passed in (compile/export.py
-    CALLER_STORAGE), two sets used in turn: a set is reused only once the step before last,
-    which used it, is done."""
+    CALLER_STORAGE), sets used in turn: a set is reused only once the step that last used it is
+    done. Decode has two (small: 1.4 MB of transients for Qwen3-0.6B), so the next step can be
+    queued while one runs; prefill has one, its transients being large (with packed weights it
+    dequantizes them inside the step) and its chunks long next to the host's share."""
 
-    RING = 2
+    SETS = {"prefill": 1, "decode": 2}
 
     def __init__(self, bundle_dir: Path, build: TargetBuild, weights: dict[str, np.ndarray], *,
                  max_context: int, prefill_chunk: int):
@@ -108,11 +110,11 @@ class Session:
         # during generation is a synchronous copy that the queued steps wait behind.
         self._scalars = [rt.asdevicearray(device, np.array(i, np.int32))._buffer_view
                          for i in range(max(max_context, prefill_chunk) + 1)]
-        transients = max(int(f.reflection["iree.abi.transients.size.constant"]) for f in self._steps.values())
-        self._storage = [tuple(self._device_buffer(n) for n in (self.vocab_size * 4, 4, transients))
-                         for _ in range(self.RING)]
-        self._storage_ticks = [0] * self.RING  # when each set's last user is done
-        self._calls = 0
+        self._storage = {}  # step -> [(logits, argmax, transients) buffers, done-by tick]
+        for step, fn in self._steps.items():
+            transients = int(fn.reflection["iree.abi.transients.size.constant"])
+            self._storage[step] = [[tuple(self._device_buffer(n) for n in (self.vocab_size * 4, 4, transients)), 0]
+                                   for _ in range(self.SETS[step])]
         # Every step and readback copy waits for the one before it on this timeline.
         self._timeline, self._tick = device.create_semaphore(0), 0
         self._host_ints: list = []  # free 4-byte host buffers for reading one int each
@@ -199,15 +201,16 @@ class Session:
         """Queue one step; returns its logits (waiting for them) or, greedy, a PendingToken."""
         import iree.runtime as rt
 
-        ring = self._calls % self.RING
-        self._fence(self._storage_ticks[ring]).wait()  # the step that last used this set is done
+        sets = self._storage[step]
+        buffers, done = sets[0]
+        self._fence(done).wait()  # the step that last used this set is done
         args = rt.VmVariantList(len(self._weight_views) + 10)
         for ref in (*self._weight_views, self._k, self._v, tokens, self._scalars[self.pos], self._scalars[last],
-                    *self._storage[ring], self._fence(self._tick), self._fence(self._tick + 1)):
+                    *buffers, self._fence(self._tick), self._fence(self._tick + 1)):
             args.push_ref(ref)
         self._tick += 1
-        self._calls += 1
-        self._storage_ticks[ring] = self._tick
+        sets.append([buffers, self._tick])
+        del sets[0]
         results = rt.VmVariantList(4)
         self._ctx.vm_context.invoke(self._steps[step], args, results)
         logits, token, self._k, self._v = (results.get_as_object(i, rt.HalBufferView) for i in range(4))
