@@ -7,8 +7,8 @@ carrying its grid and push constants as attributes; `link` rewrites each into IR
 `flow.dispatch @<source>::@<kernel>[grid](constants, operands)` and adds a
 `hal.executable.source` holding the kernel's object:
 - CUDA: its PTX (kernels/<source>.ptx, made by nvcc from the .cu next to it: `make ptx`), as
-  in IREE's samples/custom_dispatch/cuda. The compiled step keeps its single host wait and
-  memoized command buffers (tests/test_host_waits.py).
+  in IREE's samples/custom_dispatch/cuda. The bindings are Indirect, as IREE's own: the
+  step still only queues its work (tests/test_host_waits.py).
 - CPU: an object file that the C compiler makes from kernels/<source>.c when the step is
   linked (cached by digest), called once per workgroup by a small MLIR function that hands it
   the bindings, push constants and workgroup id, as in IREE's samples/custom_dispatch/cpu.

@@ -100,9 +100,13 @@ void decode_attn_cpu_partial_workgroup(const char* q_b, size_t q_o, const char* 
   if (KVH == 8) {  // one 8-float vector per row and feature (Qwen3, Llama 3): no loop over heads
     for (int32_t d = 0; d < Dh; ++d) {
       const float* krow = kc + ((size_t)d * S + r0) * 8;
-      for (int32_t g = 0; g < G; ++g) {
-        const v8 qv = load8(qt + (d * G + g) * 8);
-        for (int32_t r = 0; r < n; ++r) store8(s + (r * G + g) * 8, load8(s + (r * G + g) * 8) + qv * load8(krow + r * 8));
+      // The next feature's rows start S * 32 bytes on, in another page: fetch them now.
+      if (d + 1 < Dh)
+        for (int32_t r = 0; r < n; r += 2) __builtin_prefetch(krow + (size_t)S * 8 + r * 8);
+      for (int32_t r = 0; r < n; ++r) {  // each key row loaded once for the G heads
+        const v8 kv = load8(krow + r * 8);
+        for (int32_t g = 0; g < G; ++g)
+          store8(s + (r * G + g) * 8, load8(s + (r * G + g) * 8) + load8(qt + (d * G + g) * 8) * kv);
       }
     }
   } else {
@@ -128,10 +132,20 @@ void decode_attn_cpu_partial_workgroup(const char* q_b, size_t q_o, const char* 
     const float* vrow = vc + ((size_t)d * S + r0) * KVH;
     for (int32_t i = 0; i < H; ++i) acc[i] = 0.0f;
     if (KVH == 8) {
+      if (d + 1 < Dh)
+        for (int32_t r = 0; r < n; r += 2) __builtin_prefetch(vrow + (size_t)S * 8 + r * 8);
       for (int32_t g = 0; g < G; ++g) {
-        v8 a = {0};
-        for (int32_t r = 0; r < n; ++r) a += load8(s + (r * G + g) * 8) * load8(vrow + r * 8);
-        store8(acc + g * 8, a);
+        // Four sums: one would make every add wait for the one before (a 4-cycle chain per row).
+        v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        int32_t r = 0;
+        for (; r + 4 <= n; r += 4) {
+          a0 += load8(s + (r * G + g) * 8) * load8(vrow + r * 8);
+          a1 += load8(s + ((r + 1) * G + g) * 8) * load8(vrow + (r + 1) * 8);
+          a2 += load8(s + ((r + 2) * G + g) * 8) * load8(vrow + (r + 2) * 8);
+          a3 += load8(s + ((r + 3) * G + g) * 8) * load8(vrow + (r + 3) * 8);
+        }
+        for (; r < n; ++r) a0 += load8(s + (r * G + g) * 8) * load8(vrow + r * 8);
+        store8(acc + g * 8, (a0 + a1) + (a2 + a3));
       }
     } else {
       for (int32_t r = 0; r < n; ++r)
