@@ -29,7 +29,7 @@ SETTINGS = {
 }
 
 
-def child(variant: Path, steps: int, flags: list[str], prompt: int) -> None:
+def child(variant: Path, steps: int, flags: list[str], prompt: int, device: str = "cuda") -> None:
     import numpy as np
     import iree.runtime as rt
 
@@ -38,7 +38,7 @@ def child(variant: Path, steps: int, flags: list[str], prompt: int) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from profile_step import random_session
 
-    s = random_session(variant, "cuda")
+    s = random_session(variant, device)
     prompt = prompt or s.chunk
     s.prefill(list(range(5, 5 + prompt)))
     token = 7
@@ -69,7 +69,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=0, help="tokens before the timed steps (default: one prefill chunk)")
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names from: " + ", ".join(SETTINGS))
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu (a cpu bundle; the settings do not apply)")
     a = ap.parse_args()
+    if a.device != "cuda":
+        return child(a.variant, a.steps, [], a.prompt, a.device)
     if "LAUNCH_OVERHEAD_FLAGS" in os.environ:  # a child: one setting
         return child(a.variant, a.steps, os.environ["LAUNCH_OVERHEAD_FLAGS"].split(), a.prompt)
     for name in a.settings.split(","):
