@@ -205,7 +205,7 @@ def _cpu_executable(source: str, kernels: dict[str, tuple[int, int]]) -> str:
 # IREE links the object into its embedded ELF, which has no libc: freestanding, no calls to
 # memset/memcpy for loops, a*b+c contracted to FMA (ISO C mode turns that off). -march=native
 # matches the step's --iree-llvmcpu-target-cpu=host.
-CC = ("-O3", "-march=native", "-std=c17", "-ffp-contract=fast", "-ffreestanding", "-fno-stack-protector",
+CC = ("-O3", "-march=native", "-std=c17", "-ffp-contract=fast", "-fno-math-errno", "-ffreestanding", "-fno-stack-protector",
       "-fPIC", "-fvisibility=hidden", "-fno-plt", "-fdata-sections", "-ffunction-sections",
       "-fno-tree-loop-distribute-patterns", "-c")
 
@@ -421,11 +421,19 @@ def q4_gemm(x, w: Packed):
                 [*packed_operands(w), x.astype(jnp.float32)], grid=-(-n // Q4_GEMM_TILE), constants=[n, k, c])
 
 
-def q4_gemv(x, w: Packed):
-    """dequant(w) [N, K] · x [K] -> [N] f32 on the CPU, w read packed (kernels/q4_gemv.c)."""
+def q4_gemv(x, w: Packed, *, bias=None, norm=None, residual=None):
+    """dequant(w) [N, K] · x [K] -> [N] f32 on the CPU, w read packed (kernels/q4_gemv.c), with
+    norm = (weight [K], eps, one_plus), bias [N] and residual [N] folded in as in gemv."""
     n, k = w.shape
-    return call("q4_gemv", jax.ShapeDtypeStruct((n,), jnp.float32), [*packed_operands(w), x.astype(jnp.float32)],
-                grid=-(-n // Q4_TILE), constants=[n, k])
+    f32 = jnp.float32
+    flags = (NORM if norm is not None else 0) | (ONE_PLUS if norm is not None and norm[2] else 0)
+    flags |= (BIAS if bias is not None else 0) | (RESIDUAL if residual is not None else 0)
+    operands = [*packed_operands(w), x.astype(f32), absent(f32) if norm is None else norm[0].astype(f32),
+                absent(f32) if bias is None else bias.astype(f32),
+                absent(f32) if residual is None else residual.astype(f32)]
+    eps = 0.0 if norm is None else norm[1]
+    return call("q4_gemv", jax.ShapeDtypeStruct((n,), f32), operands, grid=-(-n // Q4_TILE),
+                constants=[n, k, flags, f32_bits(eps)])
 
 
 if __name__ == "__main__":  # make ptx

@@ -41,13 +41,15 @@ def linear(x, w, b=None, residual=None):
         xv, norm = _gemv_input(x)
         y = extern.gemv(xv, w, bias=b, norm=norm, residual=None if residual is None else residual.reshape(-1))
         return y.reshape(*x.shape[:-1], -1)
+    if one_row and DECODE_KERNEL == "cpu" and extern.q4_gemv_fits(w):  # norm, bias, residual folded in
+        xv, norm = _gemv_input(x)
+        y = extern.q4_gemv(xv, w, bias=b, norm=norm, residual=None if residual is None else residual.reshape(-1))
+        return y.reshape(*x.shape[:-1], -1)
     if isinstance(x, Normed):
         x = x.value()
     if isinstance(w, Packed) and DECODE_KERNEL == "cpu":
         y = None
-        if one_row and extern.q4_gemv_fits(w):
-            y = extern.q4_gemv(x.reshape(-1), w).reshape(*x.shape[:-1], -1)
-        elif x.ndim == 2 and extern.q4_gemm_fits(w):  # a prefill chunk
+        if x.ndim == 2 and extern.q4_gemm_fits(w):  # a prefill chunk
             y = extern.q4_gemm(x, w)
         if y is not None:
             y = y if b is None else y + b.astype(F32)
@@ -70,9 +72,10 @@ def rms_norm(x, w, eps, *, one_plus=False):
 
 
 class Normed:
-    """rms_norm(x, w, eps) not applied yet, for an input that only feeds linear layers: on the
-    one-token CUDA step their kernel (compile/kernels/gemv.cu) normalises x itself, so the norm's
-    reduction is no dispatch of its own. Anywhere else, `value()` is the plain rms_norm."""
+    """rms_norm(x, w, eps) not applied yet, for an input that only feeds linear layers: on a
+    one-token step their kernel (compile/kernels/gemv.cu on CUDA, q4_gemv.c on the CPU)
+    normalises x itself, so the norm is no dispatch of its own. Anywhere else, `value()` is the
+    plain rms_norm."""
 
     def __init__(self, x, w, eps, one_plus):
         self.x, self.w, self.eps, self.one_plus = x, w, eps, one_plus
@@ -88,8 +91,8 @@ def pre_norm(x, w, eps, *, one_plus=False):
 
 
 def _one_token_kernel(x) -> bool:
-    """Whether this one-token CUDA step computes x's linear layers with the gemv kernel."""
-    return DECODE_KERNEL == "cuda" and x.shape[0] == 1 and len(x.shape) == 2
+    """Whether x's linear layers may run a one-token kernel that takes a Normed input."""
+    return DECODE_KERNEL in ("cuda", "cpu") and x.shape[0] == 1 and len(x.shape) == 2
 
 
 def _gemv_input(x):
@@ -435,13 +438,11 @@ def gated_mlp(w: dict, p: str, h, act=jax.nn.silu, residual=None):
     On the one-token CUDA step, gate_up, its activation and the product are one kernel."""
     g = lambda name: w.get(f"{p}.{name}")  # noqa: E731
     gate_act = {jax.nn.silu: "silu", gelu_tanh: "gelu_tanh"}.get(act)
-    if _one_token_kernel(h) and gate_act and extern.gemv_fits(g("gate_up_proj.weight")):
+    if DECODE_KERNEL == "cuda" and _one_token_kernel(h) and gate_act and extern.gemv_fits(g("gate_up_proj.weight")):
         x, norm = _gemv_input(h)
         y = extern.gemv(x, g("gate_up_proj.weight"), bias=g("gate_up_proj.bias"), norm=norm, gate=gate_act)
         return linear(y[None], g("down_proj.weight"), g("down_proj.bias"), residual)
-    if isinstance(h, Normed):
-        h = h.value()
-    gate, up = jnp.split(linear(h, g("gate_up_proj.weight"), g("gate_up_proj.bias")), 2, axis=-1)
+    gate, up = jnp.split(linear(h, g("gate_up_proj.weight"), g("gate_up_proj.bias")), 2, axis=-1)  # h: Normed too
     return linear(act(gate) * up, g("down_proj.weight"), g("down_proj.bias"), residual)
 
 

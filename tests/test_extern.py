@@ -69,9 +69,9 @@ def _run_on_cpu(fn, args, tmp_path):
     return np.asarray(module["main"](*args).to_host())
 
 
-def _run_q4_kernel(kernel, x, n: int, seed: int, tmp_path):
-    """extern.<kernel>(x, w) on the CPU for random MLX-packed 4-bit w [n, K] (F16 scales and
-    biases, group 64), and w dequantized by numpy (f64), the reference."""
+def _run_q4_kernel(kernel, x, n: int, seed: int, tmp_path, **folded):
+    """extern.<kernel>(x, w, **folded) on the CPU for random MLX-packed 4-bit w [n, K] (F16
+    scales and biases, group 64), and w dequantized by numpy (f64), the reference."""
     import jax.numpy as jnp
 
     from iree_runner.compile.packed import Packed
@@ -82,7 +82,7 @@ def _run_q4_kernel(kernel, x, n: int, seed: int, tmp_path):
     words = rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint32)
     scales = (rng.uniform(0.5, 1.5, size=(n, k // 64)) / 100).astype(np.float16)
     biases = (-7.5 * scales).astype(np.float16)
-    got = _run_on_cpu(lambda x, p, s, b: getattr(extern, kernel)(x, Packed(p, s, b, 4, 64, jnp.float32)),
+    got = _run_on_cpu(lambda x, p, s, b: getattr(extern, kernel)(x, Packed(p, s, b, 4, 64, jnp.float32), **folded),
                       [x, words, scales.astype(np.float32), biases.astype(np.float32)], tmp_path)
     return got, dequantize_affine(words, scales, biases, bits=4, group_size=64).astype(np.float64)
 
@@ -92,6 +92,21 @@ def test_cpu_q4_gemv_matches_numpy(tmp_path):
     x = np.random.default_rng(10).standard_normal(1024).astype(np.float32)
     got, w = _run_q4_kernel("q4_gemv", x, 200, 0, tmp_path)
     want = w @ x
+    assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("one_plus", [False, True])
+def test_cpu_q4_gemv_folds_norm_bias_and_residual(one_plus, tmp_path):
+    """The one-token kernel with the input's RMSNorm (Gemma's 1 + w too), a bias and the
+    residual folded in, as layers.linear passes them, against numpy."""
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal(512) * 3).astype(np.float32)
+    nw, bias, res = (rng.standard_normal(m).astype(np.float32) for m in (512, 130, 130))
+    eps = 1e-6
+    got, w = _run_q4_kernel("q4_gemv", x, 130, 2, tmp_path, norm=(nw, eps, one_plus), bias=bias, residual=res)
+    x64 = x.astype(np.float64)
+    xn = x64 / np.sqrt(np.mean(x64 * x64) + eps) * (nw + (1.0 if one_plus else 0.0))
+    want = w @ xn + bias + res
     assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
 
 

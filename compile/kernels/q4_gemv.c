@@ -4,28 +4,67 @@
 //
 // Called by IREE's llvm-cpu executable once per workgroup (extern.py's shim): rows
 // [wg * TILE, wg * TILE + TILE) of the output. Bindings are byte pointers plus byte offsets:
-// packed [N, K/8] u32, scales [N, K/64] f32, biases [N, K/64] f32, x [K] f32, y [N] f32.
-// Push constants: N, K. Limits (extern.q4_gemv_fits): group 64, K % 128 == 0, K <= KMAX.
+// packed [N, K/8] u32, scales [N, K/64] f32, biases [N, K/64] f32, x [K] f32, norm [K] f32,
+// bias [N] f32, residual [N] f32, y [N] f32. Push constants: N, K, flags, eps (f32 bits).
+// As the CUDA gemv (extern.gemv's flags): NORM: x is RMS-normed first with weight norm (1 + norm
+// with ONE_PLUS); BIAS, RESIDUAL: added to y. Each folded step is a dispatch fewer: a CPU decode
+// step had ~470, each paying the task system's wake-ups.
+// Limits (extern.q4_gemv_fits): group 64, K % 128 == 0, K <= KMAX.
 // Freestanding: IREE links the object into its embedded ELF, which has no libc.
 #include <stddef.h>
 #include <stdint.h>
 
 #define TILE 64  // rows per workgroup (measured: 64 ~8 ms per token's matvecs, 32 ~9 ms, 128 noisier)
 #define KMAX 8192
+enum { NORM = 1, ONE_PLUS = 2, BIAS = 4, RESIDUAL = 8 };  // extern.py's flags
 // 16 lanes = one AVX-512 register = 16 packed words = two 64-wide groups of one row.
 typedef float vf __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64), aligned(4)));  // rows are only 4-byte aligned
 
+static inline float hsum(vf v) {
+  float s = 0.0f;
+  for (size_t j = 0; j < 16; ++j) s += v[j];
+  return s;
+}
+
+static inline vf loadv(const float* p) {
+  vf v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
 void q4_gemv_workgroup(const char* packed_base, size_t packed_off, const char* scales_base, size_t scales_off,
                        const char* biases_base, size_t biases_off, const char* x_base, size_t x_off,
-                       char* y_base, size_t y_off, int32_t n_i32, int32_t k_i32, size_t wg) {
+                       const char* norm_base, size_t norm_off, const char* bias_base, size_t bias_off,
+                       const char* res_base, size_t res_off, char* y_base, size_t y_off, int32_t n_i32,
+                       int32_t k_i32, int32_t flags, int32_t eps_bits, size_t wg) {
   const uint32_t* restrict packed = (const uint32_t*)(packed_base + packed_off);
   const float* restrict scales = (const float*)(scales_base + scales_off);
   const float* restrict biases = (const float*)(biases_base + biases_off);
-  const float* restrict x = (const float*)(x_base + x_off);
+  const float* restrict x_in = (const float*)(x_base + x_off);
   float* restrict y = (float*)(y_base + y_off);
   const size_t n = (size_t)n_i32, k = (size_t)k_i32;
   size_t ng = k / 64, r0 = wg * TILE, r1 = r0 + TILE < n ? r0 + TILE : n;
+  float xn[KMAX];  // x, RMS-normed when NORM (every workgroup redoes it: K floats, cheap next to its rows)
+  const float* restrict x = x_in;
+  if (flags & NORM) {  // 16 lanes at a time: a scalar sum is one chain of K dependent adds
+    const float* restrict w = (const float*)(norm_base + norm_off);
+    union { int32_t i; float f; } eps = {.i = eps_bits};
+    vf ss = {0};
+    for (size_t i = 0; i < k; i += 16) {
+      const vf v = loadv(x_in + i);
+      ss += v * v;
+    }
+    const float r = 1.0f / __builtin_sqrtf(hsum(ss) / (float)k + eps.f);
+    const float one = (flags & ONE_PLUS) ? 1.0f : 0.0f;
+    for (size_t i = 0; i < k; i += 16) {
+      const vf v = loadv(x_in + i) * r * (loadv(w + i) + one);
+      __builtin_memcpy(xn + i, &v, sizeof v);
+    }
+    x = xn;
+  }
+  const float* restrict bias = (flags & BIAS) ? (const float*)(bias_base + bias_off) : 0;
+  const float* restrict res = (flags & RESIDUAL) ? (const float*)(res_base + res_off) : 0;
   // x reordered once per workgroup: lane j of xt[i/16 + t] is x[i + 8j + t] * 16^-t, the element
   // nibble t of word j multiplies when masked in place (w & 0xF << 4t): no shift in the row loop.
   vf xt[KMAX / 16];
@@ -33,11 +72,8 @@ void q4_gemv_workgroup(const char* packed_base, size_t packed_off, const char* s
   for (size_t i = 0; i < k; i += 128)
     for (size_t t = 0; t < 8; ++t)
       for (size_t j = 0; j < 16; ++j) xt[i / 16 + t][j] = x[i + 8 * j + t] * (1.0f / (float)(1u << (4 * t)));
-  for (size_t g = 0; g < ng; ++g) {
-    float s = 0.0f;
-    for (size_t i = 0; i < 64; ++i) s += x[64 * g + i];
-    xs[g] = s;
-  }
+  for (size_t g = 0; g < ng; ++g)
+    xs[g] = hsum((loadv(x + 64 * g) + loadv(x + 64 * g + 16)) + (loadv(x + 64 * g + 32) + loadv(x + 64 * g + 48)));
   for (size_t r = r0; r < r1; ++r) {
     const uint32_t* p = packed + r * (k / 8);
     const float* sc = scales + r * ng;
@@ -59,7 +95,8 @@ void q4_gemv_workgroup(const char* packed_base, size_t packed_off, const char* s
     }
     float s = bacc;
     for (size_t j = 0; j < 16; ++j) s += acc[j];
-    y[r] = s;
+    if (bias) s += bias[r];
+    y[r] = res ? res[r] + s : s;
   }
 }
 
@@ -77,18 +114,6 @@ static inline void dequant_row(const uint32_t* restrict p, const float* restrict
     const float s = sc[i / 8], b = bi[i / 8];  // 8 words per group of 64
     for (unsigned t = 0; t < 8; ++t) out[8 * i + t] = s * (float)((w >> (4 * t)) & 15u) + b;
   }
-}
-
-static inline float hsum(vf v) {
-  float s = 0.0f;
-  for (size_t j = 0; j < 16; ++j) s += v[j];
-  return s;
-}
-
-static inline vf loadv(const float* p) {
-  vf v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
 }
 
 void q4_gemm_workgroup(const char* packed_base, size_t packed_off, const char* scales_base, size_t scales_off,
