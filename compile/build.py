@@ -101,7 +101,7 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
             shutil.rmtree(entry, ignore_errors=True)
 
     spec = export.step_spec(fam, cfg, capacity=max_context + prefill_chunk, weight_dtype=wdt, cache_dtype=wdt,
-                            packed_weights=packed_weights)
+                            packed_weights=packed_weights, cache_layout=iree_compile.CACHE_LAYOUT[target])
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
     try:

@@ -56,7 +56,16 @@ def make_step(family, cfg, packed_weights: tuple[packed.PackedSpec, ...] = (), d
 
 
 def step_spec(family, cfg, *, capacity: int, weight_dtype: str, cache_dtype: str = "float32",
-              packed_weights: tuple[packed.PackedSpec, ...] = ()) -> StepSpec:
+              packed_weights: tuple[packed.PackedSpec, ...] = (), cache_layout: str = "LDSH") -> StepSpec:
+    """The step's signature; cache_layout as the target's export_options give it."""
+    saved, layers.CACHE_LAYOUT = layers.CACHE_LAYOUT, cache_layout
+    try:
+        return _step_spec(family, cfg, capacity, weight_dtype, cache_dtype, packed_weights)
+    finally:
+        layers.CACHE_LAYOUT = saved
+
+
+def _step_spec(family, cfg, capacity, weight_dtype, cache_dtype, packed_weights) -> StepSpec:
     args = {n: (tuple(s), weight_dtype) for n, s in family.weight_shapes(cfg).items()}
     for p in packed_weights:
         if args.pop(p.name, (None,))[0] != p.shape:
@@ -68,7 +77,7 @@ def step_spec(family, cfg, *, capacity: int, weight_dtype: str, cache_dtype: str
 
 
 def export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str, cache_write: str = "slice",
-                decode_kernel: str | None = None) -> str:
+                decode_kernel: str | None = None, cache_layout: str = "LDSH") -> str:
     """StableHLO text of the step for `tokens` tokens per call, its module renamed.
 
     The target's choices (iree_compile.export_options):
@@ -78,12 +87,14 @@ def export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str, cach
       linked into the text as IREE dispatches; None: none."""
     if cache_write not in layers.CACHE_WRITES:
         raise ValueError(f"cache_write {cache_write!r} is not one of {layers.CACHE_WRITES}")
-    saved = layers.CACHE_WRITE, layers.DECODE_KERNEL
-    layers.CACHE_WRITE, layers.DECODE_KERNEL = cache_write, decode_kernel
+    if cache_layout not in layers.CACHE_LAYOUTS:
+        raise ValueError(f"cache_layout {cache_layout!r} is not one of {layers.CACHE_LAYOUTS}")
+    saved = layers.CACHE_WRITE, layers.DECODE_KERNEL, layers.CACHE_LAYOUT
+    layers.CACHE_WRITE, layers.DECODE_KERNEL, layers.CACHE_LAYOUT = cache_write, decode_kernel, cache_layout
     try:
         return extern.link(_export_step(family, cfg, spec, tokens, module_name))
     finally:
-        layers.CACHE_WRITE, layers.DECODE_KERNEL = saved
+        layers.CACHE_WRITE, layers.DECODE_KERNEL, layers.CACHE_LAYOUT = saved
 
 
 def _export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str) -> str:

@@ -338,8 +338,8 @@ def cpu_decode_attention_fits(heads: int, head_dim: int, softcap) -> bool:
 
 def cpu_decode_attention(q, k, v, k_cache, v_cache, positions, *, layer: int, scale: float, window: int | None):
     """Attention of one query token on the CPU: q [H, Dh] (normed and rotated), the token's own
-    k, v [KVH, Dh] and the f32 caches [L, Dh, S, KVH] (rows < positions[0] valid) -> [H * Dh] f32."""
-    _, Dh, S, KVH = k_cache.shape
+    k, v [KVH, Dh] and the f32 caches [L, S, Dh, KVH] (rows < positions[0] valid) -> [H * Dh] f32."""
+    _, S, Dh, KVH = k_cache.shape
     H = q.shape[0]
     f32 = jnp.float32
     consts = [S, KVH, H // KVH, Dh, layer, window or 0, f32_bits(scale)]

@@ -30,6 +30,8 @@ TARGETS = tuple(TARGET_FLAGS)
 WEIGHT_DTYPE = {"cpu": "float32", "cuda": "float16"}
 # How the step writes the KV cache (compile/layers.py KVCache.commit says why they differ).
 CACHE_WRITE = {"cpu": "slice", "cuda": "scatter"}
+# The order of the KV cache's axes (compile/layers.py CACHE_LAYOUT).
+CACHE_LAYOUT = {"cpu": "LSDH", "cuda": "LDSH"}
 # Quantized weights kept packed by default (compile/packed.py; --packed / --no-packed override):
 # on the CPU the 4-bit ones, which its kernel reads (3.4x faster decode than f32 weights,
 # bench/results/2026-11-26-cpu-2core-packed-llamacpp.json); 8-bit ones would be dequantized
@@ -42,7 +44,8 @@ def export_options(target: str, kernels: bool = True) -> dict:
     kernels of the target (compile/extern.py: on CUDA attention and linear layers, on the CPU
     the 4-bit matvec of packed weights); kernels=False leaves them out (IREE's codegen alone:
     to compare or to debug)."""
-    return {"cache_write": CACHE_WRITE[target], "decode_kernel": target if kernels else None}
+    return {"cache_write": CACHE_WRITE[target], "decode_kernel": target if kernels else None,
+            "cache_layout": CACHE_LAYOUT[target]}
 
 
 def cache_dir() -> Path:

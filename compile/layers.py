@@ -238,7 +238,10 @@ def apply_rope(x, cos, sin):
 # bench/results/2026-11-26-h100-cache-ldsh.txt); on the CPU decode 116 -> 108 ms. Values in
 # [L, S, H, D] instead made IREE's attention-times-V matmul slower (15 -> 27 us per layer,
 # bench/results/2026-11-26-h100-v-layout.txt).
+# The CPU's steps use [L, S, D, H] (set per target by export; iree_compile.CACHE_LAYOUT): its
+# hand-written attention streams each block of keys as one run (compile/kernels/decode_attention_cpu.c).
 CACHE_LAYOUT = "LDSH"
+CACHE_LAYOUTS = ("LDSH", "LSDH")
 # How commit() writes the cache: "scatter" or "slice" (set per target by export.export_step).
 CACHE_WRITE = "slice"
 CACHE_WRITES = ("scatter", "slice")
@@ -342,7 +345,7 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
     keys are few and always go through f32.
     """
     C, H, Dh = q.shape
-    if (C == 1 and DECODE_KERNEL == "cpu" and kv.k_cache.dtype == jnp.float32 and CACHE_LAYOUT == "LDSH"
+    if (C == 1 and DECODE_KERNEL == "cpu" and kv.k_cache.dtype == jnp.float32 and CACHE_LAYOUT == "LSDH"
             and extern.cpu_decode_attention_fits(H, Dh, softcap)):
         return extern.cpu_decode_attention(q[0], k[0], v[0], kv.k_cache, kv.v_cache, kv.positions, layer=layer,
                                            scale=scale, window=window)[None]

@@ -35,14 +35,14 @@ def test_cuda_decode_attention_is_the_kernel(family_name, tmp_path):
     text = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda", kernels=False))
     assert "@decode_attention" not in text and "@gemv" not in text
     for tokens, target, dtype in ((8, "cuda", "float16"), (1, "cpu", "float32"), (1, "cuda", "float32")):
-        fam, cfg, spec = _spec(family_name, dtype)
+        fam, cfg, spec = _spec(family_name, dtype, target)
         text = export.export_step(fam, cfg, spec, tokens, "step", **iree_compile.export_options(target))
         assert "@decode_attention::" not in text, (tokens, target, dtype)
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)
 def test_cpu_decode_attention_is_the_kernel(family_name):
-    fam, cfg, spec = _spec(family_name, "float32")
+    fam, cfg, spec = _spec(family_name, "float32", "cpu")
     decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cpu"))
     for kernel in ("decode_attn_cpu_partial", "decode_attn_cpu_combine"):
         assert len(re.findall(rf"flow\.dispatch @decode_attention_cpu::@{kernel}\[", decode)) == cfg.num_hidden_layers
@@ -121,7 +121,7 @@ def test_cpu_q4_gemm_matches_numpy(tmp_path):
 
 @pytest.mark.parametrize("kv_heads", [2, 8])  # 8: the kernel's vector path (Qwen3, Llama 3)
 @pytest.mark.parametrize("pos,window", [(0, None), (45, None), (100, None), (100, 8), (70, 40)])
-def test_cpu_decode_attention_matches_the_jax_attention(pos, window, kv_heads, tmp_path):
+def test_cpu_decode_attention_matches_the_jax_attention(pos, window, kv_heads, tmp_path, monkeypatch):
     """kernels/decode_attention_cpu.c against layers.attention (the graph every other step
     runs) on random data: GQA, rows in several blocks, the first position (no cached key),
     sliding windows that empty whole blocks."""
@@ -133,7 +133,8 @@ def test_cpu_decode_attention_matches_the_jax_attention(pos, window, kv_heads, t
     L, Dh, S, KVH, layer = 3, 32, 128, kv_heads, 1
     H = 16 if KVH == 8 else 8
     q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ((H, Dh), (KVH, Dh), (KVH, Dh)))
-    caches = [rng.standard_normal((L, Dh, S, KVH)).astype(np.float32) for _ in range(2)]
+    monkeypatch.setattr(layers, "CACHE_LAYOUT", "LSDH")  # the CPU's (iree_compile.CACHE_LAYOUT)
+    caches = [rng.standard_normal((L, S, Dh, KVH)).astype(np.float32) for _ in range(2)]
     positions = np.array([pos], np.int32)
 
     def ours(q, k, v, kc, vc, p):

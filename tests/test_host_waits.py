@@ -25,12 +25,13 @@ from iree_runner.weights import read_config
 CAPACITY = 64
 
 
-def _spec(family_name: str, weight_dtype: str):
+def _spec(family_name: str, weight_dtype: str, target: str = "cuda"):
+    """(family module, config, StepSpec) of a test checkpoint, its cache laid out as `target`'s."""
     cc = read_config(mlx_checkpoint(family_name, "bfloat16", "q4", keys="v4"))
     fam = family.family_module(cc.model_type)
     cfg = fam.Config.from_checkpoint(cc)
     return fam, cfg, export.step_spec(fam, cfg, capacity=CAPACITY, weight_dtype=weight_dtype,
-                                      cache_dtype=weight_dtype)
+                                      cache_dtype=weight_dtype, cache_layout=iree_compile.CACHE_LAYOUT[target])
 
 
 def _main_of_vm_program(mlir: str, tmp_path) -> str:

@@ -64,8 +64,8 @@ def test_in_graph_dequantize_matches_mx(bits, group_size):
     assert np.array_equal(np.asarray(rows(*args)), want[[3, 0]])
 
 
-def _packed_spec(family_name: str, weight_dtype: str):
-    from iree_runner.compile import build, export, family
+def _packed_spec(family_name: str, weight_dtype: str, target: str = "cpu"):
+    from iree_runner.compile import build, export, family, iree_compile
     from iree_runner.weights import read_config
 
     ckpt = mlx_checkpoint(family_name, "bfloat16", "q4", keys="v4", seed=SEEDS.get((family_name, "q4"), 0))
@@ -74,7 +74,8 @@ def _packed_spec(family_name: str, weight_dtype: str):
     cfg = fam.Config.from_checkpoint(cc)
     packed = build.packed_weights_of(ckpt, fam.weight_shapes(cfg))
     return fam, cfg, export.step_spec(fam, cfg, capacity=MAX_CONTEXT + 32, weight_dtype=weight_dtype,
-                                      cache_dtype=weight_dtype, packed_weights=packed)
+                                      cache_dtype=weight_dtype, packed_weights=packed,
+                                      cache_layout=iree_compile.CACHE_LAYOUT[target])
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)
@@ -91,7 +92,7 @@ def test_one_token_steps_read_packed_weights_with_a_kernel(family_name):
     expect = len(four_bit - {"model.embed_tokens.weight"}) + (lm_head in four_bit and cfg.tie_word_embeddings)
     assert expect >= 4 * cfg.num_hidden_layers // (2 if family_name == "qwen3_moe" else 1)
     for target, kernel, dtype in (("cpu", "@q4_gemv::@q4_gemv[", "float32"), ("cuda", "@gemv::@gemv_q4[", "float16")):
-        fam, cfg, spec = _packed_spec(family_name, dtype)
+        fam, cfg, spec = _packed_spec(family_name, dtype, target)
         decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options(target))
         assert decode.count(f"flow.dispatch {kernel}") == expect, target
         # Prefill's lm_head is one row, the one-token kernel's. Its layers: on the CPU the

@@ -1,4 +1,4 @@
-// Decode attention (one query token) on the CPU against the f32 KV cache in [L, D, S, H] layout
+// Decode attention (one query token) on the CPU against the f32 KV cache in [L, S, D, H] layout
 // (compile/extern.py cpu_decode_attention), in two dispatches, split-softmax style:
 // - decode_attn_cpu_partial: one workgroup per ROWS cached keys, for every query head: scores,
 //   their max m, l = sum(exp(s - m)) and sum(exp(s - m) * v);
@@ -7,8 +7,10 @@
 // IREE's own code for this attention ran at ~0.5 ms per layer on 2 cores for 672 cache rows
 // (a batched matmul of 8 x 2 heads; bench/results/2026-11-26-cpu-2core-packed.txt).
 //
-// In [L, D, S, H] a layer's keys at one feature d are rows s of H contiguous floats, so every
-// loop runs over the KV heads innermost (vectorized), with q transposed to [D][G][H].
+// In [L, S, D, H] each cached key (all features of all KV heads) is one contiguous run, and a
+// block's keys are one run of ROWS * D * H floats: streamed, not D strided chunks as in
+// [L, D, S, H] (~20 GB/s there against ~38 for a plain copy on this 2-core VM). Every loop runs
+// over the KV heads innermost (vectorized), with q transposed to [D][G][H].
 // Query heads are grouped as HF's GQA: head h * G + g reads KV head h.
 //
 // Called by IREE's llvm-cpu executable once per workgroup (extern.py's shim); bindings are byte
@@ -73,8 +75,8 @@ void decode_attn_cpu_partial_workgroup(const char* q_b, size_t q_o, const char* 
                                        int32_t S, int32_t KVH, int32_t G, int32_t Dh, int32_t layer, int32_t window,
                                        int32_t scale_bits, size_t wg) {
   const float* restrict q = (const float*)(q_b + q_o);
-  const float* restrict kc = (const float*)(k_b + k_o) + (size_t)layer * Dh * S * KVH;
-  const float* restrict vc = (const float*)(v_b + v_o) + (size_t)layer * Dh * S * KVH;
+  const float* restrict kc = (const float*)(k_b + k_o) + (size_t)layer * S * Dh * KVH;
+  const float* restrict vc = (const float*)(v_b + v_o) + (size_t)layer * S * Dh * KVH;
   const int32_t p = *(const int32_t*)(pos_b + pos_o);
   const int32_t H = KVH * G, W = Dh + 2;
   float* restrict out = (float*)(out_b + out_o) + wg * (size_t)H * W;
@@ -97,24 +99,28 @@ void decode_attn_cpu_partial_workgroup(const char* q_b, size_t q_o, const char* 
       for (int32_t d = 0; d < Dh; ++d) qt[(d * G + g) * KVH + h] = q[(h * G + g) * Dh + d] * scale;
   float s[ROWS * MAX_H];  // [row][G][KVH]
   for (int32_t i = 0; i < n * H; ++i) s[i] = 0.0f;
-  if (KVH == 8) {  // one 8-float vector per row and feature (Qwen3, Llama 3): no loop over heads
-    for (int32_t d = 0; d < Dh; ++d) {
-      const float* krow = kc + ((size_t)d * S + r0) * 8;
-      // The next feature's rows start S * 32 bytes on, in another page: fetch them now.
-      if (d + 1 < Dh)
-        for (int32_t r = 0; r < n; r += 2) __builtin_prefetch(krow + (size_t)S * 8 + r * 8);
-      for (int32_t r = 0; r < n; ++r) {  // each key row loaded once for the G heads
-        const v8 kv = load8(krow + r * 8);
-        for (int32_t g = 0; g < G; ++g)
-          store8(s + (r * G + g) * 8, load8(s + (r * G + g) * 8) + load8(qt + (d * G + g) * 8) * kv);
+  if (KVH == 8) {  // one 8-float vector per feature of a key (Qwen3, Llama 3): no loop over heads
+    for (int32_t r = 0; r < n; ++r) {
+      const float* krow = kc + (size_t)(r0 + r) * Dh * 8;
+      for (int32_t g = 0; g < G; ++g) {
+        v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};  // four sums: no chain of dependent adds
+        int32_t d = 0;
+        for (; d + 4 <= Dh; d += 4) {
+          a0 += load8(qt + (d * G + g) * 8) * load8(krow + d * 8);
+          a1 += load8(qt + ((d + 1) * G + g) * 8) * load8(krow + (d + 1) * 8);
+          a2 += load8(qt + ((d + 2) * G + g) * 8) * load8(krow + (d + 2) * 8);
+          a3 += load8(qt + ((d + 3) * G + g) * 8) * load8(krow + (d + 3) * 8);
+        }
+        for (; d < Dh; ++d) a0 += load8(qt + (d * G + g) * 8) * load8(krow + d * 8);
+        store8(s + (r * G + g) * 8, (a0 + a1) + (a2 + a3));
       }
     }
   } else {
-    for (int32_t d = 0; d < Dh; ++d) {
-      const float* krow = kc + ((size_t)d * S + r0) * KVH;
-      for (int32_t r = 0; r < n; ++r)
+    for (int32_t r = 0; r < n; ++r) {
+      const float* krow = kc + (size_t)(r0 + r) * Dh * KVH;
+      for (int32_t d = 0; d < Dh; ++d)
         for (int32_t g = 0; g < G; ++g)
-          for (int32_t h = 0; h < KVH; ++h) s[(r * G + g) * KVH + h] += qt[(d * G + g) * KVH + h] * krow[r * KVH + h];
+          for (int32_t h = 0; h < KVH; ++h) s[(r * G + g) * KVH + h] += qt[(d * G + g) * KVH + h] * krow[d * KVH + h];
     }
   }
   float m[MAX_H], l[MAX_H];
@@ -127,34 +133,29 @@ void decode_attn_cpu_partial_workgroup(const char* q_b, size_t q_o, const char* 
       s[r * H + i] = e;
       l[i] += e;
     }
-  float acc[MAX_H];
-  for (int32_t d = 0; d < Dh; ++d) {
-    const float* vrow = vc + ((size_t)d * S + r0) * KVH;
-    for (int32_t i = 0; i < H; ++i) acc[i] = 0.0f;
-    if (KVH == 8) {
-      if (d + 1 < Dh)
-        for (int32_t r = 0; r < n; r += 2) __builtin_prefetch(vrow + (size_t)S * 8 + r * 8);
+  // Weights x V, into out's rows directly: out[(h * G + g) * W + 2 + d] += e[r, g, h] * v[r, d, h].
+  float acc[MAX_Q];  // [Dh][G][KVH]
+  for (int32_t i = 0; i < Dh * H; ++i) acc[i] = 0.0f;
+  if (KVH == 8) {
+    for (int32_t r = 0; r < n; ++r) {
+      const float* vrow = vc + (size_t)(r0 + r) * Dh * 8;
       for (int32_t g = 0; g < G; ++g) {
-        // Four sums: one would make every add wait for the one before (a 4-cycle chain per row).
-        v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        int32_t r = 0;
-        for (; r + 4 <= n; r += 4) {
-          a0 += load8(s + (r * G + g) * 8) * load8(vrow + r * 8);
-          a1 += load8(s + ((r + 1) * G + g) * 8) * load8(vrow + (r + 1) * 8);
-          a2 += load8(s + ((r + 2) * G + g) * 8) * load8(vrow + (r + 2) * 8);
-          a3 += load8(s + ((r + 3) * G + g) * 8) * load8(vrow + (r + 3) * 8);
-        }
-        for (; r < n; ++r) a0 += load8(s + (r * G + g) * 8) * load8(vrow + r * 8);
-        store8(acc + g * 8, (a0 + a1) + (a2 + a3));
+        const v8 e = load8(s + (r * G + g) * 8);
+        for (int32_t d = 0; d < Dh; ++d)
+          store8(acc + (d * G + g) * 8, load8(acc + (d * G + g) * 8) + e * load8(vrow + d * 8));
       }
-    } else {
-      for (int32_t r = 0; r < n; ++r)
-        for (int32_t g = 0; g < G; ++g)
-          for (int32_t h = 0; h < KVH; ++h) acc[g * KVH + h] += s[(r * G + g) * KVH + h] * vrow[r * KVH + h];
     }
-    for (int32_t g = 0; g < G; ++g)
-      for (int32_t h = 0; h < KVH; ++h) out[(h * G + g) * W + 2 + d] = acc[g * KVH + h];
+  } else {
+    for (int32_t r = 0; r < n; ++r) {
+      const float* vrow = vc + (size_t)(r0 + r) * Dh * KVH;
+      for (int32_t d = 0; d < Dh; ++d)
+        for (int32_t g = 0; g < G; ++g)
+          for (int32_t h = 0; h < KVH; ++h) acc[(d * G + g) * KVH + h] += s[(r * G + g) * KVH + h] * vrow[d * KVH + h];
+    }
   }
+  for (int32_t d = 0; d < Dh; ++d)
+    for (int32_t g = 0; g < G; ++g)
+      for (int32_t h = 0; h < KVH; ++h) out[(h * G + g) * W + 2 + d] = acc[(d * G + g) * KVH + h];
   for (int32_t g = 0; g < G; ++g)
     for (int32_t h = 0; h < KVH; ++h) {
       out[(h * G + g) * W] = m[g * KVH + h];

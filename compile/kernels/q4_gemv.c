@@ -21,10 +21,16 @@ enum { NORM = 1, ONE_PLUS = 2, BIAS = 4, RESIDUAL = 8 };  // extern.py's flags
 typedef float vf __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64), aligned(4)));  // rows are only 4-byte aligned
 
+typedef int32_t vi __attribute__((vector_size(64)));
+
+// The 16 lanes' sum as a tree (4 shuffles and adds): a row's sum lane by lane was a chain of 16
+// dependent adds, as long as the row's own loop for K = 1024 (perf, 2026-11-26).
 static inline float hsum(vf v) {
-  float s = 0.0f;
-  for (size_t j = 0; j < 16; ++j) s += v[j];
-  return s;
+  v += __builtin_shuffle(v, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v += __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  v += __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  v += __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  return v[0];
 }
 
 static inline vf loadv(const float* p) {
@@ -93,8 +99,7 @@ void q4_gemv_workgroup(const char* packed_base, size_t packed_off, const char* s
       acc += sv * d;
       bacc += bi[g] * xs[g] + bi[g + 1] * xs[g + 1];
     }
-    float s = bacc;
-    for (size_t j = 0; j < 16; ++j) s += acc[j];
+    float s = bacc + hsum(acc);
     if (bias) s += bias[r];
     y[r] = res ? res[r] + s : s;
   }
