@@ -74,7 +74,7 @@ class PendingToken:
 
 class Session:
     """Steps run in order on one device timeline. Each call returns once its work is queued
-    (IREE's async-external model, iree_compile.COMMON_FLAGS), so the host can queue the next
+    (IREE's async-external model, iree_compile.STEP_FLAGS), so the host can queue the next
     greedy step, whose input token never leaves the device, while the device runs this one.
 
     The steps write their results and transients into buffers passed in (compile/export.py
@@ -170,18 +170,14 @@ class Session:
         view = self._last_greedy.view
         return rt.HalBufferView(view.get_buffer(), [1], view.element_type)
 
-    def _read_int(self, view, ready: int):
-        """A function reading one int32 from the device once timeline value `ready` is reached:
-        mapped where the buffer is host-visible (CPU), else copied by the queue into a kept
-        host buffer (a fresh host allocation per read cost ~0.3 ms on CUDA)."""
+    def _read_int(self, view):
+        """A function reading one int32 from the device: copied by the queue, after the step,
+        into a host buffer of its own (kept for reuse; a fresh host allocation per read cost
+        ~0.3 ms on CUDA). Copied at once, not when read: the step's storage is reused two steps
+        on."""
         import iree.runtime as rt
 
         buf = view.get_buffer()
-        if buf.memory_type() & int(rt.MemoryType.HOST_VISIBLE) and buf.allowed_usage() & int(rt.BufferUsage.MAPPING_SCOPED):
-            def read_mapped():
-                self._fence(ready).wait()
-                return int(buf.map().asarray([1], np.dtype(np.int32))[0])
-            return read_mapped
         host = self._host_ints.pop() if self._host_ints else self._device.allocator.allocate_buffer(
             memory_type=int(rt.MemoryType.HOST_LOCAL | rt.MemoryType.DEVICE_VISIBLE),
             allowed_usage=int(rt.BufferUsage.TRANSFER_TARGET | rt.BufferUsage.MAPPING_SCOPED), allocation_size=4)
@@ -220,7 +216,7 @@ class Session:
             self.wait()
             # A copy: on the CPU to_host() maps the buffer, which a later step writes again.
             return np.array(rt.DeviceArray(self._device, logits).to_host(), copy=True)
-        self._last_greedy = PendingToken(token, self._read_int(token, self._tick), self.pos, self.vocab_size)
+        self._last_greedy = PendingToken(token, self._read_int(token), self.pos, self.vocab_size)
         return self._last_greedy
 
     def prefill(self, tokens: list[int], greedy: bool = False):

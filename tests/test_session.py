@@ -54,3 +54,13 @@ def test_early_stop_rewinds_the_step_queued_ahead(session):
     for _ in range(6):
         rest.append(session.decode(rest[-1], greedy=True))
     assert rest == want[5:]
+
+
+def test_steps_queued_far_ahead_read_late(session):
+    """Each token is copied out when its step is queued: reading it after later steps have
+    reused the step's storage still gives its own value."""
+    want = waited(session, PROMPT, 6)
+    session.reset()
+    got = [session.prefill(PROMPT, greedy=True)]
+    queued = [session.decode_next() for _ in range(5)]
+    assert got + [p.result() for p in queued] == want
