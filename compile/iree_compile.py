@@ -41,10 +41,10 @@ PACKED_BITS_DEFAULT = {"cpu": (4,), "cuda": ()}
 
 
 def export_options(target: str, kernels: bool = True) -> dict:
-    """export.export_step's per-target keyword arguments. One-token steps use the hand-written
-    kernels of the target (compile/extern.py: on CUDA attention and linear layers, on the CPU
-    the 4-bit matvec of packed weights); kernels=False leaves them out (IREE's codegen alone:
-    to compare or to debug)."""
+    """export.export_step's per-target keyword arguments: the cache's write and layout, and
+    the hand-written kernels of the target that one-token steps use (compile/extern.py:
+    attention, and linear layers on packed 4-bit weights, f16 ones too on CUDA); kernels=False
+    leaves them out (IREE's codegen alone: to compare or to debug)."""
     return {"cache_write": CACHE_WRITE[target], "decode_kernel": target if kernels else None,
             "cache_layout": CACHE_LAYOUT[target]}
 
