@@ -5,8 +5,8 @@
 Runs the decode step of a bundle or a `bench/diag_cuda.py make` variant (random weights) in one process per
 flag setting (the flags are process-wide and read when the driver is created) and prints the
 median ms per token, greedy (one int read back per step): each step waited for, and pipelined as
-generation runs it (the next step queued before a token is read; a bundle of the async-external
-model only).
+generation runs it (the next step queued before a token is read). `--device cpu` times a CPU
+bundle the same way.
 """
 
 from __future__ import annotations
