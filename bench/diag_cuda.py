@@ -165,9 +165,8 @@ def make(root: Path, model: Path, variants: list[str], layers: int | None = None
             probe_text, labels = export_probe(fam, cfg, spec)
             (d / "labels.json").write_text(json.dumps(["logits", "argmax", "k_cache", "v_cache", *labels]))
         for target in ("cpu", "cuda"):  # each target writes the cache its own way
-            # One cache layout for both targets (the spec's): the CPU then runs the JAX attention.
-            opts = iree_compile.export_options(target) | {"cache_layout": "LDSH"}
-            modules = {step: export.export_step(fam, cfg, spec, tokens, step, **opts)
+            # One spec, so one cache layout, for both targets: the CPU then runs the JAX attention.
+            modules = {step: export.export_step(fam, cfg, spec, tokens, step, **iree_compile.export_options(target))
                        for step, tokens in (("prefill", CHUNK), ("decode", 1))}
             if probe_text:
                 modules["probe"] = probe_text

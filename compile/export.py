@@ -32,6 +32,7 @@ class StepSpec:
     cache_dtype: str
     packed: tuple[packed.PackedSpec, ...]  # weights kept packed (three arguments each)
     weight_dtypes: tuple[str, ...]  # per argument
+    cache_layout: str  # the order of cache_shape's axes (layers.CACHE_LAYOUT)
 
 
 def first_argmax(x):
@@ -57,40 +58,38 @@ def make_step(family, cfg, packed_weights: tuple[packed.PackedSpec, ...] = (), d
 
 def step_spec(family, cfg, *, capacity: int, weight_dtype: str, cache_dtype: str = "float32",
               packed_weights: tuple[packed.PackedSpec, ...] = (), cache_layout: str = "LDSH") -> StepSpec:
-    """The step's signature; cache_layout as the target's export_options give it."""
+    """The step's signature; cache_layout: the target's (iree_compile.CACHE_LAYOUT), which the
+    exported step then uses."""
+    if cache_layout not in layers.CACHE_LAYOUTS:
+        raise ValueError(f"cache_layout {cache_layout!r} is not one of {layers.CACHE_LAYOUTS}")
     saved, layers.CACHE_LAYOUT = layers.CACHE_LAYOUT, cache_layout
     try:
-        return _step_spec(family, cfg, capacity, weight_dtype, cache_dtype, packed_weights)
+        cache_shape = tuple(family.cache_shape(cfg, capacity))
     finally:
         layers.CACHE_LAYOUT = saved
-
-
-def _step_spec(family, cfg, capacity, weight_dtype, cache_dtype, packed_weights) -> StepSpec:
     args = {n: (tuple(s), weight_dtype) for n, s in family.weight_shapes(cfg).items()}
     for p in packed_weights:
         if args.pop(p.name, (None,))[0] != p.shape:
             raise ValueError(f"packed weight {p.name} {list(p.shape)} is not a weight of the model, or not of that shape")
         args |= p.arguments()
     names = tuple(sorted(args))
-    return StepSpec(names, tuple(args[n][0] for n in names), weight_dtype, tuple(family.cache_shape(cfg, capacity)),
-                    cache_dtype, tuple(packed_weights), tuple(args[n][1] for n in names))
+    return StepSpec(names, tuple(args[n][0] for n in names), weight_dtype, cache_shape, cache_dtype,
+                    tuple(packed_weights), tuple(args[n][1] for n in names), cache_layout)
 
 
 def export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str, cache_write: str = "slice",
-                decode_kernel: str | None = None, cache_layout: str = "LDSH") -> str:
+                decode_kernel: str | None = None) -> str:
     """StableHLO text of the step for `tokens` tokens per call, its module renamed.
 
-    The target's choices (iree_compile.export_options):
+    The cache's layout is the spec's. The target's choices (iree_compile.export_options):
     - cache_write: how the KV cache is written, one of layers.CACHE_WRITES;
     - decode_kernel: the target ("cuda" or "cpu") whose hand-written kernels (compile/extern.py)
       the step uses where they fit (mostly one-token steps; layers.DECODE_KERNEL says which),
       linked into the text as IREE dispatches; None: none."""
     if cache_write not in layers.CACHE_WRITES:
         raise ValueError(f"cache_write {cache_write!r} is not one of {layers.CACHE_WRITES}")
-    if cache_layout not in layers.CACHE_LAYOUTS:
-        raise ValueError(f"cache_layout {cache_layout!r} is not one of {layers.CACHE_LAYOUTS}")
     saved = layers.CACHE_WRITE, layers.DECODE_KERNEL, layers.CACHE_LAYOUT
-    layers.CACHE_WRITE, layers.DECODE_KERNEL, layers.CACHE_LAYOUT = cache_write, decode_kernel, cache_layout
+    layers.CACHE_WRITE, layers.DECODE_KERNEL, layers.CACHE_LAYOUT = cache_write, decode_kernel, spec.cache_layout
     try:
         return extern.link(_export_step(family, cfg, spec, tokens, module_name))
     finally:

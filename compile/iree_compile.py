@@ -41,12 +41,12 @@ PACKED_BITS_DEFAULT = {"cpu": (4,), "cuda": ()}
 
 
 def export_options(target: str, kernels: bool = True) -> dict:
-    """export.export_step's per-target keyword arguments: the cache's write and layout, and
-    the hand-written kernels of the target that one-token steps use (compile/extern.py:
-    attention, and linear layers on packed 4-bit weights, f16 ones too on CUDA); kernels=False
-    leaves them out (IREE's codegen alone: to compare or to debug)."""
-    return {"cache_write": CACHE_WRITE[target], "decode_kernel": target if kernels else None,
-            "cache_layout": CACHE_LAYOUT[target]}
+    """export.export_step's per-target keyword arguments: how the cache is written, and the
+    hand-written kernels of the target that one-token steps use (compile/extern.py: attention,
+    and linear layers on packed 4-bit weights, f16 ones too on CUDA); kernels=False leaves them
+    out (IREE's codegen alone: to compare or to debug). The cache's layout is the step spec's
+    (CACHE_LAYOUT)."""
+    return {"cache_write": CACHE_WRITE[target], "decode_kernel": target if kernels else None}
 
 
 def cache_dir() -> Path:
