@@ -381,19 +381,25 @@ def gemv(x, w, *, bias=None, norm=None, residual=None, gate: str | None = None):
     - gate "silu" or "gelu_tanh": w's rows are [gate; up], and the result is act(gate) * up [N / 2]."""
     n_rows, k = w.shape
     n = n_rows // 2 if gate else n_rows
-    flags = (NORM if norm is not None else 0) | (ONE_PLUS if norm is not None and norm[2] else 0)
-    flags |= (BIAS if bias is not None else 0) | (RESIDUAL if residual is not None else 0)
-    flags |= (GATE if gate else 0) | (GELU if gate == "gelu_tanh" else 0)
     if gate not in (None, "silu", "gelu_tanh"):
         raise ValueError(f"gate activation {gate!r}: silu or gelu_tanh")
-    f16, f32 = jnp.float16, jnp.float32
-    weight = packed_operands(w) if isinstance(w, Packed) else [w]
-    operands = [x.astype(f32), *weight, absent(f16) if norm is None else norm[0].astype(f16),
-                absent(f16) if bias is None else bias.astype(f16),
-                absent(f32) if residual is None else residual.astype(f32)]
-    eps = 0.0 if norm is None else norm[1]
-    return call("gemv_q4" if isinstance(w, Packed) else "gemv", jax.ShapeDtypeStruct((n,), f32), operands,
-                grid=-(-n // GEMV_WARPS), constants=[n, k, flags, f32_bits(eps)])
+    operands = [x.astype(jnp.float32), *(packed_operands(w) if isinstance(w, Packed) else [w])]
+    flags, folded = _folded(norm, bias, residual, jnp.float16)
+    flags |= (GATE if gate else 0) | (GELU if gate == "gelu_tanh" else 0)
+    return call("gemv_q4" if isinstance(w, Packed) else "gemv", jax.ShapeDtypeStruct((n,), jnp.float32),
+                operands + folded, grid=-(-n // GEMV_WARPS),
+                constants=[n, k, flags, f32_bits(0.0 if norm is None else norm[1])])
+
+
+def _folded(norm, bias, residual, dtype) -> tuple[int, list]:
+    """The flags and trailing operands of what a one-token linear kernel folds in (gemv,
+    q4_gemv): the norm weight and bias in `dtype` (absent where not given), the residual in f32."""
+    flags = (NORM if norm is not None else 0) | (ONE_PLUS if norm is not None and norm[2] else 0)
+    flags |= (BIAS if bias is not None else 0) | (RESIDUAL if residual is not None else 0)
+    f32 = jnp.float32
+    return flags, [absent(dtype) if norm is None else norm[0].astype(dtype),
+                   absent(dtype) if bias is None else bias.astype(dtype),
+                   absent(f32) if residual is None else residual.astype(f32)]
 
 
 Q4_TILE = 64  # rows per CPU workgroup (kernels/q4_gemv.c TILE)
@@ -425,15 +431,10 @@ def q4_gemv(x, w: Packed, *, bias=None, norm=None, residual=None):
     """dequant(w) [N, K] · x [K] -> [N] f32 on the CPU, w read packed (kernels/q4_gemv.c), with
     norm = (weight [K], eps, one_plus), bias [N] and residual [N] folded in as in gemv."""
     n, k = w.shape
-    f32 = jnp.float32
-    flags = (NORM if norm is not None else 0) | (ONE_PLUS if norm is not None and norm[2] else 0)
-    flags |= (BIAS if bias is not None else 0) | (RESIDUAL if residual is not None else 0)
-    operands = [*packed_operands(w), x.astype(f32), absent(f32) if norm is None else norm[0].astype(f32),
-                absent(f32) if bias is None else bias.astype(f32),
-                absent(f32) if residual is None else residual.astype(f32)]
-    eps = 0.0 if norm is None else norm[1]
-    return call("q4_gemv", jax.ShapeDtypeStruct((n,), f32), operands, grid=-(-n // Q4_TILE),
-                constants=[n, k, flags, f32_bits(eps)])
+    operands = [*packed_operands(w), x.astype(jnp.float32)]
+    flags, folded = _folded(norm, bias, residual, jnp.float32)
+    return call("q4_gemv", jax.ShapeDtypeStruct((n,), jnp.float32), operands + folded, grid=-(-n // Q4_TILE),
+                constants=[n, k, flags, f32_bits(0.0 if norm is None else norm[1])])
 
 
 if __name__ == "__main__":  # make ptx

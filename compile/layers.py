@@ -35,32 +35,37 @@ def linear(x, w, b=None, residual=None):
     """x: [..., in] · w: [out, in] (PyTorch layout, as stored) -> [..., out] in f32, plus
     `residual` if given. x may be a Normed (pre_norm): the norm is applied here. w may be
     Packed: a kernel reads it as it is where one fits, else the graph dequantizes it."""
-    one_row = x.shape[:-1] in ((), (1,))
-    if one_row and DECODE_KERNEL == "cuda" and extern.gemv_fits(w) and (
-            isinstance(w, Packed) or isinstance(x, Normed) or residual is not None):
+    kernel = _one_row_kernel(x, w, residual)
+    if kernel is not None:  # the norm, bias and residual folded in
         xv, norm = _gemv_input(x)
-        y = extern.gemv(xv, w, bias=b, norm=norm, residual=None if residual is None else residual.reshape(-1))
-        return y.reshape(*x.shape[:-1], -1)
-    if one_row and DECODE_KERNEL == "cpu" and extern.q4_gemv_fits(w):  # norm, bias, residual folded in
-        xv, norm = _gemv_input(x)
-        y = extern.q4_gemv(xv, w, bias=b, norm=norm, residual=None if residual is None else residual.reshape(-1))
+        y = kernel(xv, w, bias=b, norm=norm, residual=None if residual is None else residual.reshape(-1))
         return y.reshape(*x.shape[:-1], -1)
     if isinstance(x, Normed):
         x = x.value()
-    if isinstance(w, Packed) and DECODE_KERNEL == "cpu":
-        y = None
-        if x.ndim == 2 and extern.q4_gemm_fits(w):  # a prefill chunk
-            y = extern.q4_gemm(x, w)
-        if y is not None:
-            y = y if b is None else y + b.astype(F32)
-            return y if residual is None else residual + y
-    if isinstance(w, Packed):
-        w = w.dequantize()
-    y = jax.lax.dot_general(
-        x.astype(w.dtype), w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=F32
-    )
+    if DECODE_KERNEL == "cpu" and x.ndim == 2 and extern.q4_gemm_fits(w):  # a prefill chunk
+        y = extern.q4_gemm(x, w)
+    else:
+        if isinstance(w, Packed):
+            w = w.dequantize()
+        y = jax.lax.dot_general(
+            x.astype(w.dtype), w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=F32
+        )
     y = y if b is None else y + b.astype(F32)
     return y if residual is None else residual + y
+
+
+def _one_row_kernel(x, w, residual):
+    """The one-token linear kernel of the target that takes x · w, or None: CUDA's gemv (f16 or
+    packed 4-bit weights; a plain f16 one only when there is a norm or residual to fold in), the
+    CPU's q4_gemv (packed 4-bit)."""
+    if x.shape[:-1] not in ((), (1,)):
+        return None
+    if DECODE_KERNEL == "cuda" and extern.gemv_fits(w) and (
+            isinstance(w, Packed) or isinstance(x, Normed) or residual is not None):
+        return extern.gemv
+    if DECODE_KERNEL == "cpu" and extern.q4_gemv_fits(w):
+        return extern.q4_gemv
+    return None
 
 
 def rms_norm(x, w, eps, *, one_plus=False):
