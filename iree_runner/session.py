@@ -193,8 +193,9 @@ class Session:
             return value
         return read_copied
 
-    def _run(self, step: str, tokens, last: int, greedy: bool):
-        """Queue one step; returns its logits (waiting for them) or, greedy, a PendingToken."""
+    def _run(self, step: str, tokens, last: int, read: str | None):
+        """Queue one step. read "logits": returns them (waiting); "argmax": a PendingToken;
+        None: nothing (a prompt chunk before the last)."""
         import iree.runtime as rt
 
         sets = self._storage[step]
@@ -211,8 +212,11 @@ class Session:
         self._ctx.vm_context.invoke(self._steps[step], args, results)
         logits, token, self._k, self._v = (results.get_as_object(i, rt.HalBufferView) for i in range(4))
         # Only what is asked for crosses back: one int for greedy, else the logits row.
-        if not greedy:
+        if read != "argmax":
             self._last_greedy = None
+        if read is None:
+            return None
+        if read == "logits":
             self.wait()
             # A copy: on the CPU to_host() maps the buffer, which a later step writes again.
             return np.array(rt.DeviceArray(self._device, logits).to_host(), copy=True)
@@ -233,14 +237,15 @@ class Session:
             part = ids[start:start + self.chunk]
             padded = np.zeros(self.chunk, np.int32)
             padded[:len(part)] = part
-            out = self._run("prefill", self._tokens(padded), len(part) - 1, greedy)
+            read = ("argmax" if greedy else "logits") if start + self.chunk >= n else None  # the last chunk's
+            out = self._run("prefill", self._tokens(padded), len(part) - 1, read)
             self.pos += len(part)
         return out.result() if greedy else out
 
     def decode(self, token: int, greedy: bool = False):
         """Append one token; logits for the next (or their argmax with greedy=True)."""
         self._check_room()
-        out = self._run("decode", self._tokens(np.array([token], np.int32)), 0, greedy)
+        out = self._run("decode", self._tokens(np.array([token], np.int32)), 0, "argmax" if greedy else "logits")
         self.pos += 1
         return out.result() if greedy else out
 
@@ -250,7 +255,7 @@ class Session:
         if self._last_greedy is None:
             raise RuntimeError("decode_next follows a greedy prefill or decode step")
         self._check_room()
-        out = self._run("decode", self._argmax_as_tokens(), 0, greedy=True)
+        out = self._run("decode", self._argmax_as_tokens(), 0, "argmax")
         self.pos += 1
         return out
 
