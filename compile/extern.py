@@ -50,6 +50,8 @@ KERNELS = {
     "decode_attn_combine": Kernel("decode_attention", 128),
     "gemv": Kernel("gemv", 256),
     "gemv_q4": Kernel("gemv", 256),
+    "dequant_q4": Kernel("gemv", 256),
+    "prefill_attn": Kernel("prefill_attention", 256),
     "q4_gemv": Kernel("q4_gemv", target="cpu"),
     "q4_gemm": Kernel("q4_gemv", target="cpu"),
     "decode_attn_cpu_partial": Kernel("decode_attention_cpu", target="cpu"),
@@ -325,6 +327,32 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, 
     return out[:H * Dh], out[H * Dh:].reshape(KVH, Dh)
 
 
+# --- prefill attention (kernels/prefill_attention.cu) -------------------------------------
+
+PREFILL_ROWS = 16  # query rows (token, head) per block: the kernel's ROWS
+PREFILL_MAX_DH = 128
+
+
+def prefill_attention_fits(head_dim: int) -> bool:
+    """Whether the prefill kernel takes this head dim; else the chunk's attention stays in JAX."""
+    return head_dim % 32 == 0 and head_dim <= PREFILL_MAX_DH
+
+
+def prefill_attention(q, k, v, k_cache, v_cache, positions, *, layer: int, scale: float, window: int | None,
+                      softcap: float | None):
+    """Attention of a chunk of C tokens at consecutive positions: q [C, H, Dh], the chunk's k, v
+    [C, KVH, Dh] (normed and rotated; f32) against the caches [L, Dh, S, KVH] f16 (rows <
+    positions[0] valid) and the chunk itself, causal. Returns [C, H * Dh] f32."""
+    C, H, Dh = q.shape
+    _, _, S, KVH = k_cache.shape
+    f32 = jnp.float32
+    consts = [C, S, KVH, H // KVH, Dh, layer, window or 0, f32_bits(scale), f32_bits(softcap or 0.0)]
+    tiles = -(-C * (H // KVH) // PREFILL_ROWS)
+    return call("prefill_attn", jax.ShapeDtypeStruct((C, H * Dh), f32),
+                [q.astype(f32), k.astype(f32), v.astype(f32), k_cache, v_cache, positions],
+                grid=tiles * KVH, constants=consts)
+
+
 # --- decode attention on the CPU (kernels/decode_attention_cpu.c) --------------------------
 
 CPU_ROWS = 32  # cached keys per partial workgroup (the kernel's ROWS)
@@ -389,6 +417,20 @@ def gemv(x, w, *, bias=None, norm=None, residual=None, gate: str | None = None):
     return call("gemv_q4" if isinstance(w, Packed) else "gemv", jax.ShapeDtypeStruct((n,), jnp.float32),
                 operands + folded, grid=-(-n // GEMV_WARPS),
                 constants=[n, k, flags, f32_bits(0.0 if norm is None else norm[1])])
+
+
+def dequant_q4_fits(w) -> bool:
+    """Whether the CUDA dequantizing kernel takes w: Packed 2-D 4-bit, groups a multiple of 8,
+    dequantized to f16 (with f32 weights the graph dequantizes it, in f32)."""
+    return (isinstance(w, Packed) and w.ndim == 2 and w.bits == 4 and w.group_size % 8 == 0
+            and w.dtype == jnp.float16)
+
+
+def dequant_q4(w: Packed):
+    """w dequantized to f16 [N, K] on CUDA (kernels/gemv.cu), for a several-token matmul."""
+    n, k = w.shape
+    return call("dequant_q4", jax.ShapeDtypeStruct((n, k), jnp.float16), packed_operands(w),
+                grid=-(-(n * k // 8) // KERNELS["dequant_q4"].threads), constants=[n, k, w.group_size])
 
 
 def _folded(norm, bias, residual, dtype) -> tuple[int, list]:

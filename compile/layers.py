@@ -45,7 +45,9 @@ def linear(x, w, b=None, residual=None):
     if DECODE_KERNEL == "cpu" and x.ndim == 2 and extern.q4_gemm_fits(w):  # a prefill chunk
         y = extern.q4_gemm(x, w)
     else:
-        if isinstance(w, Packed):
+        if DECODE_KERNEL == "cuda" and extern.dequant_q4_fits(w):  # one dispatch, f16 out
+            w = extern.dequant_q4(w)
+        elif isinstance(w, Packed):
             w = w.dequantize()
         y = jax.lax.dot_general(
             x.astype(w.dtype), w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=F32
@@ -350,6 +352,10 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
     keys are few and always go through f32.
     """
     C, H, Dh = q.shape
+    if (C > 1 and DECODE_KERNEL == "cuda" and kv.k_cache.dtype == jnp.float16 and CACHE_LAYOUT == "LDSH"
+            and extern.prefill_attention_fits(Dh)):
+        return extern.prefill_attention(q, k, v, kv.k_cache, kv.v_cache, kv.positions, layer=layer, scale=scale,
+                                        window=window, softcap=softcap)
     if (C == 1 and DECODE_KERNEL == "cpu" and kv.k_cache.dtype == jnp.float32 and CACHE_LAYOUT == "LSDH"
             and extern.cpu_decode_attention_fits(H, Dh, softcap)):
         return extern.cpu_decode_attention(q[0], k[0], v[0], kv.k_cache, kv.v_cache, kv.positions, layer=layer,

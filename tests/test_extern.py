@@ -41,6 +41,25 @@ def test_cuda_decode_attention_is_the_kernel(family_name, tmp_path):
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)
+def test_cuda_prefill_attention_is_the_kernel(family_name):
+    """A CUDA prefill chunk with an f16 cache attends with kernels/prefill_attention.cu, one
+    dispatch per layer, passing each layer its window; an f32 cache, the CPU and --no-kernels
+    keep the attention in JAX."""
+    fam, cfg, spec = _spec(family_name, "float16")
+    prefill = export.export_step(fam, cfg, spec, 8, "prefill", **iree_compile.export_options("cuda"))
+    consts = _constants(prefill, "prefill_attn")
+    assert extern.prefill_attention_fits(cfg.head_dim)  # the test configs' head dim, 32
+    S, KVH, G = spec.cache_shape[2], cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    assert [c[:6] for c in consts] == [[8, S, KVH, G, cfg.head_dim, i] for i in range(cfg.num_hidden_layers)]
+    windows = {c[6] for c in consts}
+    assert windows == ({0, cfg.sliding_window} if family_name == "gemma3_text" else {0})
+    for target, dtype, kernels in (("cuda", "float32", True), ("cpu", "float32", True), ("cuda", "float16", False)):
+        fam, cfg, spec = _spec(family_name, dtype, target)
+        text = export.export_step(fam, cfg, spec, 8, "prefill", **iree_compile.export_options(target, kernels))
+        assert "@prefill_attn[" not in text, (target, dtype, kernels)
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
 def test_cpu_decode_attention_is_the_kernel(family_name):
     fam, cfg, spec = _spec(family_name, "float32", "cpu")
     decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cpu"))

@@ -1,0 +1,160 @@
+"""The hand-written CUDA kernels (compile/kernels/*.cu) alone, checked against numpy on a GPU.
+
+  python bench/cuda_kernels.py make DIR     # here: export each case with its kernel, compile for CUDA
+  python bench/cuda_kernels.py check DIR    # GPU machine: run each case, compare with numpy (float64)
+
+Inputs come from a seed, so only the .vmfb files and cases.json travel. Cases: the prefill
+attention over cache rows and the chunk's own keys (several head layouts, starts, a sliding
+window and a soft-cap) and the 4-bit dequantization. The whole steps are checked against the HF
+oracle by bench/gpu_agreement.py; these cases reach what its short prompts do not (a chunk after
+hundreds of cached rows).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# name -> (C, H, KVH, Dh, S, start, window, softcap)
+ATTENTION = {
+    "qwen3_start0": (128, 16, 8, 128, 768, 0, 0, 0.0),
+    "qwen3_start384": (128, 16, 8, 128, 768, 384, 0, 0.0),
+    "llama_start200": (128, 32, 8, 64, 768, 200, 0, 0.0),
+    "g7_window": (64, 14, 2, 64, 320, 150, 96, 0.0),
+    "g1_softcap": (32, 4, 4, 32, 128, 37, 0, 30.0),
+    "g4_window_softcap": (64, 4, 1, 128, 256, 100, 40, 20.0),
+}
+LAYERS, LAYER = 3, 1
+DEQUANT = {"q4_6144x1024_g64": (6144, 1024, 64), "q4_96x256_g32": (96, 256, 32)}
+
+
+def _attention_inputs(C, H, KVH, Dh, S, start):
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((C, H, Dh), dtype=np.float32)
+    k, v = (rng.standard_normal((C, KVH, Dh), dtype=np.float32) for _ in range(2))
+    kc, vc = (rng.standard_normal((LAYERS, Dh, S, KVH), dtype=np.float32).astype(np.float16) for _ in range(2))
+    positions = (start + np.arange(C)).astype(np.int32)
+    return [q, k, v, kc, vc, positions]
+
+
+def attention_reference(q, k, v, kc, vc, positions, window, softcap):
+    """Causal attention in float64 over the layer's cached rows and the chunk's own keys."""
+    C, H, Dh = q.shape
+    KVH, start = k.shape[1], int(positions[0])
+    keys = np.concatenate([kc[LAYER, :, :start].transpose(1, 2, 0).astype(np.float64), k])
+    vals = np.concatenate([vc[LAYER, :, :start].transpose(1, 2, 0).astype(np.float64), v])
+    kpos = np.concatenate([np.arange(start), positions])
+    G = H // KVH
+    s = np.einsum("chd,shd->chs", q.astype(np.float64), np.repeat(keys, G, axis=1)) / np.sqrt(Dh)
+    if softcap:
+        s = np.tanh(s / softcap) * softcap
+    ok = kpos[None, :] <= positions[:, None]
+    if window:
+        ok &= kpos[None, :] > positions[:, None] - window
+    s = np.where(ok[:, None, :], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("chs,shd->chd", p, np.repeat(vals, G, axis=1)).reshape(C, H * Dh)
+
+
+def _dequant_inputs(N, K, group):
+    rng = np.random.default_rng(1)
+    words = rng.integers(0, 2**32, (N, K // 8), dtype=np.uint32).view(np.int32)
+    scales = rng.standard_normal((N, K // group), dtype=np.float32) * 0.01
+    biases = rng.standard_normal((N, K // group), dtype=np.float32) * 0.05
+    return [words, scales, biases]
+
+
+def dequant_reference(words, scales, biases, group):
+    w = words.view(np.uint32)
+    q = ((w[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 15).reshape(w.shape[0], -1).astype(np.float32)
+    return (q * np.repeat(scales, group, axis=1) + np.repeat(biases, group, axis=1)).astype(np.float16)
+
+
+def _export(fn, args) -> str:
+    import jax
+
+    from iree_runner.compile import extern
+
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+    text = jax.export.export(jax.jit(fn), disabled_checks=extern.disabled_checks())(*specs).mlir_module()
+    return extern.link(text)
+
+
+def cases() -> dict:
+    """name -> (exported text, numpy inputs, numpy reference)."""
+    import jax.numpy as jnp
+
+    from iree_runner.compile import extern
+    from iree_runner.compile.packed import Packed
+
+    out = {}
+    for name, (C, H, KVH, Dh, S, start, window, softcap) in ATTENTION.items():
+        args = _attention_inputs(C, H, KVH, Dh, S, start)
+
+        def fn(q, k, v, kc, vc, positions, window=window, softcap=softcap, Dh=Dh):
+            return extern.prefill_attention(q, k, v, kc, vc, positions, layer=LAYER, scale=1 / np.sqrt(Dh),
+                                            window=window or None, softcap=softcap or None)
+        out[f"prefill_attn_{name}"] = (_export(fn, args), args, lambda a=args, w=window, c=softcap: attention_reference(*a, w, c))
+    for name, (N, K, group) in DEQUANT.items():
+        args = _dequant_inputs(N, K, group)
+
+        def fn(words, scales, biases, group=group):
+            w = Packed(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, group, np.dtype("float16"))
+            return extern.dequant_q4(w)
+        out[f"dequant_{name}"] = (_export(fn, args), args, lambda a=args, g=group: dequant_reference(*a, g))
+    return out
+
+
+def make(root: Path) -> None:
+    from iree_runner.compile import iree_compile
+
+    root.mkdir(parents=True, exist_ok=True)
+    made = cases()
+    for name, (text, _, _) in made.items():
+        iree_compile.compile_mlir(text, root / f"{name}.vmfb", "cuda", label=name)
+    (root / "cases.json").write_text(json.dumps(sorted(made)))
+
+
+def check(root: Path) -> int:
+    """Prints each case's error; returns how many were wrong."""
+    import iree.runtime as rt
+
+    from iree_runner.session import DRIVERS
+
+    config = rt.Config(DRIVERS["cuda"])
+    wrong = 0
+    inputs = {}
+    for name, (C, H, KVH, Dh, S, start, window, softcap) in ATTENTION.items():
+        a = _attention_inputs(C, H, KVH, Dh, S, start)
+        inputs[f"prefill_attn_{name}"] = (a, attention_reference(*a, window, softcap), 1e-4)
+    for name, (N, K, group) in DEQUANT.items():
+        a = _dequant_inputs(N, K, group)
+        inputs[f"dequant_{name}"] = (a, dequant_reference(*a, group), None)
+    for name in json.loads((root / "cases.json").read_text()):
+        xs, want, tol = inputs[name]
+        ctx = rt.SystemContext(vm_modules=[rt.VmModule.mmap(config.vm_instance, str(root / f"{name}.vmfb"))],
+                               config=config)
+        mod = next(m for n, m in ctx.modules.items() if n.startswith("jit_"))
+        got = np.asarray(mod["main"](*xs).to_host())
+        if tol is None:  # f16 results: equal, or one f16 step apart (an FMA rounds once)
+            steps = np.abs(got.view(np.int16).astype(np.int32) - want.view(np.int16).astype(np.int32))
+            ok = got.shape == want.shape and int(steps.max()) <= 1
+            print(f"{name:36s} max f16 steps apart {int(steps.max())} {'OK' if ok else 'WRONG'}", flush=True)
+        else:
+            err = float(np.abs(got - want).max())
+            ok = got.shape == want.shape and err <= tol * max(1.0, float(np.abs(want).max()))
+            print(f"{name:36s} max|err| {err:.3g} max|ref| {float(np.abs(want).max()):.3g} {'OK' if ok else 'WRONG'}",
+                  flush=True)
+        wrong += not ok
+    return wrong
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "make":
+        make(Path(sys.argv[2]))
+    else:
+        sys.exit(1 if check(Path(sys.argv[2])) else 0)
