@@ -96,12 +96,15 @@ def test_one_token_steps_read_packed_weights_with_a_kernel(family_name):
         decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options(target))
         assert decode.count(f"flow.dispatch {kernel}") == expect, target
         # Prefill's lm_head is one row, the one-token kernel's. Its layers: on the CPU the
-        # several-token kernel, on CUDA dequantized in the graph.
+        # several-token kernel, on CUDA dequantized to f16 by a kernel for IREE's matmuls.
         prefill = export.export_step(fam, cfg, spec, 8, "prefill", **iree_compile.export_options(target))
         assert prefill.count(f"flow.dispatch {kernel}") == (lm_head in four_bit)
         gemm = prefill.count("flow.dispatch @q4_gemv::@q4_gemm[")
-        assert gemm == (expect - (lm_head in four_bit) if target == "cpu" else 0), target
-        assert prefill.count("flow.dispatch") == (lm_head in four_bit) + gemm
+        dequant = prefill.count("flow.dispatch @gemv::@dequant_q4[")
+        assert (gemm, dequant) == ((expect - (lm_head in four_bit), 0) if target == "cpu"
+                                   else (0, expect - (lm_head in four_bit))), target
+        attention = prefill.count("flow.dispatch @prefill_attention::@prefill_attn[")
+        assert prefill.count("flow.dispatch") == (lm_head in four_bit) + gemm + dequant + attention
         text = export.export_step(fam, cfg, spec, 1, "step", **iree_compile.export_options(target, kernels=False))
         assert "flow.dispatch" not in text, target
 

@@ -184,3 +184,24 @@ extern "C" __global__ void __launch_bounds__(NT) gemv_q4(
                         threadIdx.x % 32);
   gemv_body(rows, x, norm_w, bias, residual, out, n, n_raw, N, K, flags, eps_bits, xs, red);
 }
+
+// A 4-bit weight dequantized to f16 [N, K] (w = s * q + b, in f32, then rounded), for the
+// several-token steps (a prefill chunk), whose matmuls IREE generates from f16 weights. One
+// thread per packed word: 4 bytes in, 16 out. (In the graph, IREE made two dispatches of it
+// with an f32 intermediate: ~64 us for a 6144 x 1024 weight on an H100.)
+// Bindings: words [N, K/8] u32, scales, biases [N, K/group] f32, out [N, K] f16. Push
+// constants: N, K, group (a multiple of 8).
+extern "C" __global__ void __launch_bounds__(NT) dequant_q4(
+    const uint32_t* __restrict__ W, const float* __restrict__ scales, const float* __restrict__ biases,
+    __half* __restrict__ out, int N, int K, int group) {
+  const size_t w = (size_t)blockIdx.x * NT + threadIdx.x, K8 = K / 8;
+  if (w >= (size_t)N * K8) return;
+  const size_t row = w / K8, g = (w % K8) * 8 / group, groups = K / group;
+  const float s = scales[row * groups + g], b = biases[row * groups + g];
+  const uint32_t q = W[w];
+  __half2 h[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    h[j] = __floats2half2_rn(s * (float)((q >> (8 * j)) & 15u) + b, s * (float)((q >> (8 * j + 4)) & 15u) + b);
+  reinterpret_cast<uint4*>(out)[w] = *reinterpret_cast<const uint4*>(h);
+}
