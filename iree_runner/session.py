@@ -128,13 +128,18 @@ class Session:
             allowed_usage=int(rt.BufferUsage.DEFAULT), allocation_size=max(size, 4))
 
     def reset(self) -> None:
-        """Forget the sequence: a fresh zeroed KV cache."""
+        """Forget the sequence. The KV cache is zeroed once, when the session is made, and kept:
+        rows at or past the position are never read (the kernels stop at it; the JAX attention
+        gives them weight 0, and they hold finite values: zeros or an earlier sequence's keys).
+        Uploading fresh zeros took ~60 ms of each request's time to first token for Qwen3-0.6B
+        on an H100 (88 MB of cache)."""
         import iree.runtime as rt
 
         self.wait()
-        zeros = np.zeros(self.build.cache_shape, np.dtype(self.build.cache_dtype))
-        self._k = rt.asdevicearray(self._device, zeros)._buffer_view
-        self._v = rt.asdevicearray(self._device, zeros)._buffer_view
+        if not hasattr(self, "_k"):
+            zeros = np.zeros(self.build.cache_shape, np.dtype(self.build.cache_dtype))
+            self._k = rt.asdevicearray(self._device, zeros)._buffer_view
+            self._v = rt.asdevicearray(self._device, zeros)._buffer_view
         self._last_greedy: PendingToken | None = None  # the last step's argmax, if it was greedy
         self.pos = 0
 

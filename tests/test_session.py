@@ -64,3 +64,13 @@ def test_steps_queued_far_ahead_read_late(session):
     got = [session.prefill(PROMPT, greedy=True)]
     queued = [session.decode_next() for _ in range(5)]
     assert got + [p.result() for p in queued] == want
+
+
+def test_a_reset_session_keeps_its_cache_and_gives_a_fresh_sessions_tokens(session):
+    """reset() keeps the cache buffers, stale rows and all: a new sequence after a longer one
+    reads none of them."""
+    fresh = load_model(DEFAULT_MODEL, device="cpu", max_context=MAX_CONTEXT).session
+    want = waited(fresh, PROMPT[:3], 9)
+    waited(session, PROMPT * 5, 18)  # rows far past the next sequence's end
+    assert waited(session, PROMPT[:3], 9) == want
+    assert list(generate_step(session, PROMPT[:3], SamplingParams(), 9)) == want
