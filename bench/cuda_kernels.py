@@ -5,7 +5,8 @@
 
 Inputs come from a seed, so only the .vmfb files and cases.json travel. Cases: the prefill
 attention over cache rows and the chunk's own keys (several head layouts, starts, a sliding
-window and a soft-cap) and the 4-bit dequantization. The whole steps are checked against the HF
+window and a soft-cap; and the chunk's K/V it writes into the caches) and the 4-bit
+dequantization. The whole steps are checked against the HF
 oracle by bench/gpu_agreement.py; these cases reach what its short prompts do not (a chunk after
 hundreds of cached rows).
 """
@@ -139,7 +140,17 @@ def check(root: Path) -> int:
         ctx = rt.SystemContext(vm_modules=[rt.VmModule.mmap(config.vm_instance, str(root / f"{name}.vmfb"))],
                                config=config)
         mod = next(m for n, m in ctx.modules.items() if n.startswith("jit_"))
-        got = np.asarray(mod["main"](*xs).to_host())
+        results = mod["main"](*xs)
+        results = results if isinstance(results, (list, tuple)) else [results]
+        got = np.asarray(results[0].to_host())
+        if len(results) == 3:  # the attention's caches, written in place: the chunk's rows, nothing else
+            q, k, v, kc, vc, positions = xs
+            for name_c, old, new, got_c in (("k", kc, k, results[1]), ("v", vc, v, results[2])):
+                want_c = old.copy()
+                want_c[LAYER][:, positions] = new.astype(np.float16).transpose(2, 0, 1)
+                same = np.array_equal(np.asarray(got_c.to_host()).view(np.int16), want_c.view(np.int16))
+                print(f"{name + ' ' + name_c + ' cache':36s} {'OK' if same else 'WRONG'}")
+                wrong += not same
         if tol is None:  # f16 results: equal, or one f16 step apart (an FMA rounds once)
             steps = np.abs(got.view(np.int16).astype(np.int32) - want.view(np.int16).astype(np.int32))
             ok = got.shape == want.shape and int(steps.max()) <= 1

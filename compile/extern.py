@@ -80,23 +80,41 @@ def absent(dtype):
     return jnp.zeros((1,), dtype)
 
 
-def call(name: str, result: jax.ShapeDtypeStruct, operands, *, grid: int, constants: list[int]):
+def call(name: str, result, operands, *, grid: int, constants: list[int], aliases: dict[int, int] | None = None):
     """A placeholder for kernel `name` on `operands` (device arrays), with `grid` blocks and the
-    kernel's int32 push constants, in its argument order."""
+    kernel's int32 push constants, in its argument order. `result`: a ShapeDtypeStruct or a
+    tuple of them; `aliases` {operand index: result index} makes those results the operands
+    written in place (IREE's tied operands: one read-write binding, no copy)."""
     if name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}; known: {', '.join(KERNELS)}")
     attrs = {f"c{i:02d}": np.int32(c) for i, c in enumerate(constants)}
-    return jax.ffi.ffi_call(PREFIX + name, result)(*operands, grid=np.int32(grid), **attrs)
+    return jax.ffi.ffi_call(PREFIX + name, result, input_output_aliases=aliases or {})(*operands, grid=np.int32(grid),
+                                                                                      **attrs)
 
 
 _PLACEHOLDER = re.compile(
-    r"^(?P<indent>\s*)(?P<result>%\S+) = stablehlo\.custom_call @" + PREFIX + r"(?P<name>\w+)\((?P<operands>[^)]*)\)"
-    r" \{mhlo\.backend_config = \{(?P<attrs>[^}]*)\}.*\} : \((?P<types>.*)\) -> (?P<rtype>tensor<[^>]*>)")
+    r"^(?P<indent>\s*)(?P<result>%[^\s=]+) = stablehlo\.custom_call @" + PREFIX + r"(?P<name>\w+)\((?P<operands>[^)]*)\)"
+    r" \{mhlo\.backend_config = \{(?P<attrs>[^}]*)\}(?P<rest>.*)\} : \((?P<types>[^)]*)\) -> "
+    r"(?P<rtype>tensor<[^>]*>|\([^)]*\))")
+
+
+@dataclass(frozen=True)
+class Signature:
+    """How a step calls a kernel: push constants, operands, the operands written in place
+    (tied to results), results in all."""
+    constants: int
+    operands: int
+    tied: tuple[int, ...] = ()
+    results: int = 1
+
+    @property
+    def bindings(self) -> int:  # the operands, then the results not tied to one
+        return self.operands + self.results - len(self.tied)
 
 
 def link(mlir: str) -> str:
     """`mlir` with every placeholder made a flow.dispatch of its kernel, and the kernels' sources."""
-    used: dict[str, dict[str, tuple[int, int]]] = {}  # source -> kernel -> (push constants, operands)
+    used: dict[str, dict[str, Signature]] = {}  # source -> kernel -> how it is called
     lines = mlir.splitlines()
     for i, line in enumerate(lines):
         if f"@{PREFIX}" not in line:
@@ -107,18 +125,24 @@ def link(mlir: str) -> str:
         name, ind = m["name"], m["indent"]
         attrs = dict(re.findall(r"(\w+) = (-?\d+) : i32", m["attrs"]))
         consts = [int(attrs[k]) for k in sorted(k for k in attrs if k.startswith("c"))]
-        n_operands = len(m["operands"].split(","))
-        n_used = used.setdefault(KERNELS[name].source, {}).setdefault(name, (len(consts), n_operands))
-        if n_used != (len(consts), n_operands):
-            raise RuntimeError(f"kernel {name}: {len(consts)} push constants and {n_operands} operands here, "
-                               f"{n_used[0]} and {n_used[1]} elsewhere")
+        operands = [o.strip() for o in m["operands"].split(",")]
+        rtypes = m["rtype"][1:-1].split(", ") if m["rtype"].startswith("(") else [m["rtype"]]
+        aliases = {int(r): int(o) for r, o in re.findall(r"output_tuple_indices = \[(\d+)\], operand_index = (\d+)",
+                                                          m["rest"])}
+        sig = Signature(len(consts), len(operands), tuple(sorted(aliases.values())), len(rtypes))
+        seen = used.setdefault(KERNELS[name].source, {}).setdefault(name, sig)
+        if seen != sig:
+            raise RuntimeError(f"kernel {name} is called as {sig} here and as {seen} elsewhere")
+        # A result tied to an operand is written as that operand's name (IREE's in-place form).
+        results = [operands[aliases[r]] if r in aliases else t for r, t in enumerate(rtypes)]
         v = f"%ext{i}"
         out = [f"{ind}{v}_grid = arith.constant {int(attrs['grid'])} : index"]
         out += [f"{ind}{v}_c{j} = arith.constant {c} : i32" for j, c in enumerate(consts)]
-        args = ", ".join([f"{v}_c{j}" for j in range(len(consts))] + [m["operands"]])
+        args = ", ".join([f"{v}_c{j}" for j in range(len(consts))] + operands)
         types = ", ".join(["i32"] * len(consts) + [m["types"]])
+        rtext = results[0] if len(results) == 1 else f"({', '.join(results)})"
         src = KERNELS[name].source
-        out.append(f"{ind}{m['result']} = flow.dispatch @{src}::@{name}[{v}_grid]({args}) : ({types}) -> {m['rtype']}")
+        out.append(f"{ind}{m['result']} = flow.dispatch @{src}::@{name}[{v}_grid]({args}) : ({types}) -> {rtext}")
         lines[i] = "\n".join(out)
     if not used:
         return mlir
@@ -127,16 +151,18 @@ def link(mlir: str) -> str:
     return text[:head_end] + "".join(_executable(src, kernels) for src, kernels in used.items()) + text[head_end:]
 
 
-def _layout(n_consts: int, n_operands: int) -> str:
-    """Push constants, then the operands (read-only) and the result as bindings.
+def _layout(sig: Signature) -> str:
+    """Push constants, then the operands (read-only, but for those written in place) and the
+    results not tied to an operand, as bindings.
 
     Indirect, as IREE marks its own dispatches' bindings: the step's command buffer then takes
     its buffers from a binding table at each call and is recorded once. A direct binding of a
     per-call buffer made IREE record all ~190 dispatches again on every call, ~1.5 ms of host
     time in a Qwen3-0.6B decode step on an H100."""
-    bindings = ", ".join(['#hal.pipeline.binding<storage_buffer, "ReadOnly|Indirect">'] * n_operands
-                         + ["#hal.pipeline.binding<storage_buffer, Indirect>"])
-    return f"#hal.pipeline.layout<constants = {n_consts}, bindings = [{bindings}]>"
+    read_only, written = '#hal.pipeline.binding<storage_buffer, "ReadOnly|Indirect">', "#hal.pipeline.binding<storage_buffer, Indirect>"
+    bindings = [written if i in sig.tied else read_only for i in range(sig.operands)]
+    bindings += [written] * (sig.results - len(sig.tied))
+    return f"#hal.pipeline.layout<constants = {sig.constants}, bindings = [{', '.join(bindings)}]>"
 
 
 def _export(name: str, ordinal: int, layout: str, workgroup_size: str = "") -> str:
@@ -148,18 +174,18 @@ def _export(name: str, ordinal: int, layout: str, workgroup_size: str = "") -> s
     }}{workgroup_size}"""
 
 
-def _executable(source: str, kernels: dict[str, tuple[int, int]]) -> str:
-    """The hal.executable.source of kernels/<source> exporting `kernels` (name -> constants, operands)."""
+def _executable(source: str, kernels: dict[str, Signature]) -> str:
+    """The hal.executable.source of kernels/<source> exporting `kernels` (name -> how it is called)."""
     target = {KERNELS[name].target for name in kernels}.pop()
     if target == "cpu":
         return _cpu_executable(source, kernels)
     ptx = checked_ptx(source)
     exports = []
-    for ordinal, (name, (n_consts, n_operands)) in enumerate(kernels.items()):
-        if _bindings(ptx, name) != n_consts + n_operands + 1:
+    for ordinal, (name, sig) in enumerate(kernels.items()):
+        if _bindings(ptx, name) != sig.constants + sig.bindings:
             raise RuntimeError(f"{ptx}: kernel {name} takes {_bindings(ptx, name)} parameters, the step passes "
-                               f"{n_consts} push constants, {n_operands} operands and the result")
-        exports.append(_export(name, ordinal, _layout(n_consts, n_operands),
+                               f"{sig.constants} push constants and {sig.bindings} bindings")
+        exports.append(_export(name, ordinal, _layout(sig),
                                f" <workgroup_size = [{KERNELS[name].threads} : index, 1 : index, 1 : index]>"))
     return f"""  hal.executable.source private @{source} <{{objects = #hal.executable.objects<{{
       #hal.executable.target<"cuda", "cuda-nvptx-fb"> = [#hal.executable.object<{{path = "{ptx.resolve()}"}}>]}}>}}> {{{"".join(exports)}
@@ -167,15 +193,17 @@ def _executable(source: str, kernels: dict[str, tuple[int, int]]) -> str:
 """
 
 
-def _cpu_executable(source: str, kernels: dict[str, tuple[int, int]]) -> str:
+def _cpu_executable(source: str, kernels: dict[str, Signature]) -> str:
     """The llvm-cpu executable of kernels/<source>.c: per kernel an export whose function calls
     the C function `<name>_workgroup(binding, byte offset, ..., push constants, workgroup id)`."""
     obj = cpu_object(source)
     exports, funcs = [], []
-    for ordinal, (name, (n_consts, n_operands)) in enumerate(kernels.items()):
-        layout = _layout(n_consts, n_operands)
+    for ordinal, (name, sig) in enumerate(kernels.items()):
+        if sig.tied or sig.results != 1:
+            raise RuntimeError(f"CPU kernel {name}: one result and no operand written in place, as the shim passes them")
+        layout, n_consts = _layout(sig), sig.constants
         exports.append(_export(name, ordinal, layout))
-        nb = n_operands + 1
+        nb = sig.bindings
         params = [f"%b{i}: memref<i8>, %o{i}: index" for i in range(nb)] + [f"%k{j}: i32" for j in range(n_consts)]
         body = [f"%k{j} = hal.interface.constant.load layout({layout}) ordinal({j}) : i32" for j in range(n_consts)]
         for i in range(nb):
@@ -303,7 +331,8 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, 
     rotary cos/sin [rot] and the caches [L, Dh, S, KVH] f16 (rows < positions[0] valid).
     qk_norm = (q weight_rope [2, Dh], k weight_rope, eps, one_plus): per-head RMSNorm of q and k
     before rotary (compile/layers.py rms_norm_rope). Returns the attention output [H * Dh] f32
-    and the token's key, normed and rotated, [KVH, Dh] f32 (for the cache write)."""
+    and the caches with the token's key (normed and rotated) and value written at row
+    positions[0] of the layer, in place."""
     _, Dh, S, KVH = k_cache.shape
     H = heads
     f16, f32 = jnp.float16, jnp.float32
@@ -322,9 +351,10 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, 
     part = call(f"decode_attn_partial_g{G}" if G <= 2 else "decode_attn_partial",
                 jax.ShapeDtypeStruct((blocks, H, Dh + 2), f32),
                 [qkv, wq, cos, sin, k_cache, v_cache, positions], grid=blocks, constants=consts)
-    out = call("decode_attn_combine", jax.ShapeDtypeStruct(((H + KVH) * Dh,), f32),
-               [qkv, wq, wk, cos, sin, positions, part], grid=H * Dh // 32, constants=consts)
-    return out[:H * Dh], out[H * Dh:].reshape(KVH, Dh)
+    caches = (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype), jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
+    return call("decode_attn_combine", (jax.ShapeDtypeStruct((H * Dh,), f32), *caches),
+                [qkv, wq, wk, cos, sin, positions, part, k_cache, v_cache], grid=H * Dh // 32, constants=consts,
+                aliases={7: 1, 8: 2})
 
 
 # --- prefill attention (kernels/prefill_attention.cu) -------------------------------------
@@ -342,15 +372,17 @@ def prefill_attention(q, k, v, k_cache, v_cache, positions, *, layer: int, scale
                       softcap: float | None):
     """Attention of a chunk of C tokens at consecutive positions: q [C, H, Dh], the chunk's k, v
     [C, KVH, Dh] (normed and rotated; f32) against the caches [L, Dh, S, KVH] f16 (rows <
-    positions[0] valid) and the chunk itself, causal. Returns [C, H * Dh] f32."""
+    positions[0] valid) and the chunk itself, causal. Returns [C, H * Dh] f32 and the caches
+    with the chunk's keys and values written at rows positions of the layer, in place."""
     C, H, Dh = q.shape
     _, _, S, KVH = k_cache.shape
     f32 = jnp.float32
     consts = [C, S, KVH, H // KVH, Dh, layer, window or 0, f32_bits(scale), f32_bits(softcap or 0.0)]
     tiles = -(-C * (H // KVH) // PREFILL_ROWS)
-    return call("prefill_attn", jax.ShapeDtypeStruct((C, H * Dh), f32),
+    caches = (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype), jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
+    return call("prefill_attn", (jax.ShapeDtypeStruct((C, H * Dh), f32), *caches),
                 [q.astype(f32), k.astype(f32), v.astype(f32), k_cache, v_cache, positions],
-                grid=tiles * KVH, constants=consts)
+                grid=tiles * KVH, constants=consts, aliases={3: 1, 4: 2})
 
 
 # --- decode attention on the CPU (kernels/decode_attention_cpu.c) --------------------------

@@ -268,14 +268,24 @@ def kv_cache_shape(layers: int, kv_heads: int, head_dim: int, capacity: int) -> 
 class KVCache:
     """The caches for one call (axes in CACHE_LAYOUT order), read-only while the layers run.
 
-    Each layer attends to the cached rows before this chunk plus the chunk's own keys, and the
-    new K/V of all layers are written once at the end (`commit`). Writing each layer as it went
-    made IREE copy the whole cache per layer (1.4 ms each for a 0.6B model on an H200).
+    Each layer attends to the cached rows before this chunk plus the chunk's own keys. Where
+    the CUDA attention kernels run, they write the layer's new K/V in place as they go
+    (`kernel_wrote`: IREE's tied operands, no copy); elsewhere the new K/V of all layers are
+    written once at the end (`commit`): writing each layer as it went in JAX made IREE copy the
+    whole cache per layer (1.4 ms each for a 0.6B model on an H200).
     """
 
     def __init__(self, k_cache, v_cache, positions):
         self.k_cache, self.v_cache, self.positions = k_cache, v_cache, positions
         self.new_k, self.new_v = {}, {}
+        self.written: set[int] = set()  # layers a kernel has written
+
+    def kernel_wrote(self, layer: int, k_cache, v_cache) -> None:
+        """A kernel wrote this layer's new K/V in place: these are the caches now."""
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self.new_k.pop(layer, None)
+        self.new_v.pop(layer, None)
+        self.written.add(layer)
 
     def layer(self, layer: int):
         """This layer's cached K and V, [S, KVH, Dh] each."""
@@ -293,6 +303,11 @@ class KVCache:
         - "slice" (CPU): IREE's CPU codegen of that scatter overflowed its stack at prefill
           sizes, and on the CPU the read-back is a plain memory read.
         The runtime sizes the cache with a chunk of slack so the rows always fit."""
+        if not self.new_k:  # the kernels wrote every layer
+            return self.k_cache, self.v_cache
+        if self.written:
+            raise RuntimeError(f"layers {sorted(self.written)} were written by kernels and {sorted(self.new_k)} are "
+                               "not: the cache write is all one or all the other")
         out = []
         for cache, new in ((self.k_cache, self.new_k), (self.v_cache, self.new_v)):
             stacked = jnp.stack([new[i] for i in range(len(new))], axis=1).astype(cache.dtype)  # [C, L, KVH, Dh]
@@ -354,8 +369,10 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
     C, H, Dh = q.shape
     if (C > 1 and DECODE_KERNEL == "cuda" and kv.k_cache.dtype == jnp.float16 and CACHE_LAYOUT == "LDSH"
             and extern.prefill_attention_fits(Dh)):
-        return extern.prefill_attention(q, k, v, kv.k_cache, kv.v_cache, kv.positions, layer=layer, scale=scale,
-                                        window=window, softcap=softcap)
+        a, k_cache, v_cache = extern.prefill_attention(q, k, v, kv.k_cache, kv.v_cache, kv.positions, layer=layer,
+                                                       scale=scale, window=window, softcap=softcap)
+        kv.kernel_wrote(layer, k_cache, v_cache)
+        return a
     if (C == 1 and DECODE_KERNEL == "cpu" and kv.k_cache.dtype == jnp.float32 and CACHE_LAYOUT == "LSDH"
             and extern.cpu_decode_attention_fits(H, Dh, softcap)):
         return extern.cpu_decode_attention(q[0], k[0], v[0], kv.k_cache, kv.v_cache, kv.positions, layer=layer,
@@ -426,10 +443,10 @@ def self_attention(w: dict, p: str, h, cos, sin, kv: KVCache, layer: int, *, hea
         # The hand-written kernels take qkv as it is: q/k norm, rotary and attention in two dispatches.
         qk_norm = None if qk_norm_eps is None else (g("q_norm.weight_rope"), g("k_norm.weight_rope"),
                                                     qk_norm_eps, qk_norm_one_plus)
-        a, k = extern.decode_attention(qkv[0], cos[0], sin[0], kv.k_cache, kv.v_cache, kv.positions, heads=heads,
-                                       layer=layer, scale=scale, window=window, softcap=softcap, qk_norm=qk_norm)
-        kv.new_k[layer] = k[None]
-        kv.new_v[layer] = qkv[:, (heads + kv_heads) * head_dim:].reshape(C, kv_heads, head_dim)
+        a, k_cache, v_cache = extern.decode_attention(qkv[0], cos[0], sin[0], kv.k_cache, kv.v_cache, kv.positions,
+                                                      heads=heads, layer=layer, scale=scale, window=window,
+                                                      softcap=softcap, qk_norm=qk_norm)
+        kv.kernel_wrote(layer, k_cache, v_cache)
         return linear(a[None], g("o_proj.weight"), g("o_proj.bias"), residual)
     q, k, v = jnp.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)
     q, k, v = q.reshape(C, heads, head_dim), k.reshape(C, kv_heads, head_dim), v.reshape(C, kv_heads, head_dim)

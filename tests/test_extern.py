@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -31,6 +32,10 @@ def test_cuda_decode_attention_is_the_kernel(family_name, tmp_path):
     for kernel in (partial, "decode_attn_combine"):
         assert len(re.findall(rf"flow\.dispatch @decode_attention::@{kernel}\[", decode)) == layers
     assert_step_only_queues(_main_of_vm_program(decode, tmp_path))
+    # The combine writes the token's K/V into both caches in place: results tied to them, no
+    # scatter of the new rows at the end.
+    assert len(re.findall(r"@decode_attn_combine\[.*-> \(tensor<\d+xf32>, %[\w#]+, %[\w#]+\)", decode)) == layers
+    assert "stablehlo.scatter" not in decode and "dynamic_update_slice" not in decode
     # --no-kernels, prefill, the CPU and an f32 cache keep the attention in JAX.
     text = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda", kernels=False))
     assert "@decode_attention" not in text and "@gemv" not in text
@@ -53,6 +58,7 @@ def test_cuda_prefill_attention_is_the_kernel(family_name):
     assert [c[:6] for c in consts] == [[8, S, KVH, G, cfg.head_dim, i] for i in range(cfg.num_hidden_layers)]
     windows = {c[6] for c in consts}
     assert windows == ({0, cfg.sliding_window} if family_name == "gemma3_text" else {0})
+    assert "stablehlo.scatter" not in prefill, "the kernel writes the chunk's K/V in place"
     for target, dtype, kernels in (("cuda", "float32", True), ("cpu", "float32", True), ("cuda", "float16", False)):
         fam, cfg, spec = _spec(family_name, dtype, target)
         text = export.export_step(fam, cfg, spec, 8, "prefill", **iree_compile.export_options(target, kernels))
@@ -216,3 +222,19 @@ def test_a_placeholder_it_cannot_read_is_an_error():
         extern.link("module @m {\n  %0 = stablehlo.custom_call @iree_ext_decode_attn_partial(%a) : weird\n}")
     with pytest.raises(ValueError, match="unknown kernel"):
         extern.call("nope", None, [], grid=1, constants=[])
+
+
+def test_in_place_cache_writes_copy_no_cache(tmp_path):
+    """IREE keeps the kernels' in-place writes in place: no copy in a CUDA step is as large as
+    a cache (per-layer writes in JAX made it copy the whole cache for each layer)."""
+    fam, cfg, spec = _spec("qwen3", "float16")
+    cache_bytes = int(np.prod(spec.cache_shape)) * 2
+    for tokens in (1, 8):
+        text = export.export_step(fam, cfg, spec, tokens, "step", **iree_compile.export_options("cuda"))
+        src, out = tmp_path / "step.mlir", tmp_path / "step.vm.mlir"
+        src.write_text(text)
+        subprocess.run([iree_compile.iree_compile_path(), str(src), *iree_compile.step_flags("cuda"), "--compile-to=vm",
+                        "-o", str(out)], check=True, capture_output=True)
+        calls = re.findall(r"vm\.call @hal\.command_buffer\.copy_buffer\(([^)]*)\)", out.read_text())
+        lengths = [int(re.match(r"%c(\d+)", c.split(", ")[7])[1]) for c in calls]
+        assert lengths and max(lengths) < cache_bytes, (tokens, lengths, cache_bytes)

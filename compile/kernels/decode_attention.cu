@@ -3,8 +3,9 @@
 // - decode_attn_partial: one block per CH cached keys: q's per-head RMSNorm and rotary, scores,
 //   softmax, weights x V, relative to the block's own max;
 // - decode_attn_combine: one block per 32 features of a query head: norms and rotates the q head and the token's
-//   own key (handed back for the cache write), and folds the blocks' partials together with that
-//   key and the token's value, split-softmax style.
+//   own key, writes that key and the token's value into the caches (in place: IREE passes them
+//   as read-write bindings tied to its results), and folds the blocks' partials together with
+//   them, split-softmax style.
 // They replace ~11 of IREE's dispatches per layer (compile/extern.py, compile/layers.py).
 //
 // Arguments, as IREE's CUDA HAL passes them: the bindings (operands, then the result) as
@@ -269,8 +270,8 @@ __device__ __forceinline__ float block_reduce(float x, float* red) {
   return r;
 }
 
-// out: [H, Dh] f32, then the token's own key, normed and rotated, [KVH, Dh] (for the cache; the
-// blocks of each KV head's first query head write it). Its value comes from qkv.
+// out: [H, Dh] f32. The token's key (normed and rotated) and value go into row pos of the
+// layer's caches, written by the blocks of each KV head's first query head.
 // Grid H * Dh / 32: block = (query head, 32 features); 128 threads, the 4 warps taking every
 // fourth partial block, a lane per feature. (One block per head, each thread over all partial
 // blocks, took 6.9 us per Qwen3-0.6B layer on an H100 after 512 tokens; this form 6.4. Both
@@ -278,7 +279,7 @@ __device__ __forceinline__ float block_reduce(float x, float* red) {
 extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
     const float* __restrict__ qkv, const __half* __restrict__ wq, const __half* __restrict__ wk,
     const float* __restrict__ cos, const float* __restrict__ sin, const int* __restrict__ pos_p,
-    const float* __restrict__ part, float* __restrict__ out,
+    const float* __restrict__ part, __half* __restrict__ kc, __half* __restrict__ vc, float* __restrict__ out,
     int S, int KVH, int G, int Dh, int layer, int CH, int window, int scale_bits, int softcap_bits,
     int qk, int eps_bits, int rot) {
   __shared__ float red[4];
@@ -298,7 +299,11 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
   if (t < 32) norm_rope_head(qh_s, wqs, cs, sn, Dh, rot, qk, eps);
   else if (t < 64) norm_rope_head(kh_s, wks, cs, sn, Dh, rot, qk, eps);
   __syncthreads();
-  if (qh % G == 0 && t < 32) out[H * Dh + kvh * Dh + d0 + t] = kh_s[d0 + t];
+  if (qh % G == 0 && t < 32) {  // rounded to f16 as the JAX cache write rounds (nearest even)
+    const size_t at = (((size_t)layer * Dh + d0 + t) * S + pos) * KVH + kvh;
+    kc[at] = __float2half(kh_s[d0 + t]);
+    vc[at] = __float2half(v_new[d0 + t]);
+  }
   // The active blocks are b0..b1-1 (as block_keys says).
   const int first = first_key(pos, window);
   const int b0 = first / CH, b1 = first < pos ? (pos + CH - 1) / CH : b0;

@@ -16,8 +16,9 @@
 // Arguments, as IREE's CUDA HAL passes them: the bindings (operands, then the result) as
 // pointers, then the push constants as 32-bit ints:
 //   q [C, H, Dh] f32 (normed, rotated), k, v [C, KVH, Dh] f32 (this chunk's), the caches
-//   [L, Dh, S, KVH] f16 (rows < positions[0] valid), positions [C] i32 (consecutive), out
-//   [C, H * Dh] f32; C, S, KVH, G, Dh, layer, window (0 = none: a query at p sees keys in
+//   [L, Dh, S, KVH] f16 (rows < positions[0] valid; the chunk's keys and values are written at
+//   rows positions, in place: IREE passes them as read-write bindings tied to its results),
+//   positions [C] i32 (consecutive), out [C, H * Dh] f32; C, S, KVH, G, Dh, layer, window (0 = none: a query at p sees keys in
 //   (p - window, p]), scale and softcap (f32 bits; softcap 0 = none).
 // Limits (checked at export, extern.prefill_attention_fits): Dh % 32 == 0, Dh <= MAX_DH.
 // Regenerate the PTX with `make ptx` (needs nvcc).
@@ -74,7 +75,7 @@ struct Tile {
 
 extern "C" __global__ void __launch_bounds__(NT) prefill_attn(
     const float* __restrict__ q, const float* __restrict__ k_new, const float* __restrict__ v_new,
-    const __half* __restrict__ kc, const __half* __restrict__ vc, const int* __restrict__ positions,
+    __half* __restrict__ kc, __half* __restrict__ vc, const int* __restrict__ positions,
     float* __restrict__ out, int C, int S, int KVH, int G, int Dh, int layer, int window, int scale_bits,
     int softcap_bits) {
   __shared__ __align__(16) float qs[ROWS * MAX_DH];  // the block's query rows
@@ -182,6 +183,14 @@ extern "C" __global__ void __launch_bounds__(NT) prefill_attn(
   for (int j = 0; j < RW; ++j) {
     const int r = r0 + warp * RW + j;
     if (r >= n_rows) continue;
+    if (r % G == 0) {  // the chunk's key and value into the caches, by the warp of its first head
+      // (rows >= positions[0]: no block of this kernel reads them). Rounded as JAX's write rounds.
+      const size_t src = ((size_t)(r / G) * KVH + kvh) * Dh, row = base + (size_t)positions[r / G] * KVH;
+      for (int d = lane; d < Dh; d += 32) {
+        kc[row + (size_t)d * plane] = __float2half(k_new[src + d]);
+        vc[row + (size_t)d * plane] = __float2half(v_new[src + d]);
+      }
+    }
     float* dst = out + ((size_t)(r / G) * H + kvh * G + r % G) * Dh;
     const float inv = 1.f / l[j];
 #pragma unroll
