@@ -52,25 +52,31 @@ struct F16Row {
   __device__ __forceinline__ float dot(Piece p, const float* x, int) const { return dot8(p, x); }
 };
 
-// 4-bit: one packed word, s * sum(q x) + b * sum(x) over its 8 inputs.
+// 4-bit: one packed word, s * sum(q x) + b * sum(x) over its 8 inputs. A piece carries its
+// group's scale and bias, so they are requested with the word, not after the block's barrier
+// (a global load is not moved across __syncthreads).
+struct Q4Piece {
+  uint32_t w;
+  float s, b;
+};
+
 struct Q4Row {
-  using Piece = uint32_t;
+  using Piece = Q4Piece;
   const uint32_t* w;
   const float *s, *b;
   __device__ __forceinline__ Q4Row(const uint32_t* W, const float* scales, const float* biases, int row, int K)
       : w(W + (size_t)row * (K / 8)), s(scales + (size_t)row * (K / 64)), b(biases + (size_t)row * (K / 64)) {}
-  __device__ __forceinline__ Piece load(int k8) const { return w[k8]; }
-  __device__ __forceinline__ float dot(Piece p, const float* x, int k8) const {
+  __device__ __forceinline__ Piece load(int k8) const { return {w[k8], s[k8 / 8], b[k8 / 8]}; }  // 8 words per group of 64
+  __device__ __forceinline__ float dot(Piece p, const float* x, int) const {
     const float4 xa = *reinterpret_cast<const float4*>(x), xb = *reinterpret_cast<const float4*>(x + 4);
     const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
     float dq = 0.f, dx = 0.f;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      dq += (float)((p >> (4 * j)) & 15u) * xv[j];
+      dq += (float)((p.w >> (4 * j)) & 15u) * xv[j];
       dx += xv[j];
     }
-    const int g = k8 / 8;  // 8 words per group of 64
-    return s[g] * dq + b[g] * dx;
+    return p.s * dq + p.b * dx;
   }
 };
 
@@ -117,6 +123,11 @@ __device__ __forceinline__ void gemv_body(Rows& rows, const float* __restrict__ 
                                           int eps_bits, float* xs, float* red) {
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   const bool gate = flags & 16;
+  // The epilogue's operands are requested now, with the weights (not after the barrier).
+  const bool writes = lane == 0 && n_raw < N;
+  const float res = writes && (flags & 8) ? residual[n] : 0.f;
+  const float b0 = writes && (flags & 4) ? __half2float(bias[n]) : 0.f;
+  const float b1 = writes && (flags & 4) && gate ? __half2float(bias[n + N]) : 0.f;
   // x times the norm weight, and x's sum of squares: the matvec of the normed x is then
   // 1/RMS times the matvec of x * w, so x is read and written once.
   float ss = 0.f;
@@ -138,7 +149,7 @@ __device__ __forceinline__ void gemv_body(Rows& rows, const float* __restrict__ 
   rows.dot(xs, gate, lane, a0, a1);
   a0 = warp_sum(a0);
   if (gate) a1 = warp_sum(a1);
-  if (lane != 0 || n_raw >= N) return;
+  if (!writes) return;
   if (flags & 1) {
     float total = 0.f;
 #pragma unroll
@@ -147,10 +158,8 @@ __device__ __forceinline__ void gemv_body(Rows& rows, const float* __restrict__ 
     a0 *= r;
     a1 *= r;
   }
-  if (flags & 4) {
-    a0 += __half2float(bias[n]);
-    if (gate) a1 += __half2float(bias[n + N]);
-  }
+  a0 += b0;
+  a1 += b1;
   float y = a0;
   if (gate) {
     const float g = a0;
@@ -158,8 +167,7 @@ __device__ __forceinline__ void gemv_body(Rows& rows, const float* __restrict__ 
                                    : g / (1.f + __expf(-g));
     y = act * a1;
   }
-  if (flags & 8) y += residual[n];
-  out[n] = y;
+  out[n] = y + res;
 }
 
 extern "C" __global__ void __launch_bounds__(NT) gemv(
