@@ -29,6 +29,14 @@ ATTENTION = {
     "g4_window_softcap": (64, 4, 1, 128, 256, 100, 40, 20.0),
 }
 LAYERS, LAYER = 3, 1
+# name -> (H, KVH, Dh, S, pos, window, softcap, qk norm, rotary features)
+DECODE = {
+    "qwen3_pos512": (16, 8, 128, 768, 512, 0, 0.0, True, 128),
+    "llama_pos300": (32, 8, 64, 768, 300, 0, 0.0, False, 64),
+    "kvh3_window_softcap_partial_rope": (6, 3, 64, 256, 200, 50, 20.0, True, 32),
+    "g1_pos5": (4, 4, 32, 128, 5, 0, 0.0, False, 32),
+}
+EPS = 1e-6
 DEQUANT = {"q4_6144x1024_g64": (6144, 1024, 64), "q4_96x256_g32": (96, 256, 32)}
 
 
@@ -59,6 +67,50 @@ def attention_reference(q, k, v, kc, vc, positions, window, softcap):
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     return np.einsum("chs,shd->chd", p, np.repeat(vals, G, axis=1)).reshape(C, H * Dh)
+
+
+def _decode_inputs(H, KVH, Dh, S, pos, rot, qk_norm):
+    """qkv, cos, sin, the caches, positions, and with qk_norm the q and k norm weights."""
+    rng = np.random.default_rng(2)
+    qkv = rng.standard_normal(((H + 2 * KVH) * Dh,), dtype=np.float32)
+    angles = rng.uniform(0, 6.3, rot // 2).astype(np.float32)
+    cos, sin = np.tile(np.cos(angles), 2), np.tile(np.sin(angles), 2)
+    kc, vc = (rng.standard_normal((LAYERS, Dh, S, KVH), dtype=np.float32).astype(np.float16) for _ in range(2))
+    wq, wk = (np.stack([w, np.roll(w, Dh // 2)]).astype(np.float16)  # weight_rope: w and w with halves swapped
+              for w in (rng.uniform(0.5, 1.5, Dh).astype(np.float32) for _ in range(2)))
+    return [qkv, cos, sin, kc, vc, np.array([pos], np.int32)] + ([wq, wk] if qk_norm else [])
+
+
+def _norm_rope(x, w, cos, sin, qk_norm):
+    """x [heads, Dh] float64: per-head RMSNorm (weight w) if qk_norm, then rotate_half rotary."""
+    if qk_norm:
+        x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS) * w.astype(np.float64)
+    rot = cos.shape[0]
+    half = rot // 2
+    r = x[:, :rot]
+    rotated = np.concatenate([-r[:, half:], r[:, :half]], axis=-1)
+    return np.concatenate([r * cos + rotated * sin, x[:, rot:]], axis=-1)
+
+
+def decode_reference(qkv, cos, sin, kc, vc, positions, wq=None, wk=None, *, H, window, softcap):
+    """(attention output [H * Dh], the token's key [KVH, Dh], value) in float64."""
+    KVH, Dh, pos = kc.shape[3], kc.shape[1], int(positions[0])
+    x = qkv.astype(np.float64)
+    qk_norm = wq is not None
+    q = _norm_rope(x[:H * Dh].reshape(H, Dh), wq[0] if qk_norm else None, cos, sin, qk_norm)
+    k = _norm_rope(x[H * Dh:(H + KVH) * Dh].reshape(KVH, Dh), wk[0] if qk_norm else None, cos, sin, qk_norm)
+    v = x[(H + KVH) * Dh:].reshape(KVH, Dh)
+    keys = np.concatenate([kc[LAYER, :, :pos].transpose(1, 2, 0).astype(np.float64), k[None]])  # [pos + 1, KVH, Dh]
+    vals = np.concatenate([vc[LAYER, :, :pos].transpose(1, 2, 0).astype(np.float64), v[None]])
+    G = H // KVH
+    s = np.einsum("hd,shd->hs", q, np.repeat(keys, G, axis=1)) / np.sqrt(Dh)
+    if softcap:
+        s = np.tanh(s / softcap) * softcap
+    if window:
+        s[:, :max(0, pos - window + 1)] = -np.inf
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("hs,shd->hd", p, np.repeat(vals, G, axis=1)).reshape(-1), k, v
 
 
 def _dequant_inputs(N, K, group):
@@ -100,6 +152,14 @@ def cases() -> dict:
             return extern.prefill_attention(q, k, v, kc, vc, positions, layer=LAYER, scale=1 / np.sqrt(Dh),
                                             window=window or None, softcap=softcap or None)
         out[f"prefill_attn_{name}"] = (_export(fn, args), args, lambda a=args, w=window, c=softcap: attention_reference(*a, w, c))
+    for name, (H, KVH, Dh, S, pos, window, softcap, qk_norm, rot) in DECODE.items():
+        args = _decode_inputs(H, KVH, Dh, S, pos, rot, qk_norm)
+
+        def fn(qkv, cos, sin, kc, vc, positions, *norm, H=H, Dh=Dh, window=window, softcap=softcap):
+            return extern.decode_attention(qkv, cos, sin, kc, vc, positions, heads=H, layer=LAYER, scale=1 / np.sqrt(Dh),
+                                           window=window or None, softcap=softcap or None,
+                                           qk_norm=(*norm, EPS, False) if norm else None)
+        out[f"decode_attn_{name}"] = (_export(fn, args), args, None)
     for name, (N, K, group) in DEQUANT.items():
         args = _dequant_inputs(N, K, group)
 
@@ -135,23 +195,34 @@ def check(root: Path) -> int:
     for name, (N, K, group) in DEQUANT.items():
         a = _dequant_inputs(N, K, group)
         inputs[f"dequant_{name}"] = (a, dequant_reference(*a, group), None)
+    for name, (H, KVH, Dh, S, pos, window, softcap, qk_norm, rot) in DECODE.items():
+        a = _decode_inputs(H, KVH, Dh, S, pos, rot, qk_norm)
+        want, k, v = decode_reference(*a, H=H, window=window, softcap=softcap)
+        inputs[f"decode_attn_{name}"] = (a, want, 1e-4, (k, v))
     for name in json.loads((root / "cases.json").read_text()):
-        xs, want, tol = inputs[name]
+        xs, want, tol, *new_kv = inputs[name]
         ctx = rt.SystemContext(vm_modules=[rt.VmModule.mmap(config.vm_instance, str(root / f"{name}.vmfb"))],
                                config=config)
         mod = next(m for n, m in ctx.modules.items() if n.startswith("jit_"))
         results = mod["main"](*xs)
         results = results if isinstance(results, (list, tuple)) else [results]
         got = np.asarray(results[0].to_host())
-        if len(results) == 3:  # the attention's caches, written in place: the chunk's rows, nothing else
-            q, k, v, kc, vc, positions = xs
+        if len(results) == 3:  # the attention's caches, written in place: the new rows, nothing else
+            if new_kv:  # decode: the token's key (normed, rotated) and value
+                _, _, _, kc, vc, positions = xs[:6]
+                k, v = (x[None] for x in new_kv[0])
+            else:
+                _, k, v, kc, vc, positions = xs
             for name_c, old, new, got_c in (("k", kc, k, results[1]), ("v", vc, v, results[2])):
                 want_c = old.copy()
                 want_c[LAYER][:, positions] = new.astype(np.float16).transpose(2, 0, 1)
-                same = np.array_equal(np.asarray(got_c.to_host()).view(np.int16), want_c.view(np.int16))
+                # decode's reference key is float64: one f16 step apart where its rounding differs
+                steps = np.abs(np.asarray(got_c.to_host()).view(np.int16).astype(np.int32)
+                               - want_c.view(np.int16).astype(np.int32))
+                same = int(steps.max()) <= (1 if new_kv else 0)
                 print(f"{name + ' ' + name_c + ' cache':36s} {'OK' if same else 'WRONG'}")
                 wrong += not same
-        if tol is None:  # f16 results: equal, or one f16 step apart (an FMA rounds once)
+        if tol is None and got.dtype == np.float16:  # f16 results: equal, or one f16 step apart (an FMA rounds once)
             steps = np.abs(got.view(np.int16).astype(np.int32) - want.view(np.int16).astype(np.int32))
             ok = got.shape == want.shape and int(steps.max()) <= 1
             print(f"{name:36s} max f16 steps apart {int(steps.max())} {'OK' if ok else 'WRONG'}", flush=True)

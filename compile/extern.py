@@ -49,7 +49,9 @@ KERNELS = {
     "decode_attn_partial_g2": Kernel("decode_attention", 256),
     "decode_attn_combine": Kernel("decode_attention", 128),
     "gemv": Kernel("gemv", 256),
+    "gemv_gate": Kernel("gemv", 256),
     "gemv_q4": Kernel("gemv", 256),
+    "gemv_q4_gate": Kernel("gemv", 256),
     "dequant_q4": Kernel("gemv", 256),
     "prefill_attn": Kernel("prefill_attention", 256),
     "q4_gemv": Kernel("q4_gemv", target="cpu"),
@@ -313,16 +315,20 @@ def checked_ptx(source: str) -> Path:
 
 KEYS_PER_BLOCK = 16  # cached keys per partial block
 # The kernel's shared-memory bounds (its MAX_* defines).
-MAX_Q, MAX_P, MAX_KV, MAX_G, MAX_B = 2048, 1024, 16384, 8, 1024
+MAX_Q, MAX_P, MAX_KV, MAX_G, MAX_B = 2048, 1024, 4096, 8, 1024
+
+
+def kv_heads_per_block(kv_heads: int) -> int:
+    """KV heads per partial block: pairs (32-bit loads) where KVH is even."""
+    return 2 if kv_heads % 2 == 0 else 1
 
 
 def decode_attention_fits(heads: int, kv_heads: int, head_dim: int, rows: int) -> bool:
     """Whether the kernel takes this shape (rows: the cache's S); else the attention stays in JAX."""
-    ch = KEYS_PER_BLOCK
-    return (heads * head_dim <= MAX_Q and heads * (ch + 1) <= MAX_P and head_dim * ch * kv_heads <= MAX_KV
+    ch, kb, g = KEYS_PER_BLOCK, kv_heads_per_block(kv_heads), heads // kv_heads
+    return (kb * g * head_dim <= MAX_Q and kb * g * (ch + 1) <= MAX_P and head_dim * ch * kb <= MAX_KV
             and head_dim <= 256 and head_dim % 32 == 0 and ch <= 32
-            and heads // kv_heads <= MAX_G and rows % ch == 0 and rows // ch <= MAX_B
-            and (rows * kv_heads) % 8 == 0 and (ch * kv_heads) % 16 == 0)  # 16-byte loads; lane pairs
+            and g <= MAX_G and rows % ch == 0 and rows // ch <= MAX_B)
 
 
 def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, layer: int, scale: float,
@@ -342,15 +348,16 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, 
     else:
         wq, wk, eps, one_plus = qk_norm
         wq, wk, qk = wq.astype(f16), wk.astype(f16), 1 | (2 if one_plus else 0)
+    kb = kv_heads_per_block(KVH)
     consts = [S, KVH, H // KVH, Dh, layer, KEYS_PER_BLOCK, window or 0, f32_bits(scale), f32_bits(softcap or 0.0),
-              qk, f32_bits(eps), cos.shape[-1]]
+              qk, f32_bits(eps), cos.shape[-1], kb]
     blocks = -(-S // KEYS_PER_BLOCK)
     qkv, cos, sin = qkv.astype(f32), cos.astype(f32), sin.astype(f32)
     # The partial kernel for G <= 2 query heads per KV head has G built in (decode_attention.cu).
     G = H // KVH
     part = call(f"decode_attn_partial_g{G}" if G <= 2 else "decode_attn_partial",
                 jax.ShapeDtypeStruct((blocks, H, Dh + 2), f32),
-                [qkv, wq, cos, sin, k_cache, v_cache, positions], grid=blocks, constants=consts)
+                [qkv, wq, cos, sin, k_cache, v_cache, positions], grid=blocks * (KVH // kb), constants=consts)
     caches = (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype), jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
     return call("decode_attn_combine", (jax.ShapeDtypeStruct((H * Dh,), f32), *caches),
                 [qkv, wq, wk, cos, sin, positions, part, k_cache, v_cache], grid=H * Dh // 32, constants=consts,
@@ -446,7 +453,8 @@ def gemv(x, w, *, bias=None, norm=None, residual=None, gate: str | None = None):
     operands = [x.astype(jnp.float32), *(packed_operands(w) if isinstance(w, Packed) else [w])]
     flags, folded = _folded(norm, bias, residual, jnp.float16)
     flags |= (GATE if gate else 0) | (GELU if gate == "gelu_tanh" else 0)
-    return call("gemv_q4" if isinstance(w, Packed) else "gemv", jax.ShapeDtypeStruct((n,), jnp.float32),
+    name = ("gemv_q4" if isinstance(w, Packed) else "gemv") + ("_gate" if gate else "")
+    return call(name, jax.ShapeDtypeStruct((n,), jnp.float32),
                 operands + folded, grid=-(-n // GEMV_WARPS),
                 constants=[n, k, flags, f32_bits(0.0 if norm is None else norm[1])])
 

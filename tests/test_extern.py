@@ -191,7 +191,7 @@ def test_push_constants_follow_the_config():
     assert [c[4] for c in attn] == list(range(cfg.num_hidden_layers)), "each layer its own"
     assert {c[6] for c in attn} == {0, cfg.sliding_window}, "global layers pass window 0, sliding ones their window"
     # gemma3: both pre-norms fold into the kernels as 1 + w; the MLP's gate is GELU.
-    flags = [c[2] for c in _constants(decode, "gemv")]
+    flags = [c[2] for c in _constants(decode, "gemv") + _constants(decode, "gemv_gate")]
     assert flags.count(extern.NORM | extern.ONE_PLUS) == cfg.num_hidden_layers  # qkv
     assert flags.count(extern.NORM | extern.ONE_PLUS | extern.GATE | extern.GELU) == cfg.num_hidden_layers
 
@@ -199,7 +199,8 @@ def test_push_constants_follow_the_config():
 def test_dense_decode_folds_norms_and_residuals():
     fam, cfg, spec = _spec("qwen3", "float16")
     decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda"))
-    flags = sorted(c[2] for c in _constants(decode, "gemv"))
+    flags = sorted(c[2] for c in _constants(decode, "gemv") + _constants(decode, "gemv_gate"))
+    assert {c[2] & extern.GATE for c in _constants(decode, "gemv_gate")} == {extern.GATE}, "gate mode, its own kernel"
     per_layer = sorted([extern.NORM, extern.RESIDUAL, extern.NORM | extern.GATE, extern.RESIDUAL])
     assert flags == sorted(per_layer * cfg.num_hidden_layers)
 

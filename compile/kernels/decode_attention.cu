@@ -1,7 +1,9 @@
 // Decode attention (one query token) against an f16 KV cache in [L, D, S, H] layout, from the
 // qkv projection's raw output, in two kernels:
-// - decode_attn_partial: one block per CH cached keys: q's per-head RMSNorm and rotary, scores,
-//   softmax, weights x V, relative to the block's own max;
+// - decode_attn_partial: one block per CH cached keys and KB KV heads: their q heads' RMSNorm and
+//   rotary, scores, softmax, weights x V, relative to the block's own max. (One block for all KV
+//   heads took 12.3 us per Qwen3-0.6B layer after 512 tokens on an H100, most of it in each
+//   block's work on all 16 q heads, and left 100 of the 132 SMs idle.)
 // - decode_attn_combine: one block per 32 features of a query head: norms and rotates the q head and the token's
 //   own key, writes that key and the token's value into the caches (in place: IREE passes them
 //   as read-write bindings tied to its results), and folds the blocks' partials together with
@@ -13,16 +15,18 @@
 //   S (cache rows), KVH, G (query heads per KV head), Dh, layer, CH (keys per partial block),
 //   window (0 = none: a query at p sees keys in (p - window, p]), scale and softcap (f32 bits;
 //   softcap 0 = none), qk (1: q/k RMSNorm before rotary, 2: its weight as 1 + w), eps (f32 bits),
-//   rot (rotary features, <= Dh).
+//   rot (rotary features, <= Dh), KB (KV heads per partial block, dividing KVH; the combine
+//   ignores it).
 // Limits below (MAX_*), checked when the step is exported (extern.decode_attention_fits), which
 // otherwise keeps the attention in JAX.
 // Regenerate the PTX with `make ptx` (needs nvcc).
 #include <cuda_fp16.h>
+#include <stdint.h>
 
 #define NT 256
 #define MAX_Q 2048   // H * Dh
 #define MAX_P 1024   // H * (CH + 1)
-#define MAX_KV 16384 // Dh * CH * KVH: one block's keys (then values), staged in shared memory
+#define MAX_KV 4096  // Dh * CH * KB: one block's keys (then values), staged in shared memory
 #define MAX_G 8
 #define MAX_B 1024   // S / CH
 
@@ -87,34 +91,50 @@ __device__ __forceinline__ void block_keys(int b, int CH, int pos, int window, i
   *hi = min(b * CH + CH, pos);
 }
 
-// This layer's rows of block b (Dh rows of CH * KVH halves), 16 bytes per load, into registers
-// (at most SP per thread), then into kvs: every load is issued before any is waited for. Needs
-// S * KVH and CH * KVH to be multiples of 8 (checked at export).
-#define SP (MAX_KV / 8 / NT)
+// This layer's rows of block b for its KB KV heads kb0.. (Dh rows of CH * KB halves), into
+// registers (at most SP words per thread), then into kvs: every load is issued before any is
+// waited for. KB even: 32-bit loads of head pairs; else one half each.
+#define SP (MAX_KV / 2 / NT)
 struct Staged {
-  uint4 v[SP];
+  uint32_t v[SP];
 };
 
 __device__ __forceinline__ Staged load_rows(const __half* __restrict__ cache, size_t base, size_t plane, int b,
-                                            int CH, int KVH, int Dh) {
-  const int row = CH * KVH / 8;  // uint4 per row
-  const uint4* src = reinterpret_cast<const uint4*>(cache + base + (size_t)b * CH * KVH);
-  const size_t stride = plane / 8;
+                                            int CH, int KVH, int kb0, int KB, int Dh) {
   Staged r;
+  const __half* src = cache + base + (size_t)b * CH * KVH + kb0;
+  if (KB % 2 == 0) {
+    const int row = CH * KB / 2;  // words per row
 #pragma unroll
-  for (int j = 0; j < SP; ++j) {
-    const int i = threadIdx.x + j * NT;
-    if (i < Dh * row) r.v[j] = src[(i / row) * stride + i % row];
+    for (int j = 0; j < SP; ++j) {
+      const int i = threadIdx.x + j * NT, d = i / row, w = i % row, s = w / (KB / 2), pair = w % (KB / 2);
+      if (i < Dh * row) r.v[j] = *reinterpret_cast<const uint32_t*>(src + d * plane + (size_t)s * KVH + 2 * pair);
+    }
+  } else {
+    const int row = CH * KB;
+#pragma unroll
+    for (int j = 0; j < SP; ++j) {
+      const int i = threadIdx.x + j * NT, d = i / row, s = (i % row) / KB, h = i % KB;
+      if (i < Dh * row) r.v[j] = __half_as_ushort(src[d * plane + (size_t)s * KVH + h]);
+    }
   }
   return r;
 }
 
-__device__ __forceinline__ void store_rows(const Staged& r, __half* kvs, int CH, int KVH, int Dh) {
-  uint4* dst = reinterpret_cast<uint4*>(kvs);
+__device__ __forceinline__ void store_rows(const Staged& r, __half* kvs, int CH, int KB, int Dh) {
+  if (KB % 2 == 0) {
+    uint32_t* dst = reinterpret_cast<uint32_t*>(kvs);
 #pragma unroll
-  for (int j = 0; j < SP; ++j) {
-    const int i = threadIdx.x + j * NT;
-    if (i < Dh * CH * KVH / 8) dst[i] = r.v[j];
+    for (int j = 0; j < SP; ++j) {
+      const int i = threadIdx.x + j * NT;
+      if (i < Dh * CH * KB / 2) dst[i] = r.v[j];
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < SP; ++j) {
+      const int i = threadIdx.x + j * NT;
+      if (i < Dh * CH * KB) kvs[i] = __ushort_as_half((unsigned short)r.v[j]);
+    }
   }
 }
 
@@ -130,35 +150,38 @@ __device__ __forceinline__ void partial_body(
     const float* __restrict__ qkv, const __half* __restrict__ wq, const float* __restrict__ cos,
     const float* __restrict__ sin, const __half* __restrict__ kc, const __half* __restrict__ vc, int pos,
     float* __restrict__ part, int S, int KVH, int Gr, int Dh, int layer, int CH, int window, float scale,
-    float cap, int qk, float eps, int rot, float* qs, float* ps, __half* kvs, float* wqs, float* cs, float* sn) {
-  const int G = GT ? GT : Gr, H = KVH * G, b = blockIdx.x, t = threadIdx.x, warp = t / 32;
+    float cap, int qk, float eps, int rot, int KB, float* qs, float* ps, __half* kvs, float* wqs, float* cs,
+    float* sn) {
+  const int G = GT ? GT : Gr, H = KVH * G, t = threadIdx.x, warp = t / 32;
+  // Block = (CH keys b, KB KV heads from kb0): its HB query heads from h0.
+  const int b = blockIdx.x / (KVH / KB), kb0 = (blockIdx.x % (KVH / KB)) * KB, HB = KB * G, h0 = kb0 * G;
   int lo, hi;
   block_keys(b, CH, pos, window, &lo, &hi);
   const size_t plane = (size_t)S * KVH, base = (size_t)layer * Dh * plane;
-  const int Q1 = Dh + 1, P1 = CH + 1, R = CH * KVH;
+  const int Q1 = Dh + 1, P1 = CH + 1, R = CH * KB;
   float qr[MAX_Q / NT];  // q, keys and values are all requested before anything waits
 #pragma unroll
   for (int j = 0; j < MAX_Q / NT; ++j)
-    if (t + j * NT < H * Dh) qr[j] = qkv[t + j * NT];
-  const Staged keys = load_rows(kc, base, plane, b, CH, KVH, Dh);
-  const Staged values = load_rows(vc, base, plane, b, CH, KVH, Dh);  // in flight during the scores
+    if (t + j * NT < HB * Dh) qr[j] = qkv[h0 * Dh + t + j * NT];
+  const Staged keys = load_rows(kc, base, plane, b, CH, KVH, kb0, KB, Dh);
+  const Staged values = load_rows(vc, base, plane, b, CH, KVH, kb0, KB, Dh);  // in flight during the scores
 #pragma unroll
   for (int j = 0; j < MAX_Q / NT; ++j) {
     const int i = t + j * NT;
-    if (i < H * Dh) qs[(i / Dh) * Q1 + i % Dh] = qr[j];
+    if (i < HB * Dh) qs[(i / Dh) * Q1 + i % Dh] = qr[j];
   }
   load_norm_weight(wqs, wq, Dh, qk);
   for (int d = t; d < rot; d += NT) cs[d] = cos[d], sn[d] = sin[d];
-  store_rows(keys, kvs, CH, KVH, Dh);
+  store_rows(keys, kvs, CH, KB, Dh);
   __syncthreads();
-  for (int h = warp; h < H; h += NT / 32) norm_rope_head(qs + h * Q1, wqs, cs, sn, Dh, rot, qk, eps);
+  for (int h = warp; h < HB; h += NT / 32) norm_rope_head(qs + h * Q1, wqs, cs, sn, Dh, rot, qk, eps);
   __syncthreads();
 
   // Scores. Rows outside [lo, hi) may hold anything: unused.
-  if constexpr (GT == 0) {  // item = (key, g, kvh), kvh fastest
-    for (int i = t; i < CH * H; i += NT) {
-      const int kvh = i % KVH, g = (i / KVH) % G, s = i / H, qh = kvh * G + g;
-      const __half* kp = kvs + s * KVH + kvh;
+  if constexpr (GT == 0) {  // item = (key, g, local kv head), kv head fastest
+    for (int i = t; i < CH * HB; i += NT) {
+      const int kvh = i % KB, g = (i / KB) % G, s = i / HB, qh = kvh * G + g;
+      const __half* kp = kvs + s * KB + kvh;
       const float* qp = qs + qh * Q1;
       float acc[4] = {0.f, 0.f, 0.f, 0.f};  // 4 chains: the adds do not wait on each other
 #pragma unroll 4
@@ -167,10 +190,10 @@ __device__ __forceinline__ void partial_body(
         for (int u = 0; u < 4; ++u) acc[u] += qp[d + u] * __half2float(kp[(d + u) * R]);
       ps[qh * P1 + s] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     }
-  } else {  // item = (key, kvh), kvh fastest, its G heads together; two lanes, every other feature
-  for (int i = t / 2; i < CH * KVH; i += NT / 2) {
-    const int kvh = i % KVH, s = i / KVH;
-    const __half* kp = kvs + s * KVH + kvh;
+  } else {  // item = (key, local kv head), kv head fastest, its G heads together; two lanes, every other feature
+  for (int i = t / 2; i < CH * KB; i += NT / 2) {
+    const int kvh = i % KB, s = i / KB;
+    const __half* kp = kvs + s * KB + kvh;
     const float* qp = qs + kvh * G * Q1;
     float acc[G];
 #pragma unroll
@@ -189,11 +212,11 @@ __device__ __forceinline__ void partial_body(
   }
   }
   __syncthreads();
-  store_rows(values, kvs, CH, KVH, Dh);
+  store_rows(values, kvs, CH, KB, Dh);
 
   // Softmax within the block: a warp per head, a lane per key (CH <= 32).
   const int s0 = lo - b * CH, s1 = hi - b * CH;
-  for (int qh = t / 32; qh < H; qh += NT / 32) {
+  for (int qh = t / 32; qh < HB; qh += NT / 32) {
     const int s = t % 32;
     float* p = ps + qh * P1;
     const bool valid = s >= s0 && s < s1;
@@ -203,17 +226,17 @@ __device__ __forceinline__ void partial_body(
     const float l = warp_reduce<false>(e);
     if (s < CH) p[s] = e;
     if (s == 0) {
-      float* out = part + ((size_t)b * H + qh) * (Dh + 2);
+      float* out = part + ((size_t)b * H + h0 + qh) * (Dh + 2);
       out[Dh] = m;
       out[Dh + 1] = l;
     }
   }
   __syncthreads();
 
-  // Weights x V: item = (d, kvh), kvh fastest; G heads each.
+  // Weights x V: item = (d, local kv head), kv head fastest; G heads each.
   constexpr int GU = GT ? GT : MAX_G;  // unrolled heads (predicated when GT is 0)
-  for (int i = t; i < Dh * KVH; i += NT) {
-    const int kvh = i % KVH, d = i / KVH;
+  for (int i = t; i < Dh * KB; i += NT) {
+    const int kvh = i % KB, d = i / KB;
     float acc[GU];
 #pragma unroll
     for (int g = 0; g < GU; ++g) acc[g] = 0.f;
@@ -221,14 +244,14 @@ __device__ __forceinline__ void partial_body(
     const float* p = ps + kvh * G * P1;
 #pragma unroll 4
     for (int s = s0; s < s1; ++s) {
-      const float v = __half2float(vp[s * KVH]);
+      const float v = __half2float(vp[s * KB]);
 #pragma unroll
       for (int g = 0; g < GU; ++g)
         if (GT || g < G) acc[g] += p[g * P1 + s] * v;
     }
 #pragma unroll
     for (int g = 0; g < GU; ++g)
-      if (GT || g < G) part[((size_t)b * H + kvh * G + g) * (Dh + 2) + d] = acc[g];
+      if (GT || g < G) part[((size_t)b * H + h0 + kvh * G + g) * (Dh + 2) + d] = acc[g];
   }
 }
 
@@ -239,18 +262,18 @@ __device__ __forceinline__ void partial_body(
       const float* __restrict__ qkv, const __half* __restrict__ wq, const float* __restrict__ cos,            \
       const float* __restrict__ sin, const __half* __restrict__ kc, const __half* __restrict__ vc,            \
       const int* __restrict__ pos_p, float* __restrict__ part, int S, int KVH, int G, int Dh, int layer,     \
-      int CH, int window, int scale_bits, int softcap_bits, int qk, int eps_bits, int rot) {                  \
-    __shared__ float qs[MAX_Q + MAX_Q / 32]; /* q, rows padded to Dh + 1 (no bank conflicts) */              \
-    __shared__ float ps[MAX_P];              /* scores, then weights: [H][CH + 1] */                          \
-    __shared__ __align__(16) __half kvs[MAX_KV]; /* [Dh][CH * KVH]: keys, then values */                     \
+      int CH, int window, int scale_bits, int softcap_bits, int qk, int eps_bits, int rot, int KB) {          \
+    __shared__ float qs[MAX_Q + MAX_Q / 32]; /* the block's q heads, rows padded to Dh + 1 (no bank conflicts) */ \
+    __shared__ float ps[MAX_P];              /* scores, then weights: [HB][CH + 1] */                         \
+    __shared__ __align__(16) __half kvs[MAX_KV]; /* [Dh][CH * KB]: keys, then values */                      \
     __shared__ float wqs[256], cs[256], sn[256]; /* q's norm weight, cos, sin */                              \
     const int pos = pos_p[0];                                                                                 \
     int lo, hi;                                                                                               \
-    block_keys(blockIdx.x, CH, pos, window, &lo, &hi);                                                        \
+    block_keys(blockIdx.x / (KVH / KB), CH, pos, window, &lo, &hi);                                           \
     if (lo >= hi) return; /* the combine skips this block as well */                                          \
     partial_body<gt>(qkv, wq, cos, sin, kc, vc, pos, part, S, KVH, G, Dh, layer, CH, window,                  \
                      __int_as_float(scale_bits), __int_as_float(softcap_bits), qk, __int_as_float(eps_bits),  \
-                     rot, qs, ps, kvs, wqs, cs, sn);                                                          \
+                     rot, KB, qs, ps, kvs, wqs, cs, sn);                                                      \
   }
 PARTIAL_KERNEL(decode_attn_partial, 0)
 PARTIAL_KERNEL(decode_attn_partial_g1, 1)
@@ -281,7 +304,7 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
     const float* __restrict__ cos, const float* __restrict__ sin, const int* __restrict__ pos_p,
     const float* __restrict__ part, __half* __restrict__ kc, __half* __restrict__ vc, float* __restrict__ out,
     int S, int KVH, int G, int Dh, int layer, int CH, int window, int scale_bits, int softcap_bits,
-    int qk, int eps_bits, int rot) {
+    int qk, int eps_bits, int rot, int /* KB: the partial's */) {
   __shared__ float red[4];
   __shared__ float ws[MAX_B];  // each active block's weight exp(m_b - m)
   __shared__ float acc_s[4][32];

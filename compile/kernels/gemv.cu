@@ -115,14 +115,16 @@ struct Rows {
   }
 };
 
-// Stage x (times the norm weight), run the rows' dot products, then the epilogue.
-template <class Rows>
+// Stage x (times the norm weight), run the rows' dot products, then the epilogue. GATE: gate
+// mode, as a compile-time constant (each kernel has a gate and a plain entry point), so the
+// plain one holds no second row's pieces: 64 registers, 4 blocks per SM.
+template <bool GATE, class Rows>
 __device__ __forceinline__ void gemv_body(Rows& rows, const float* __restrict__ x, const __half* __restrict__ norm_w,
                                           const __half* __restrict__ bias, const float* __restrict__ residual,
                                           float* __restrict__ out, int n, int n_raw, int N, int K, int flags,
                                           int eps_bits, float* xs, float* red) {
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
-  const bool gate = flags & 16;
+  constexpr bool gate = GATE;
   // The epilogue's operands are requested now, with the weights (not after the barrier).
   const bool writes = lane == 0 && n_raw < N;
   const float res = writes && (flags & 8) ? residual[n] : 0.f;
@@ -170,28 +172,54 @@ __device__ __forceinline__ void gemv_body(Rows& rows, const float* __restrict__ 
   out[n] = y + res;
 }
 
-extern "C" __global__ void __launch_bounds__(NT) gemv(
-    const float* __restrict__ x, const __half* __restrict__ W, const __half* __restrict__ norm_w,
-    const __half* __restrict__ bias, const float* __restrict__ residual, float* __restrict__ out,
-    int N, int K, int flags, int eps_bits) {
+template <bool GATE>
+__device__ __forceinline__ void gemv_f16(const float* __restrict__ x, const __half* __restrict__ W,
+                                         const __half* __restrict__ norm_w, const __half* __restrict__ bias,
+                                         const float* __restrict__ residual, float* __restrict__ out, int N, int K,
+                                         int flags, int eps_bits) {
   __shared__ __align__(16) float xs[MAX_K];
   __shared__ float red[WARPS];
   const int n_raw = blockIdx.x * WARPS + threadIdx.x / 32, n = min(n_raw, N - 1);  // a spare warp redoes the last row
-  Rows<F16Row, PF> rows(F16Row(W, n, K), F16Row(W, n + N, K), K, flags & 16, threadIdx.x % 32);
-  gemv_body(rows, x, norm_w, bias, residual, out, n, n_raw, N, K, flags, eps_bits, xs, red);
+  Rows<F16Row, PF> rows(F16Row(W, n, K), F16Row(W, n + N, K), K, GATE, threadIdx.x % 32);
+  gemv_body<GATE>(rows, x, norm_w, bias, residual, out, n, n_raw, N, K, flags, eps_bits, xs, red);
 }
 
-extern "C" __global__ void __launch_bounds__(NT) gemv_q4(
-    const float* __restrict__ x, const uint32_t* __restrict__ W, const float* __restrict__ scales,
-    const float* __restrict__ biases, const __half* __restrict__ norm_w, const __half* __restrict__ bias,
-    const float* __restrict__ residual, float* __restrict__ out, int N, int K, int flags, int eps_bits) {
+template <bool GATE>
+__device__ __forceinline__ void gemv_4bit(const float* __restrict__ x, const uint32_t* __restrict__ W,
+                                          const float* __restrict__ scales, const float* __restrict__ biases,
+                                          const __half* __restrict__ norm_w, const __half* __restrict__ bias,
+                                          const float* __restrict__ residual, float* __restrict__ out, int N, int K,
+                                          int flags, int eps_bits) {
   __shared__ __align__(16) float xs[MAX_K];
   __shared__ float red[WARPS];
   const int n_raw = blockIdx.x * WARPS + threadIdx.x / 32, n = min(n_raw, N - 1);
-  Rows<Q4Row, PFQ> rows(Q4Row(W, scales, biases, n, K), Q4Row(W, scales, biases, n + N, K), K, flags & 16,
+  Rows<Q4Row, PFQ> rows(Q4Row(W, scales, biases, n, K), Q4Row(W, scales, biases, n + N, K), K, GATE,
                         threadIdx.x % 32);
-  gemv_body(rows, x, norm_w, bias, residual, out, n, n_raw, N, K, flags, eps_bits, xs, red);
+  gemv_body<GATE>(rows, x, norm_w, bias, residual, out, n, n_raw, N, K, flags, eps_bits, xs, red);
 }
+
+#define F16_ARGS                                                                                             \
+  const float* __restrict__ x, const __half* __restrict__ W, const __half* __restrict__ norm_w,              \
+      const __half* __restrict__ bias, const float* __restrict__ residual, float* __restrict__ out, int N,   \
+      int K, int flags, int eps_bits
+#define Q4_ARGS                                                                                              \
+  const float* __restrict__ x, const uint32_t* __restrict__ W, const float* __restrict__ scales,             \
+      const float* __restrict__ biases, const __half* __restrict__ norm_w, const __half* __restrict__ bias,  \
+      const float* __restrict__ residual, float* __restrict__ out, int N, int K, int flags, int eps_bits
+extern "C" __global__ void __launch_bounds__(NT, 4) gemv(F16_ARGS) {
+  gemv_f16<false>(x, W, norm_w, bias, residual, out, N, K, flags, eps_bits);
+}
+extern "C" __global__ void __launch_bounds__(NT) gemv_gate(F16_ARGS) {
+  gemv_f16<true>(x, W, norm_w, bias, residual, out, N, K, flags, eps_bits);
+}
+extern "C" __global__ void __launch_bounds__(NT, 4) gemv_q4(Q4_ARGS) {
+  gemv_4bit<false>(x, W, scales, biases, norm_w, bias, residual, out, N, K, flags, eps_bits);
+}
+extern "C" __global__ void __launch_bounds__(NT) gemv_q4_gate(Q4_ARGS) {
+  gemv_4bit<true>(x, W, scales, biases, norm_w, bias, residual, out, N, K, flags, eps_bits);
+}
+#undef F16_ARGS
+#undef Q4_ARGS
 
 // A 4-bit weight dequantized to f16 [N, K] (w = s * q + b, in f32, then rounded), for the
 // several-token steps (a prefill chunk), whose matmuls IREE generates from f16 weights. One
