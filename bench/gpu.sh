@@ -3,9 +3,10 @@
 # - .whl/ carries cp312 wheels: iree-base-runtime (the runtime alone), mlx + mlx-cpu + mlx-lm
 #   (to make the 4-bit checkpoints with the real `mlx_lm convert`);
 # - .gpu/bundles/<model>/ carries bundles compiled on the CPU machine by
-#   `iree-generate compile --target cuda` from bench/configs/<model>.json; VARIANTS=nokernels adds
-#   rows for .gpu/bundles/<model>-nokernels/, made the same way with --no-kernels (IREE's codegen
-#   alone, without the hand-written kernels of compile/kernels).
+#   `iree-generate compile --target cuda --no-packed` (f16 weights: it runs the 4-bit and the f16
+#   checkpoints); VARIANTS=packed adds rows for .gpu/bundles/<model>-packed/ (`--packed`, the CUDA
+#   default), VARIANTS=nokernels for <model>-nokernels/ (--no-kernels: IREE's codegen alone,
+#   without the hand-written kernels of compile/kernels).
 # The machine's own torch, jax and transformers run the peers.
 set -euo pipefail
 OUT=${OUT:-/tmp/out}

@@ -5,7 +5,8 @@ Two halves, so the GPU machine needs only the runtime wheel:
   # as CKPT/oracle.npz for each test checkpoint under CKPT_ROOT
   python bench/gpu_agreement.py oracle CKPT_ROOT
   # on the GPU machine: our CUDA session on each bundle root (compiled here with
-  # `iree-generate compile --target cuda`, f16 weights by default or `--weight-dtype f32`)
+  # `iree-generate compile --target cuda`: --no-packed for f16 weights, --packed (the default)
+  # for 4-bit ones read by the kernels, or `--weight-dtype f32`)
   python bench/gpu_agreement.py check CKPT_ROOT OUT.json BUNDLE_ROOT [BUNDLE_ROOT ...]
 
 Reports tokens until the first divergence (teacher-forced on the oracle's tokens, argmax of

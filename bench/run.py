@@ -9,7 +9,8 @@ The roofline is the bytes a decode step must read (weights + the live KV cache) 
 copy bandwidth measured in the same run.
 
   python bench/run.py --ckpts DIR --bundles DIR --device cuda --json OUT.json
-(bundles: DIR/<model>/ made by `iree-generate compile --target cuda`; checkpoints by
+(bundles: DIR/<model>/ made by `iree-generate compile --target cuda --no-packed`, and with
+--variants packed DIR/<model>-packed/ by `--packed`; checkpoints by
 bench/make_checkpoints.py). Prints a markdown table and writes JSON.
 """
 

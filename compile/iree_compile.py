@@ -33,11 +33,11 @@ CACHE_WRITE = {"cpu": "slice", "cuda": "scatter"}
 # The order of the KV cache's axes (compile/layers.py CACHE_LAYOUT).
 CACHE_LAYOUT = {"cpu": "LSDH", "cuda": "LDSH"}
 # Quantized weights kept packed by default (compile/packed.py; --packed / --no-packed override):
-# on the CPU the 4-bit ones, which its kernel reads (5x faster decode than f32 weights,
-# bench/results/2026-11-26-cpu-2core-lsdh.json); 8-bit ones would be dequantized inside every
-# step. None on CUDA, for now: there packed decode is 8-22% faster in a third of the memory
-# but prefill 10-37% slower, dequantizing in the graph (2026-11-26-h100-bench-async-steps.json).
-PACKED_BITS_DEFAULT = {"cpu": (4,), "cuda": ()}
+# the 4-bit ones, which the one-token kernels read; 8-bit ones would be dequantized inside every
+# step. On the CPU: 5x faster decode than f32 weights (bench/results/2026-11-26-cpu-2core-lsdh.json).
+# On CUDA: decode 35-49% faster than with f16 weights in 40% of the device memory, prefill 5-13%
+# slower (each chunk dequantizes them with a kernel; 2026-11-26-h100-bench-attn-split.json).
+PACKED_BITS_DEFAULT = {"cpu": (4,), "cuda": (4,)}
 
 
 def export_options(target: str, kernels: bool = True) -> dict:

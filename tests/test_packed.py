@@ -35,15 +35,16 @@ def test_greedy_matches_hf_fp32_packed_or_not(family, dtype, quant, packed):
 
 
 def test_what_each_target_packs_by_default(tmp_path):
-    """CPU: the 4-bit weights (its kernel reads them), not 8-bit ones; CUDA: none."""
+    """The 4-bit weights (the one-token kernels read them), not 8-bit ones, on both targets."""
     from iree_runner.compile import build
 
     q4, q8 = (mlx_checkpoint("qwen3_moe", "bfloat16", "q4", keys="v4"), mlx_checkpoint("qwen3", "float16", "q8", keys="v4"))
     m = build.compile_bundle(q4, ["cpu", "cuda"], tmp_path / "q4", max_context=64)
     cpu = m.targets["cpu"].packed
     assert "model.layers.0.self_attn.qkv_proj.weight" in cpu and "model.layers.0.mlp.gate.weight" not in cpu  # 8-bit router
-    assert m.targets["cuda"].packed == ()
-    assert build.compile_bundle(q8, ["cpu"], tmp_path / "q8", max_context=64).targets["cpu"].packed == ()
+    assert m.targets["cuda"].packed == cpu
+    q8_bundle = build.compile_bundle(q8, ["cpu", "cuda"], tmp_path / "q8", max_context=64)
+    assert q8_bundle.targets["cpu"].packed == q8_bundle.targets["cuda"].packed == ()
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 64), (4, 128), (8, 64)])
