@@ -299,6 +299,7 @@ __device__ __forceinline__ float block_reduce(float x, float* red) {
 // fourth partial block, a lane per feature. (One block per head, each thread over all partial
 // blocks, took 6.9 us per Qwen3-0.6B layer on an H100 after 512 tokens; this form 6.4. Both
 // are bound by their chain of dependent loads and barriers, not by the work.)
+#define PV 8  // partial vectors per lane loaded ahead: 4 warps x 8 = 32 blocks (512 keys)
 extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
     const float* __restrict__ qkv, const __half* __restrict__ wq, const __half* __restrict__ wk,
     const float* __restrict__ cos, const float* __restrict__ sin, const int* __restrict__ pos_p,
@@ -313,6 +314,26 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
   const int pos = pos_p[0], H = KVH * G, kvh = qh / G, t = threadIdx.x, lane = t % 32, warp = t / 32;
   const float scale = __int_as_float(scale_bits), cap = __int_as_float(softcap_bits);
   const float* v_new = qkv + (H + KVH) * Dh + kvh * Dh;
+  // The active blocks are b0..b1-1 (as block_keys says). Everything that does not depend on
+  // the norms is requested first: the blocks' (m, l) and, per warp, its first PV blocks' partial
+  // vectors, so their loads overlap q's and k's and the norms.
+  const int first = first_key(pos, window);
+  const int b0 = first / CH, b1 = first < pos ? (pos + CH - 1) / CH : b0;
+  const size_t row = Dh + 2;
+  const float* ph = part + (size_t)qh * row;  // block b's row for this head: ph + b * H * row
+  float mb[MAX_B / 128], lb[MAX_B / 128], pv[PV];
+#pragma unroll
+  for (int j = 0; j < MAX_B / 128; ++j) {
+    const int b = b0 + t + 128 * j;
+    mb[j] = b < b1 ? ph[(size_t)b * H * row + Dh] : -INFINITY;
+    lb[j] = b < b1 ? ph[(size_t)b * H * row + Dh + 1] : 0.f;
+  }
+#pragma unroll
+  for (int j = 0; j < PV; ++j) {
+    const int b = b0 + warp + 4 * j;
+    pv[j] = b < b1 ? ph[(size_t)b * H * row + d0 + lane] : 0.f;
+  }
+  const float v_own = t < 32 ? v_new[d0 + t] : 0.f;
   for (int d = t; d < Dh; d += 128) qh_s[d] = qkv[qh * Dh + d], kh_s[d] = qkv[(H + kvh) * Dh + d];
   load_norm_weight(wqs, wq, Dh, qk);
   load_norm_weight(wks, wk, Dh, qk);
@@ -325,24 +346,10 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
   if (qh % G == 0 && t < 32) {  // rounded to f16 as the JAX cache write rounds (nearest even)
     const size_t at = (((size_t)layer * Dh + d0 + t) * S + pos) * KVH + kvh;
     kc[at] = __float2half(kh_s[d0 + t]);
-    vc[at] = __float2half(v_new[d0 + t]);
+    vc[at] = __float2half(v_own);
   }
-  // The active blocks are b0..b1-1 (as block_keys says).
-  const int first = first_key(pos, window);
-  const int b0 = first / CH, b1 = first < pos ? (pos + CH - 1) / CH : b0;
-  const size_t row = Dh + 2;
-  const float* ph = part + (size_t)qh * row;  // block b's row for this head: ph + b * H * row
-
-  // Each thread loads its blocks' (m, l) once; all loads are issued before the first barrier.
   float dot = 0.f;
   for (int d = t; d < Dh; d += 128) dot += qh_s[d] * kh_s[d];
-  float mb[MAX_B / 128], lb[MAX_B / 128];
-#pragma unroll
-  for (int j = 0; j < MAX_B / 128; ++j) {
-    const int b = b0 + t + 128 * j;
-    mb[j] = b < b1 ? ph[(size_t)b * H * row + Dh] : -INFINITY;
-    lb[j] = b < b1 ? ph[(size_t)b * H * row + Dh + 1] : 0.f;
-  }
   const float s_new = squash(block_reduce<false>(dot, red), scale, cap);
   float m = s_new;
 #pragma unroll
@@ -361,11 +368,16 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
   const float w_new = __expf(s_new - m);
   const float denom = block_reduce<false>(l, red) + w_new;  // its barrier also publishes ws
   float acc = 0.f;
+#pragma unroll
+  for (int j = 0; j < PV; ++j) {
+    const int b = b0 + warp + 4 * j;
+    if (b < b1) acc += ws[b - b0] * pv[j];
+  }
 #pragma unroll 4
-  for (int b = b0 + warp; b < b1; b += 4) acc += ws[b - b0] * ph[(size_t)b * H * row + d0 + lane];
+  for (int b = b0 + warp + 4 * PV; b < b1; b += 4) acc += ws[b - b0] * ph[(size_t)b * H * row + d0 + lane];
   acc_s[warp][lane] = acc;
   __syncthreads();
   if (t < 32)
     out[qh * Dh + d0 + t] =
-        (w_new * v_new[d0 + t] + ((acc_s[0][t] + acc_s[1][t]) + (acc_s[2][t] + acc_s[3][t]))) / denom;
+        (w_new * v_own + ((acc_s[0][t] + acc_s[1][t]) + (acc_s[2][t] + acc_s[3][t]))) / denom;
 }
