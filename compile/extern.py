@@ -77,6 +77,11 @@ def packed_operands(w: Packed) -> list:
     return [jax.lax.bitcast_convert_type(w.words, jnp.int32), w.scales, w.biases]
 
 
+def _like(*arrays) -> tuple:
+    """Results shaped as these operands (the ones a kernel writes in place)."""
+    return tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays)
+
+
 def absent(dtype):
     """A one-element stand-in for an operand a kernel's flags tell it not to read."""
     return jnp.zeros((1,), dtype)
@@ -358,8 +363,7 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, 
     part = call(f"decode_attn_partial_g{G}" if G <= 2 else "decode_attn_partial",
                 jax.ShapeDtypeStruct((blocks, H, Dh + 2), f32),
                 [qkv, wq, cos, sin, k_cache, v_cache, positions], grid=blocks * (KVH // kb), constants=consts)
-    caches = (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype), jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
-    return call("decode_attn_combine", (jax.ShapeDtypeStruct((H * Dh,), f32), *caches),
+    return call("decode_attn_combine", (jax.ShapeDtypeStruct((H * Dh,), f32), *_like(k_cache, v_cache)),
                 [qkv, wq, wk, cos, sin, positions, part, k_cache, v_cache], grid=H * Dh // 32, constants=consts,
                 aliases={7: 1, 8: 2})
 
@@ -386,8 +390,7 @@ def prefill_attention(q, k, v, k_cache, v_cache, positions, *, layer: int, scale
     f32 = jnp.float32
     consts = [C, S, KVH, H // KVH, Dh, layer, window or 0, f32_bits(scale), f32_bits(softcap or 0.0)]
     tiles = -(-C * (H // KVH) // PREFILL_ROWS)
-    caches = (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype), jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
-    return call("prefill_attn", (jax.ShapeDtypeStruct((C, H * Dh), f32), *caches),
+    return call("prefill_attn", (jax.ShapeDtypeStruct((C, H * Dh), f32), *_like(k_cache, v_cache)),
                 [q.astype(f32), k.astype(f32), v.astype(f32), k_cache, v_cache, positions],
                 grid=tiles * KVH, constants=consts, aliases={3: 1, 4: 2})
 

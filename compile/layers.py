@@ -358,7 +358,9 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
     slow kernel for the concatenated, odd-sized row). Products accumulate in f32. Scores stay
     in [C, KVH, G, keys] order throughout, the order of the query rows.
 
-    A one-token CPU step runs a hand-written kernel instead (extern.cpu_decode_attention).
+    A one-token CPU step runs a hand-written kernel instead (extern.cpu_decode_attention), and
+    so does a CUDA prefill chunk with an f16 cache (extern.prefill_attention: one pass with an
+    online softmax, which also writes the chunk's K/V into the caches in place).
     Against the cache, two forms. With an f32 cache (the CPU), per KV head plain 2-D matmuls in f32.
     With an f16 cache (CUDA), plain 2-D f16 matmuls of all query heads against all KV heads,
     keeping each head's own block: KVH times the flops, but IREE 3.13 on CUDA computes f16
