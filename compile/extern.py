@@ -47,6 +47,7 @@ KERNELS = {
     "decode_attn_partial": Kernel("decode_attention", 256),  # G > 2 query heads per KV head
     "decode_attn_partial_g1": Kernel("decode_attention", 256),
     "decode_attn_partial_g2": Kernel("decode_attention", 256),
+    "decode_attn_partial_g4": Kernel("decode_attention", 256),
     "decode_attn_combine": Kernel("decode_attention", 128),
     "gemv": Kernel("gemv", 256),
     "gemv_gate": Kernel("gemv", 256),
@@ -319,6 +320,7 @@ def checked_ptx(source: str) -> Path:
 # --- decode attention (kernels/decode_attention.cu) ---------------------------------------
 
 KEYS_PER_BLOCK = 16  # cached keys per partial block
+COMPILED_G = (1, 2, 4)  # query heads per KV head with a partial kernel of their own (decode_attn_partial_g<G>)
 # The kernel's shared-memory bounds (its MAX_* defines).
 MAX_Q, MAX_P, MAX_KV, MAX_G, MAX_B = 2048, 1024, 4096, 8, 1024
 
@@ -360,7 +362,7 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, 
     qkv, cos, sin = qkv.astype(f32), cos.astype(f32), sin.astype(f32)
     # The partial kernel for G <= 2 query heads per KV head has G built in (decode_attention.cu).
     G = H // KVH
-    part = call(f"decode_attn_partial_g{G}" if G <= 2 else "decode_attn_partial",
+    part = call(f"decode_attn_partial_g{G}" if G in COMPILED_G else "decode_attn_partial",
                 jax.ShapeDtypeStruct((blocks, H, Dh + 2), f32),
                 [qkv, wq, cos, sin, k_cache, v_cache, positions], grid=blocks * (KVH // kb), constants=consts)
     return call("decode_attn_combine", (jax.ShapeDtypeStruct((H * Dh,), f32), *_like(k_cache, v_cache)),

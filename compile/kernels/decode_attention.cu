@@ -144,7 +144,7 @@ __device__ __forceinline__ void store_rows(const Staged& r, __half* kvs, int CH,
 // a score item is (key, KV head) with its G heads and two lanes; with 0, (key, query head) and
 // value loops unrolled to MAX_G. On an H100 (ncu, 512 tokens in) GT = 2 took Qwen3-0.6B's block
 // from 15.1 to 12.3 us, but GT = 4 took Llama-3.2-1B's from 12.4 to 19.7 us, so only G <= 2
-// takes the compile-time form (decode_attn_partial_g1, _g2).
+// takes the compile-time form (decode_attn_partial_g1, _g2; _g4 since blocks hold 2 KV heads).
 template <int GT>
 __device__ __forceinline__ void partial_body(
     const float* __restrict__ qkv, const __half* __restrict__ wq, const float* __restrict__ cos,
@@ -278,6 +278,7 @@ __device__ __forceinline__ void partial_body(
 PARTIAL_KERNEL(decode_attn_partial, 0)
 PARTIAL_KERNEL(decode_attn_partial_g1, 1)
 PARTIAL_KERNEL(decode_attn_partial_g2, 2)
+PARTIAL_KERNEL(decode_attn_partial_g4, 4)
 #undef PARTIAL_KERNEL
 
 // Sum or max over a block of 128 threads: each warp's, then the 4 warps' results.
