@@ -101,7 +101,7 @@ def generate(model_dir, prompt, max_tokens, temperature, top_k, top_p, min_p, re
 @click.option("--packed/--no-packed", default=None,
               help="Keep the checkpoint's 4- and 8-bit weights packed on the device (read by the kernels, "
                    "dequantized inside the step elsewhere) instead of dequantizing them when loaded; or none. "
-                   "Default: the 4-bit ones on cpu (its kernel reads them), none on cuda.")
+                   "Default: the 4-bit ones (the one-token kernels read them), on cpu and cuda.")
 def compile_cmd(model_dir, target, out, max_context, prefill_chunk, weight_dtype, no_kernels, packed):
     """Compile a model ahead of time into a bundle that the runtime alone can run."""
     try:
