@@ -13,13 +13,14 @@
 // cache stores them flipped near-tied greedy tokens of the gemma3 and stablelm test checkpoints).
 // Each thread loads its share of the next tile while the warp computes on this one.
 //
-// Arguments, as IREE's CUDA HAL passes them: the bindings (operands, then the result) as
-// pointers, then the push constants as 32-bit ints:
-//   q [C, H, Dh] f32 (normed, rotated), k, v [C, KVH, Dh] f32 (this chunk's), the caches
-//   [L, Dh, S, KVH] f16 (rows < positions[0] valid; the chunk's keys and values are written at
-//   rows positions, in place: IREE passes them as read-write bindings tied to its results),
-//   positions [C] i32 (consecutive), out [C, H * Dh] f32; C, S, KVH, G, Dh, layer, window (0 = none: a query at p sees keys in
-//   (p - window, p]), scale and softcap (f32 bits; softcap 0 = none).
+// Arguments, as IREE's CUDA HAL passes them: the bindings (operands, then the result not
+// written in place) as pointers, then the push constants as 32-bit ints:
+//   q [C, H, Dh] f32 (normed, rotated), k, v [C, KVH, Dh] f32 (this chunk's);
+//   the caches [L, Dh, S, KVH] f16: rows < positions[0] valid; the chunk's keys and values are
+//     written at rows `positions`, in place (read-write bindings tied to IREE's results);
+//   positions [C] i32 (consecutive); out [C, H * Dh] f32;
+//   C, S, KVH, G, Dh, layer, window (0 = none: a query at p sees keys in (p - window, p]),
+//   scale and softcap (f32 bits; softcap 0 = none).
 // Limits (checked at export, extern.prefill_attention_fits): Dh % 32 == 0, Dh <= MAX_DH.
 // Regenerate the PTX with `make ptx` (needs nvcc).
 #include <cuda_fp16.h>
