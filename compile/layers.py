@@ -283,8 +283,6 @@ class KVCache:
     def kernel_wrote(self, layer: int, k_cache, v_cache) -> None:
         """A kernel wrote this layer's new K/V in place: these are the caches now."""
         self.k_cache, self.v_cache = k_cache, v_cache
-        self.new_k.pop(layer, None)
-        self.new_v.pop(layer, None)
         self.written.add(layer)
 
     def layer(self, layer: int):
@@ -349,7 +347,8 @@ def _own_heads(x, head_axis: int):
 
 def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None = None,
               softcap: float | None = None):
-    """q: [C, H, Dh]; k, v: [C, KVH, Dh] of this chunk. Returns [C, H * Dh] in f32.
+    """q: [C, H, Dh]; k, v: [C, KVH, Dh] of this chunk. Returns [C, H * Dh] in f32. The chunk's
+    k and v go to `kv`: written in place by the CUDA prefill kernel, else kept for kv.commit.
 
     Keys are the cached rows before this chunk (rows >= its start are stale) and the chunk's
     own, causal over absolute positions; with `window`, a query at p sees keys in
@@ -375,6 +374,7 @@ def attention(q, k, v, kv: KVCache, layer: int, scale: float, window: int | None
                                                        scale=scale, window=window, softcap=softcap)
         kv.kernel_wrote(layer, k_cache, v_cache)
         return a
+    kv.new_k[layer], kv.new_v[layer] = k, v  # for commit to write
     if (C == 1 and DECODE_KERNEL == "cpu" and kv.k_cache.dtype == jnp.float32 and CACHE_LAYOUT == "LSDH"
             and extern.cpu_decode_attention_fits(H, Dh, softcap)):
         return extern.cpu_decode_attention(q[0], k[0], v[0], kv.k_cache, kv.v_cache, kv.positions, layer=layer,
@@ -435,7 +435,8 @@ def self_attention(w: dict, p: str, h, cos, sin, kv: KVCache, layer: int, *, hea
     Weights under prefix `p`: self_attn.qkv_proj.{weight,bias?} (HF's q/k/v_proj stacked along
     the output axis when loaded: one matvec instead of three), self_attn.o_proj.{weight,bias?}
     and, when qk_norm_eps is set, self_attn.{q,k}_norm.weight (per-head RMSNorm before
-    rotary). The layer's new K/V go to `kv`, written when the caller commits it.
+    rotary). The layer's new K/V go to `kv`: written in place by the CUDA kernels, else when the
+    caller commits it.
     """
     C = h.shape[0]
     g = lambda name: w.get(f"{p}.self_attn.{name}")  # noqa: E731 - absent biases are None
@@ -460,7 +461,6 @@ def self_attention(w: dict, p: str, h, cos, sin, kv: KVCache, layer: int, *, hea
         k = rms_norm_rope(k, g("k_norm.weight_rope"), r[:, heads:], cos, sin, one_plus=qk_norm_one_plus)
     else:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    kv.new_k[layer], kv.new_v[layer] = k, v
     a = attention(q, k, v, kv, layer, scale, window, softcap)
     return linear(a, g("o_proj.weight"), g("o_proj.bias"), residual)
 
