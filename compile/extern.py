@@ -325,6 +325,11 @@ COMPILED_G = (1, 2, 4)  # query heads per KV head with a partial kernel of their
 MAX_Q, MAX_P, MAX_KV, MAX_G, MAX_B = 2048, 1024, 4096, 8, 1024
 
 
+def partial_kernel(g: int) -> str:
+    """The decode attention's partial kernel for g query heads per KV head."""
+    return f"decode_attn_partial_g{g}" if g in COMPILED_G else "decode_attn_partial"
+
+
 def kv_heads_per_block(kv_heads: int) -> int:
     """KV heads per partial block: pairs (32-bit loads) where KVH is even."""
     return 2 if kv_heads % 2 == 0 else 1
@@ -360,9 +365,8 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, 
               qk, f32_bits(eps), cos.shape[-1], kb]
     blocks = -(-S // KEYS_PER_BLOCK)
     qkv, cos, sin = qkv.astype(f32), cos.astype(f32), sin.astype(f32)
-    # The partial kernel for G <= 2 query heads per KV head has G built in (decode_attention.cu).
     G = H // KVH
-    part = call(f"decode_attn_partial_g{G}" if G in COMPILED_G else "decode_attn_partial",
+    part = call(partial_kernel(G),
                 jax.ShapeDtypeStruct((blocks, H, Dh + 2), f32),
                 [qkv, wq, cos, sin, k_cache, v_cache, positions], grid=blocks * (KVH // kb), constants=consts)
     return call("decode_attn_combine", (jax.ShapeDtypeStruct((H * Dh,), f32), *_like(k_cache, v_cache)),

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 
 from checkpoints import FAMILIES
 from iree_runner.compile import export, extern, iree_compile
-from test_host_waits import _main_of_vm_program, _spec, assert_step_only_queues
+from test_host_waits import _main_of_vm_program, _spec, _vm_program, assert_step_only_queues
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)
@@ -28,8 +27,7 @@ def test_cuda_decode_attention_is_the_kernel(family_name, tmp_path):
     decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda"))
     assert "stablehlo.custom_call" not in decode
     g = cfg.num_attention_heads // cfg.num_key_value_heads
-    partial = f"decode_attn_partial_g{g}" if g in extern.COMPILED_G else "decode_attn_partial"  # extern.decode_attention
-    for kernel in (partial, "decode_attn_combine"):
+    for kernel in (extern.partial_kernel(g), "decode_attn_combine"):
         assert len(re.findall(rf"flow\.dispatch @decode_attention::@{kernel}\[", decode)) == layers
     assert_step_only_queues(_main_of_vm_program(decode, tmp_path))
     # The combine writes the token's K/V into both caches in place: results tied to them, no
@@ -186,7 +184,7 @@ def test_push_constants_follow_the_config():
     fam, cfg, spec = _spec("gemma3_text", "float16")
     decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda"))
     S, KVH, G, Dh = spec.cache_shape[2], cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
-    attn = _constants(decode, f"decode_attn_partial_g{G}" if G in extern.COMPILED_G else "decode_attn_partial")
+    attn = _constants(decode, extern.partial_kernel(G))
     assert all(c[:4] == [S, KVH, G, Dh] for c in attn)
     assert [c[4] for c in attn] == list(range(cfg.num_hidden_layers)), "each layer its own"
     assert {c[6] for c in attn} == {0, cfg.sliding_window}, "global layers pass window 0, sliding ones their window"
@@ -232,10 +230,6 @@ def test_in_place_cache_writes_copy_no_cache(tmp_path):
     cache_bytes = int(np.prod(spec.cache_shape)) * 2
     for tokens in (1, 8):
         text = export.export_step(fam, cfg, spec, tokens, "step", **iree_compile.export_options("cuda"))
-        src, out = tmp_path / "step.mlir", tmp_path / "step.vm.mlir"
-        src.write_text(text)
-        subprocess.run([iree_compile.iree_compile_path(), str(src), *iree_compile.step_flags("cuda"), "--compile-to=vm",
-                        "-o", str(out)], check=True, capture_output=True)
-        calls = re.findall(r"vm\.call @hal\.command_buffer\.copy_buffer\(([^)]*)\)", out.read_text())
+        calls = re.findall(r"vm\.call @hal\.command_buffer\.copy_buffer\(([^)]*)\)", _vm_program(text, tmp_path))
         lengths = [int(re.match(r"%c(\d+)", c.split(", ")[7])[1]) for c in calls]
         assert lengths and max(lengths) < cache_bytes, (tokens, lengths, cache_bytes)

@@ -34,14 +34,19 @@ def _spec(family_name: str, weight_dtype: str, target: str = "cuda"):
                                       cache_dtype=weight_dtype, cache_layout=iree_compile.CACHE_LAYOUT[target])
 
 
-def _main_of_vm_program(mlir: str, tmp_path) -> str:
+def _vm_program(mlir: str, tmp_path) -> str:
+    """A CUDA step compiled as far as IREE's VM program (its text)."""
     src = tmp_path / "step.mlir"
     src.write_text(mlir)
     out = tmp_path / "step.vm.mlir"
     proc = subprocess.run([iree_compile.iree_compile_path(), str(src), *iree_compile.step_flags("cuda"),
                            "--compile-to=vm", "-o", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    text = out.read_text()
+    return out.read_text()
+
+
+def _main_of_vm_program(mlir: str, tmp_path) -> str:
+    text = _vm_program(mlir, tmp_path)
     start = text.index("vm.func private @main(")
     return text[start:text.index("vm.export @main", start)]
 
