@@ -143,8 +143,9 @@ __device__ __forceinline__ void store_rows(const Staged& r, __half* kvs, int CH,
 // GT: G (query heads per KV head) as a compile-time constant, or 0 for a runtime Gr. With GT,
 // a score item is (key, KV head) with its G heads and two lanes; with 0, (key, query head) and
 // value loops unrolled to MAX_G. On an H100 (ncu, 512 tokens in) GT = 2 took Qwen3-0.6B's block
-// from 15.1 to 12.3 us, but GT = 4 took Llama-3.2-1B's from 12.4 to 19.7 us, so only G <= 2
-// takes the compile-time form (decode_attn_partial_g1, _g2; _g4 since blocks hold 2 KV heads).
+// from 15.1 to 12.3 us. GT = 4 took Llama-3.2-1B's from 12.4 to 19.7 us while a block held all
+// KV heads, but from 12.5 to 9.8 us with blocks of 2, so G = 1, 2 and 4 take the compile-time
+// form (decode_attn_partial_g1, _g2, _g4; extern.COMPILED_G).
 template <int GT>
 __device__ __forceinline__ void partial_body(
     const float* __restrict__ qkv, const __half* __restrict__ wq, const float* __restrict__ cos,

@@ -172,29 +172,16 @@ __device__ __forceinline__ void gemv_body(Rows& rows, const float* __restrict__ 
   out[n] = y + res;
 }
 
-template <bool GATE>
-__device__ __forceinline__ void gemv_f16(const float* __restrict__ x, const __half* __restrict__ W,
-                                         const __half* __restrict__ norm_w, const __half* __restrict__ bias,
-                                         const float* __restrict__ residual, float* __restrict__ out, int N, int K,
-                                         int flags, int eps_bits) {
+// The block's rows (make_row(n): the Row of weight row n; AHEAD: pieces per lane loaded ahead).
+template <bool GATE, class Row, int AHEAD, class MakeRow>
+__device__ __forceinline__ void gemv_kernel(MakeRow make_row, const float* __restrict__ x,
+                                            const __half* __restrict__ norm_w, const __half* __restrict__ bias,
+                                            const float* __restrict__ residual, float* __restrict__ out, int N, int K,
+                                            int flags, int eps_bits) {
   __shared__ __align__(16) float xs[MAX_K];
   __shared__ float red[WARPS];
   const int n_raw = blockIdx.x * WARPS + threadIdx.x / 32, n = min(n_raw, N - 1);  // a spare warp redoes the last row
-  Rows<F16Row, PF> rows(F16Row(W, n, K), F16Row(W, n + N, K), K, GATE, threadIdx.x % 32);
-  gemv_body<GATE>(rows, x, norm_w, bias, residual, out, n, n_raw, N, K, flags, eps_bits, xs, red);
-}
-
-template <bool GATE>
-__device__ __forceinline__ void gemv_4bit(const float* __restrict__ x, const uint32_t* __restrict__ W,
-                                          const float* __restrict__ scales, const float* __restrict__ biases,
-                                          const __half* __restrict__ norm_w, const __half* __restrict__ bias,
-                                          const float* __restrict__ residual, float* __restrict__ out, int N, int K,
-                                          int flags, int eps_bits) {
-  __shared__ __align__(16) float xs[MAX_K];
-  __shared__ float red[WARPS];
-  const int n_raw = blockIdx.x * WARPS + threadIdx.x / 32, n = min(n_raw, N - 1);
-  Rows<Q4Row, PFQ> rows(Q4Row(W, scales, biases, n, K), Q4Row(W, scales, biases, n + N, K), K, GATE,
-                        threadIdx.x % 32);
+  Rows<Row, AHEAD> rows(make_row(n), make_row(n + N), K, GATE, threadIdx.x % 32);
   gemv_body<GATE>(rows, x, norm_w, bias, residual, out, n, n_raw, N, K, flags, eps_bits, xs, red);
 }
 
@@ -206,18 +193,22 @@ __device__ __forceinline__ void gemv_4bit(const float* __restrict__ x, const uin
   const float* __restrict__ x, const uint32_t* __restrict__ W, const float* __restrict__ scales,             \
       const float* __restrict__ biases, const __half* __restrict__ norm_w, const __half* __restrict__ bias,  \
       const float* __restrict__ residual, float* __restrict__ out, int N, int K, int flags, int eps_bits
+#define F16_ROW [&](int n) { return F16Row(W, n, K); }
+#define Q4_ROW [&](int n) { return Q4Row(W, scales, biases, n, K); }
 extern "C" __global__ void __launch_bounds__(NT, 4) gemv(F16_ARGS) {
-  gemv_f16<false>(x, W, norm_w, bias, residual, out, N, K, flags, eps_bits);
+  gemv_kernel<false, F16Row, PF>(F16_ROW, x, norm_w, bias, residual, out, N, K, flags, eps_bits);
 }
 extern "C" __global__ void __launch_bounds__(NT) gemv_gate(F16_ARGS) {
-  gemv_f16<true>(x, W, norm_w, bias, residual, out, N, K, flags, eps_bits);
+  gemv_kernel<true, F16Row, PF>(F16_ROW, x, norm_w, bias, residual, out, N, K, flags, eps_bits);
 }
 extern "C" __global__ void __launch_bounds__(NT, 4) gemv_q4(Q4_ARGS) {
-  gemv_4bit<false>(x, W, scales, biases, norm_w, bias, residual, out, N, K, flags, eps_bits);
+  gemv_kernel<false, Q4Row, PFQ>(Q4_ROW, x, norm_w, bias, residual, out, N, K, flags, eps_bits);
 }
 extern "C" __global__ void __launch_bounds__(NT) gemv_q4_gate(Q4_ARGS) {
-  gemv_4bit<true>(x, W, scales, biases, norm_w, bias, residual, out, N, K, flags, eps_bits);
+  gemv_kernel<true, Q4Row, PFQ>(Q4_ROW, x, norm_w, bias, residual, out, N, K, flags, eps_bits);
 }
+#undef F16_ROW
+#undef Q4_ROW
 #undef F16_ARGS
 #undef Q4_ARGS
 
