@@ -1,0 +1,351 @@
+// Decode attention's device code (compile/kernels/decode_attention.cu says what it computes),
+// shared by decode_attention.cu's kernels and the chained layer kernel of decode_layer.cu.
+#pragma once
+#include "common.cuh"
+
+#define NT 256
+#define MAX_Q 2048   // H * Dh
+#define MAX_P 1024   // H * (CH + 1)
+#define MAX_KV 4096  // Dh * CH * KB: one block's keys (then values), staged in shared memory
+#define MAX_G 8
+#define MAX_B 1024   // S / CH
+
+// One head's Dh values x (shared memory), RMS-normed with weight w (shared memory, f32, already
+// 1 + w where the family says so; none when qk & 1 is clear) and rotated (HF rotate_half over
+// the first rot features) in place, by one whole warp. Dh <= 256.
+__device__ void norm_rope_head(float* x, const float* w, const float* __restrict__ cos,
+                               const float* __restrict__ sin, int Dh, int rot, int qk, float eps) {
+  const int lane = threadIdx.x % 32, half = rot / 2;
+  float r = 1.f;
+  if (qk & 1) {
+    float ss = 0.f;
+    for (int d = lane; d < Dh; d += 32) ss += x[d] * x[d];
+    r = rsqrtf(warp_reduce<false>(ss) / Dh + eps);
+  }
+  auto normed = [&](int d) { return (qk & 1) ? x[d] * r * w[d] : x[d]; };
+  float out[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int d = lane + 32 * j;
+    if (d < Dh) {
+      float v = normed(d);
+      if (d < rot) v = v * cos[d] + (d < half ? -normed(d + half) : normed(d - half)) * sin[d];
+      out[j] = v;
+    }
+  }
+  __syncwarp();
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    if (lane + 32 * j < Dh) x[lane + 32 * j] = out[j];
+  __syncwarp();
+}
+
+// A q/k norm weight (f16, global) into shared memory as f32, 1 + w when qk & 2, by threads
+// t of nt.
+__device__ __forceinline__ void load_norm_weight(float* dst, const __half* __restrict__ w, int Dh, int qk, int t,
+                                                 int nt) {
+  if (qk & 1)
+    for (int d = t; d < Dh; d += nt) dst[d] = __half2float(w[d]) + ((qk & 2) ? 1.f : 0.f);
+}
+
+__device__ __forceinline__ float squash(float s, float scale, float cap) {
+  s *= scale;
+  return cap > 0.f ? tanhf(s / cap) * cap : s;
+}
+
+// The first cached key that query position pos may see.
+__device__ __forceinline__ int first_key(int pos, int window) { return window > 0 ? max(0, pos - window + 1) : 0; }
+
+// Keys [lo, hi) of block b that query position pos may see; empty when lo >= hi.
+__device__ __forceinline__ void block_keys(int b, int CH, int pos, int window, int* lo, int* hi) {
+  *lo = max(b * CH, first_key(pos, window));
+  *hi = min(b * CH + CH, pos);
+}
+
+// This layer's rows of block b for its KB KV heads kb0.. (Dh rows of CH * KB halves), into
+// registers (at most SP words per thread), then into kvs: every load is issued before any is
+// waited for. KB even: 32-bit loads of head pairs; else one half each.
+#define SP (MAX_KV / 2 / NT)
+struct Staged {
+  uint32_t v[SP];
+};
+
+__device__ __forceinline__ Staged load_rows(const __half* __restrict__ cache, size_t base, size_t plane, int b,
+                                            int CH, int KVH, int kb0, int KB, int Dh) {
+  Staged r;
+  const __half* src = cache + base + (size_t)b * CH * KVH + kb0;
+  if (KB % 2 == 0) {
+    const int row = CH * KB / 2;  // words per row
+#pragma unroll
+    for (int j = 0; j < SP; ++j) {
+      const int i = threadIdx.x + j * NT, d = i / row, w = i % row, s = w / (KB / 2), pair = w % (KB / 2);
+      if (i < Dh * row) r.v[j] = *reinterpret_cast<const uint32_t*>(src + d * plane + (size_t)s * KVH + 2 * pair);
+    }
+  } else {
+    const int row = CH * KB;
+#pragma unroll
+    for (int j = 0; j < SP; ++j) {
+      const int i = threadIdx.x + j * NT, d = i / row, s = (i % row) / KB, h = i % KB;
+      if (i < Dh * row) r.v[j] = __half_as_ushort(src[d * plane + (size_t)s * KVH + h]);
+    }
+  }
+  return r;
+}
+
+__device__ __forceinline__ void store_rows(const Staged& r, __half* kvs, int CH, int KB, int Dh) {
+  if (KB % 2 == 0) {
+    uint32_t* dst = reinterpret_cast<uint32_t*>(kvs);
+#pragma unroll
+    for (int j = 0; j < SP; ++j) {
+      const int i = threadIdx.x + j * NT;
+      if (i < Dh * CH * KB / 2) dst[i] = r.v[j];
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < SP; ++j) {
+      const int i = threadIdx.x + j * NT;
+      if (i < Dh * CH * KB) kvs[i] = __ushort_as_half((unsigned short)r.v[j]);
+    }
+  }
+}
+
+// A partial block's shared memory.
+struct PartialSmem {
+  float qs[MAX_Q + MAX_Q / 32];  // the block's q heads, rows padded to Dh + 1 (no bank conflicts)
+  float ps[MAX_P];               // scores, then weights: [HB][CH + 1]
+  __align__(16) __half kvs[MAX_KV];  // [Dh][CH * KB]: keys, then values
+  float wqs[256], cs[256], sn[256];  // q's norm weight, cos, sin
+};
+
+// part: [blocks, H, Dh + 2] f32: per head, sum_k exp(s_k - m) v_k, then m, then sum_k exp(s_k - m).
+// qkv: [(H + 2 KVH) Dh] f32; wq: the q norm weight (first Dh); cos, sin: [rot].
+// GT: G (query heads per KV head) as a compile-time constant, or 0 for a runtime Gr. With GT,
+// a score item is (key, KV head) with its G heads and two lanes; with 0, (key, query head) and
+// value loops unrolled to MAX_G. On an H100 (ncu, 512 tokens in) GT = 2 took Qwen3-0.6B's block
+// from 15.1 to 12.3 us. GT = 4 took Llama-3.2-1B's from 12.4 to 19.7 us while a block held all
+// KV heads, but from 12.5 to 9.8 us with blocks of 2, so G = 1, 2 and 4 take the compile-time
+// form (decode_attn_partial_g1, _g2, _g4; extern.COMPILED_G).
+// vb: the virtual block; `wait` is called once the cached keys and values are requested,
+// before qkv is read (a chained launch's wait for the qkv projection).
+template <int GT, class Wait>
+__device__ __forceinline__ void partial_body(
+    int vb, Wait wait, const float* __restrict__ qkv, const __half* __restrict__ wq, const float* __restrict__ cos,
+    const float* __restrict__ sin, const __half* __restrict__ kc, const __half* __restrict__ vc, int pos,
+    float* __restrict__ part, int S, int KVH, int Gr, int Dh, int layer, int CH, int window, float scale,
+    float cap, int qk, float eps, int rot, int KB, PartialSmem& sm) {
+  float *qs = sm.qs, *ps = sm.ps, *wqs = sm.wqs, *cs = sm.cs, *sn = sm.sn;
+  __half* kvs = sm.kvs;
+  const int G = GT ? GT : Gr, H = KVH * G, t = threadIdx.x, warp = t / 32;
+  // Block = (CH keys b, KB KV heads from kb0): its HB query heads from h0.
+  const int b = vb / (KVH / KB), kb0 = (vb % (KVH / KB)) * KB, HB = KB * G, h0 = kb0 * G;
+  int lo, hi;
+  block_keys(b, CH, pos, window, &lo, &hi);
+  const size_t plane = (size_t)S * KVH, base = (size_t)layer * Dh * plane;
+  const int Q1 = Dh + 1, P1 = CH + 1, R = CH * KB;
+  // q, keys and values are all requested before anything waits on them; q after `wait` when
+  // it is a phase's (requested first otherwise: fewer registers live, no spills).
+  float qr[MAX_Q / NT];
+  auto load_q = [&] {
+#pragma unroll
+    for (int j = 0; j < MAX_Q / NT; ++j)
+      if (t + j * NT < HB * Dh) qr[j] = __ldcg(qkv + h0 * Dh + t + j * NT);
+  };
+  if constexpr (!Wait::chained) load_q();
+  const Staged keys = load_rows(kc, base, plane, b, CH, KVH, kb0, KB, Dh);
+  const Staged values = load_rows(vc, base, plane, b, CH, KVH, kb0, KB, Dh);  // in flight during the scores
+  wait();
+  if constexpr (Wait::chained) load_q();
+#pragma unroll
+  for (int j = 0; j < MAX_Q / NT; ++j) {
+    const int i = t + j * NT;
+    if (i < HB * Dh) qs[(i / Dh) * Q1 + i % Dh] = qr[j];
+  }
+  load_norm_weight(wqs, wq, Dh, qk, t, NT);
+  for (int d = t; d < rot; d += NT) cs[d] = cos[d], sn[d] = sin[d];
+  store_rows(keys, kvs, CH, KB, Dh);
+  __syncthreads();
+  for (int h = warp; h < HB; h += NT / 32) norm_rope_head(qs + h * Q1, wqs, cs, sn, Dh, rot, qk, eps);
+  __syncthreads();
+
+  // Scores. Rows outside [lo, hi) may hold anything: unused.
+  if constexpr (GT == 0) {  // item = (key, g, local kv head), kv head fastest
+    for (int i = t; i < CH * HB; i += NT) {
+      const int kvh = i % KB, g = (i / KB) % G, s = i / HB, qh = kvh * G + g;
+      const __half* kp = kvs + s * KB + kvh;
+      const float* qp = qs + qh * Q1;
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};  // 4 chains: the adds do not wait on each other
+#pragma unroll 4
+      for (int d = 0; d < Dh; d += 4)
+#pragma unroll
+        for (int u = 0; u < 4; ++u) acc[u] += qp[d + u] * __half2float(kp[(d + u) * R]);
+      ps[qh * P1 + s] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    }
+  } else {  // item = (key, local kv head), kv head fastest, its G heads together; two lanes, every other feature
+  for (int i = t / 2; i < CH * KB; i += NT / 2) {
+    const int kvh = i % KB, s = i / KB;
+    const __half* kp = kvs + s * KB + kvh;
+    const float* qp = qs + kvh * G * Q1;
+    float acc[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) acc[g] = 0.f;
+#pragma unroll 4
+    for (int d = t & 1; d < Dh; d += 2) {
+      const float k = __half2float(kp[d * R]);
+#pragma unroll
+      for (int g = 0; g < G; ++g) acc[g] += qp[g * Q1 + d] * k;
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float sum = acc[g] + __shfl_xor_sync(0xffffffffu, acc[g], 1);
+      if ((t & 1) == 0) ps[(kvh * G + g) * P1 + s] = sum;
+    }
+  }
+  }
+  __syncthreads();
+  store_rows(values, kvs, CH, KB, Dh);
+
+  // Softmax within the block: a warp per head, a lane per key (CH <= 32).
+  const int s0 = lo - b * CH, s1 = hi - b * CH;
+  for (int qh = t / 32; qh < HB; qh += NT / 32) {
+    const int s = t % 32;
+    float* p = ps + qh * P1;
+    const bool valid = s >= s0 && s < s1;
+    const float v = valid ? squash(p[s], scale, cap) : -INFINITY;
+    const float m = warp_reduce<true>(v);
+    const float e = valid ? __expf(v - m) : 0.f;
+    const float l = warp_reduce<false>(e);
+    if (s < CH) p[s] = e;
+    if (s == 0) {
+      float* out = part + ((size_t)b * H + h0 + qh) * (Dh + 2);
+      out[Dh] = m;
+      out[Dh + 1] = l;
+    }
+  }
+  __syncthreads();
+
+  // Weights x V: item = (d, local kv head), kv head fastest; G heads each.
+  constexpr int GU = GT ? GT : MAX_G;  // unrolled heads (predicated when GT is 0)
+  for (int i = t; i < Dh * KB; i += NT) {
+    const int kvh = i % KB, d = i / KB;
+    float acc[GU];
+#pragma unroll
+    for (int g = 0; g < GU; ++g) acc[g] = 0.f;
+    const __half* vp = kvs + d * R + kvh;
+    const float* p = ps + kvh * G * P1;
+#pragma unroll 4
+    for (int s = s0; s < s1; ++s) {
+      const float v = __half2float(vp[s * KB]);
+#pragma unroll
+      for (int g = 0; g < GU; ++g)
+        if (GT || g < G) acc[g] += p[g * P1 + s] * v;
+    }
+#pragma unroll
+    for (int g = 0; g < GU; ++g)
+      if (GT || g < G) part[((size_t)b * H + h0 + kvh * G + g) * (Dh + 2) + d] = acc[g];
+  }
+}
+
+
+// Sum or max over the 128 threads t of a combine group: each warp's, then the 4 warps'
+// results. Every thread of the block calls it (a block may hold two groups).
+template <bool MAX>
+__device__ __forceinline__ float group_reduce(float x, float* red, int t) {
+  x = warp_reduce<MAX>(x);
+  if (t % 32 == 0) red[t / 32] = x;
+  __syncthreads();
+  float r = red[0];
+#pragma unroll
+  for (int w = 1; w < 4; ++w) r = MAX ? fmaxf(r, red[w]) : r + red[w];
+  __syncthreads();  // red is reused by the next reduction
+  return r;
+}
+
+// A combine group's shared memory.
+struct CombineSmem {
+  float red[4];
+  float ws[MAX_B];  // each active block's weight exp(m_b - m)
+  float acc_s[4][32];
+  float qh_s[256], kh_s[256], wqs[256], wks[256], cs[256], sn[256];
+};
+
+// out: [H, Dh] f32. The token's key (normed and rotated) and value go into row pos of the
+// layer's caches, written by the groups of each KV head's first query head.
+// A group (128 threads t) = (query head, 32 features) vcb; the 4 warps take every fourth
+// partial block, a lane per feature. (One block per head, each thread over all partial
+// blocks, took 6.9 us per Qwen3-0.6B layer on an H100 after 512 tokens; this form 6.4. Both
+// are bound by their chain of dependent loads and barriers, not by the work.)
+#define PV 8  // partial vectors per lane loaded ahead: 4 warps x 8 = 32 blocks (512 keys)
+__device__ __forceinline__ void combine_body(
+    int vcb, int t, const float* __restrict__ qkv, const __half* __restrict__ wq, const __half* __restrict__ wk,
+    const float* __restrict__ cos, const float* __restrict__ sin, int pos, const float* __restrict__ part,
+    __half* __restrict__ kc, __half* __restrict__ vc, float* __restrict__ out, int S, int KVH, int G, int Dh,
+    int layer, int CH, int window, float scale, float cap, int qk, float eps, int rot, CombineSmem& sm) {
+  const int slices = Dh / 32, qh = vcb / slices, d0 = (vcb % slices) * 32;
+  const int H = KVH * G, kvh = qh / G, lane = t % 32, warp = t / 32;
+  const float* v_new = qkv + (H + KVH) * Dh + kvh * Dh;
+  // The active blocks are b0..b1-1 (as block_keys says). Everything that does not depend on
+  // the norms is requested first: the blocks' (m, l) and, per warp, its first PV blocks' partial
+  // vectors, so their loads overlap q's and k's and the norms.
+  const int first = first_key(pos, window);
+  const int b0 = first / CH, b1 = first < pos ? (pos + CH - 1) / CH : b0;
+  const size_t row = Dh + 2;
+  const float* ph = part + (size_t)qh * row;  // block b's row for this head: ph + b * H * row
+  float mb[MAX_B / 128], lb[MAX_B / 128], pv[PV];
+#pragma unroll
+  for (int j = 0; j < MAX_B / 128; ++j) {
+    const int b = b0 + t + 128 * j;
+    mb[j] = b < b1 ? __ldcg(ph + (size_t)b * H * row + Dh) : -INFINITY;
+    lb[j] = b < b1 ? __ldcg(ph + (size_t)b * H * row + Dh + 1) : 0.f;
+  }
+#pragma unroll
+  for (int j = 0; j < PV; ++j) {
+    const int b = b0 + warp + 4 * j;
+    pv[j] = b < b1 ? __ldcg(ph + (size_t)b * H * row + d0 + lane) : 0.f;
+  }
+  const float v_own = t < 32 ? __ldcg(v_new + d0 + t) : 0.f;
+  for (int d = t; d < Dh; d += 128) sm.qh_s[d] = __ldcg(qkv + qh * Dh + d), sm.kh_s[d] = __ldcg(qkv + (H + kvh) * Dh + d);
+  load_norm_weight(sm.wqs, wq, Dh, qk, t, 128);
+  load_norm_weight(sm.wks, wk, Dh, qk, t, 128);
+  for (int d = t; d < rot; d += 128) sm.cs[d] = cos[d], sm.sn[d] = sin[d];
+  __syncthreads();
+  if (t < 32) norm_rope_head(sm.qh_s, sm.wqs, sm.cs, sm.sn, Dh, rot, qk, eps);
+  else if (t < 64) norm_rope_head(sm.kh_s, sm.wks, sm.cs, sm.sn, Dh, rot, qk, eps);
+  __syncthreads();
+  if (qh % G == 0 && t < 32) {  // rounded to f16 as the JAX cache write rounds (nearest even)
+    const size_t at = (((size_t)layer * Dh + d0 + t) * S + pos) * KVH + kvh;
+    kc[at] = __float2half(sm.kh_s[d0 + t]);
+    vc[at] = __float2half(v_own);
+  }
+  float dot = 0.f;
+  for (int d = t; d < Dh; d += 128) dot += sm.qh_s[d] * sm.kh_s[d];
+  const float s_new = squash(group_reduce<false>(dot, sm.red, t), scale, cap);
+  float m = s_new;
+#pragma unroll
+  for (int j = 0; j < MAX_B / 128; ++j) m = fmaxf(m, mb[j]);
+  m = group_reduce<true>(m, sm.red, t);
+  float l = 0.f;
+#pragma unroll
+  for (int j = 0; j < MAX_B / 128; ++j) {
+    const int b = b0 + t + 128 * j;
+    if (b < b1) {
+      const float w = __expf(mb[j] - m);
+      sm.ws[b - b0] = w;
+      l += w * lb[j];
+    }
+  }
+  const float w_new = __expf(s_new - m);
+  const float denom = group_reduce<false>(l, sm.red, t) + w_new;  // its barrier also publishes ws
+  float acc = 0.f;
+#pragma unroll
+  for (int j = 0; j < PV; ++j) {
+    const int b = b0 + warp + 4 * j;
+    if (b < b1) acc += sm.ws[b - b0] * pv[j];
+  }
+#pragma unroll 4
+  for (int b = b0 + warp + 4 * PV; b < b1; b += 4) acc += sm.ws[b - b0] * __ldcg(ph + (size_t)b * H * row + d0 + lane);
+  sm.acc_s[warp][lane] = acc;
+  __syncthreads();
+  if (t < 32)
+    out[qh * Dh + d0 + t] =
+        (w_new * v_own + ((sm.acc_s[0][t] + sm.acc_s[1][t]) + (sm.acc_s[2][t] + sm.acc_s[3][t]))) / denom;
+}
