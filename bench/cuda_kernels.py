@@ -5,8 +5,8 @@
 
 Inputs come from a seed, so only the .vmfb files and cases.json travel. Cases: the prefill
 attention over cache rows and the chunk's own keys (several head layouts, starts, a sliding
-window and a soft-cap; and the chunk's K/V it writes into the caches) and the 4-bit
-dequantization. The whole steps are checked against the HF
+window and a soft-cap; and the chunk's K/V it writes into the caches), the 4-bit
+dequantization and 4-bit matvecs (an lm_head's too). The whole steps are checked against the HF
 oracle by bench/gpu_agreement.py; these cases reach what its short prompts do not (a chunk after
 hundreds of cached rows).
 """
@@ -38,6 +38,9 @@ DECODE = {
 }
 EPS = 1e-6
 DEQUANT = {"q4_6144x1024_g64": (6144, 1024, 64), "q4_96x256_g32": (96, 256, 32)}
+# name -> (N, K, norm): 4-bit matvecs (the many-row ones are lm_heads: extern.GEMV_MANY_ROWS)
+GEMV = {"q4_151936x1024": (151936, 1024, False), "q4_32771x2048_norm": (32771, 2048, True),
+        "q4_4096x1024_norm": (4096, 1024, True)}
 
 
 def _attention_inputs(C, H, KVH, Dh, S, start):
@@ -127,6 +130,24 @@ def dequant_reference(words, scales, biases, group):
     return (q * np.repeat(scales, group, axis=1) + np.repeat(biases, group, axis=1)).astype(np.float16)
 
 
+def _gemv_inputs(N, K, norm):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(K, dtype=np.float32)
+    w = rng.standard_normal(K, dtype=np.float32).astype(np.float16) if norm else None
+    return [x, *_dequant_inputs(N, K, 64)] + ([w] if norm else [])
+
+
+def gemv_reference(x, words, scales, biases, norm_w=None):
+    """dequant(w) x in float64, x RMS-normed (times norm_w) first when given."""
+    w = words.view(np.uint32)
+    q = ((w[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 15).reshape(w.shape[0], -1).astype(np.float64)
+    dense = q * np.repeat(scales, 64, axis=1) + np.repeat(biases, 64, axis=1)
+    x = x.astype(np.float64)
+    if norm_w is not None:
+        x = x / np.sqrt(np.mean(x * x) + EPS) * norm_w.astype(np.float64)
+    return dense @ x
+
+
 def _export(fn, args) -> str:
     import jax
 
@@ -158,7 +179,8 @@ def cases() -> dict:
         def fn(qkv, cos, sin, kc, vc, positions, *norm, H=H, Dh=Dh, window=window, softcap=softcap):
             return extern.decode_attention(qkv, cos, sin, kc, vc, positions, heads=H, layer=LAYER, scale=1 / np.sqrt(Dh),
                                            window=window or None, softcap=softcap or None,
-                                           qk_norm=(*norm, EPS, False) if norm else None)
+                                           qk_norm=(*norm, EPS, False) if norm else None,
+                                           counters=extern.attention_counters(kc))
         out[f"decode_attn_{name}"] = _export(fn, args)
     for name, (N, K, group) in DEQUANT.items():
         args = _dequant_inputs(N, K, group)
@@ -167,6 +189,13 @@ def cases() -> dict:
             w = Packed(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, group, np.dtype("float16"))
             return extern.dequant_q4(w)
         out[f"dequant_{name}"] = _export(fn, args)
+    for name, (N, K, norm) in GEMV.items():
+        args = _gemv_inputs(N, K, norm)
+
+        def fn(x, words, scales, biases, *norm_w):
+            w = Packed(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, 64, np.dtype("float16"))
+            return extern.gemv(x, w, norm=(norm_w[0], EPS, False) if norm_w else None)
+        out[f"gemv_{name}"] = _export(fn, args)
     return out
 
 
@@ -200,6 +229,9 @@ def check(root: Path) -> int:
     for name, (N, K, group) in DEQUANT.items():
         a = _dequant_inputs(N, K, group)
         inputs[f"dequant_{name}"] = (a, dequant_reference(*a, group), None)
+    for name, (N, K, norm) in GEMV.items():
+        a = _gemv_inputs(N, K, norm)
+        inputs[f"gemv_{name}"] = (a, gemv_reference(*a), 1e-5)
     for name, (H, KVH, Dh, S, pos, window, softcap, qk_norm, rot) in DECODE.items():
         a = _decode_inputs(H, KVH, Dh, S, pos, rot, qk_norm)
         want, k, v = decode_reference(*a, H=H, window=window, softcap=softcap)
@@ -212,7 +244,7 @@ def check(root: Path) -> int:
         results = mod["main"](*xs)
         results = results if isinstance(results, (list, tuple)) else [results]
         got = np.asarray(results[0].to_host())
-        if len(results) == 3:  # the attention's caches, written in place: the new rows, nothing else
+        if len(results) >= 3:  # the attention's caches, written in place: the new rows, nothing else
             if new_kv:  # decode: the token's key (normed, rotated) and value
                 _, _, _, kc, vc, positions = xs[:6]
                 k, v = (x[None] for x in new_kv[0])

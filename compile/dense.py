@@ -72,16 +72,7 @@ def forward(cfg: DenseConfig, w: dict, tokens, positions, k_cache, v_cache):
     cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
     x = L.embed(w["model.embed_tokens.weight"], tokens)  # [C, D]
     kv = L.KVCache(k_cache, v_cache, positions)
-    names = layer_names(cfg.num_hidden_layers)
-    stack = L.LayerKernels.make(w, [p for _, p in names], x, cos, sin, kv, heads=cfg.num_attention_heads,
-                                kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-                                biases=cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias)
-    if stack is not None:  # a one-token CUDA step: two launches per layer
-        for i, p in names:
-            stack.layer(w, p, i, heads=cfg.num_attention_heads, eps=cfg.rms_norm_eps, scale=cfg.head_dim**-0.5,
-                        qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None)
-        return (L.rms_norm(stack.output(), w["model.norm.weight"], cfg.rms_norm_eps), *kv.commit())
-    for i, p in names:
+    for i, p in layer_names(cfg.num_hidden_layers):
         h = L.pre_norm(x, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
         x = L.self_attention(
             w, p, h, cos, sin, kv, i, heads=cfg.num_attention_heads,

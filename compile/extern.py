@@ -49,18 +49,18 @@ KERNELS = {
     "decode_attn_partial_g2": Kernel("decode_attention", 256),
     "decode_attn_partial_g4": Kernel("decode_attention", 256),
     "decode_attn_combine": Kernel("decode_attention", 128),
+    "decode_attn": Kernel("decode_attention", 256),  # G > 2 query heads per KV head
+    "decode_attn_g1": Kernel("decode_attention", 256),
+    "decode_attn_g2": Kernel("decode_attention", 256),
+    "decode_attn_g4": Kernel("decode_attention", 256),
     "gemv": Kernel("gemv", 256),
     "gemv_gate": Kernel("gemv", 256),
     "gemv_q4": Kernel("gemv", 256),
     "gemv_q4_gate": Kernel("gemv", 256),
-    "gemv_q4_many_kpl4": Kernel("gemv", 256),
-    "gemv_q4_many_kpl8": Kernel("gemv", 256),
+    "gemv_q4_many_k1024": Kernel("gemv", 256),
+    "gemv_q4_many_k2048": Kernel("gemv", 256),
     "dequant_q4": Kernel("gemv", 256),
     "prefill_attn": Kernel("prefill_attention", 256),
-    "decode_layer_attn_g1": Kernel("decode_layer", 256),
-    "decode_layer_attn_g2": Kernel("decode_layer", 256),
-    "decode_layer_attn_g4": Kernel("decode_layer", 256),
-    "decode_layer_mlp": Kernel("decode_layer", 256),
     "q4_gemv": Kernel("q4_gemv", target="cpu"),
     "q4_gemm": Kernel("q4_gemv", target="cpu"),
     "decode_attn_cpu_partial": Kernel("decode_attention_cpu", target="cpu"),
@@ -369,8 +369,19 @@ def decode_attention_fits(heads: int, kv_heads: int, head_dim: int, rows: int) -
             and g <= MAX_G and rows % ch == 0 and rows // ch <= MAX_B)
 
 
+def fold_kernel(g: int) -> str:
+    """The decode attention kernel (partials and fold in one) for g query heads per KV head."""
+    return f"decode_attn_g{g}" if g in COMPILED_G else "decode_attn"
+
+
+def attention_counters(k_cache):
+    """The fold's counters for a step's layers (decode_attention), zero: [L * KVH / KB] int32."""
+    L, _, _, KVH = k_cache.shape
+    return jnp.zeros((L * (KVH // kv_heads_per_block(KVH)),), jnp.int32)
+
+
 def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, layer: int, scale: float,
-                     window: int | None, softcap: float | None, qk_norm=None):
+                     window: int | None, softcap: float | None, qk_norm=None, counters=None):
     """Attention of one query token from the qkv projection's output [(H + 2 KVH) Dh] (f32),
     rotary cos/sin [rot] and the caches [L, Dh, S, KVH] f16 (rows < positions[0] valid).
     qk_norm = (q weight_rope [2, Dh], k weight_rope, eps, one_plus): per-head RMSNorm of q and k
@@ -392,6 +403,13 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, 
     blocks = -(-S // KEYS_PER_BLOCK)
     qkv, cos, sin = qkv.astype(f32), cos.astype(f32), sin.astype(f32)
     G = H // KVH
+    if counters is not None:  # one kernel: the last partial block of each KV group folds them
+        out, _, k_cache, v_cache, counters = call(
+            fold_kernel(G), (jax.ShapeDtypeStruct((H * Dh,), f32), jax.ShapeDtypeStruct((blocks, H, Dh + 2), f32),
+                             *_like(k_cache, v_cache, counters)),
+            [qkv, wq, wk, cos, sin, positions, k_cache, v_cache, counters], grid=blocks * (KVH // kb),
+            constants=consts, aliases={6: 2, 7: 3, 8: 4})
+        return out, k_cache, v_cache, counters
     part = call(partial_kernel(G),
                 jax.ShapeDtypeStruct((blocks, H, Dh + 2), f32),
                 [qkv, wq, cos, sin, k_cache, v_cache, positions], grid=blocks * (KVH // kb), constants=consts)
@@ -458,7 +476,7 @@ def cpu_decode_attention(q, k, v, k_cache, v_cache, positions, *, layer: int, sc
 GEMV_WARPS = 8  # per block: one output each
 GEMV_MAX_K = 8192
 NORM, ONE_PLUS, BIAS, RESIDUAL, GATE, GELU = 1, 2, 4, 8, 16, 32  # the kernel's flags
-# Many rows, short K (an lm_head): gemv_q4_many_kpl<K / 256>, its blocks looping over chunks of
+# Many rows, short K (an lm_head): gemv_q4_many_k<K>, its blocks looping over chunks of
 # rows. Its grid: one wave of 2 blocks per SM on an H100 / H200 (132 SMs); any grid is correct.
 GEMV_MANY_ROWS, GEMV_MANY_K, GEMV_MANY_GRID = 32768, (1024, 2048), 264
 Q4_GROUP = 64  # the group size both 4-bit kernels read
@@ -494,7 +512,7 @@ def gemv(x, w, *, bias=None, norm=None, residual=None, gate: str | None = None):
     name = ("gemv_q4" if isinstance(w, Packed) else "gemv") + ("_gate" if gate else "")
     grid = -(-n // GEMV_WARPS)
     if isinstance(w, Packed) and flags & ~(NORM | ONE_PLUS) == 0 and n >= GEMV_MANY_ROWS and k in GEMV_MANY_K:
-        name, grid = f"gemv_q4_many_kpl{k // 256}", GEMV_MANY_GRID  # an lm_head
+        name, grid = f"gemv_q4_many_k{k}", GEMV_MANY_GRID  # an lm_head
     return call(name, jax.ShapeDtypeStruct((n,), jnp.float32), operands + folded, grid=grid,
                 constants=[n, k, flags, f32_bits(0.0 if norm is None else norm[1])])
 
@@ -557,84 +575,6 @@ def q4_gemv(x, w: Packed, *, bias=None, norm=None, residual=None):
     flags, folded = _folded(norm, bias, residual, jnp.float32)
     return call("q4_gemv", jax.ShapeDtypeStruct((n,), jnp.float32), operands + folded, grid=-(-n // Q4_TILE),
                 constants=[n, k, flags, f32_bits(0.0 if norm is None else norm[1])])
-
-
-# --- a decoder layer in two chained launches (kernels/decode_layer.cu) --------------------
-
-LAYER_ALIGN = 64  # the kernel's ALIGN: scratch parts start at multiples of it (floats)
-LAYER_MAX_K_ATTN = 4096  # the kernel's MAX_K_ATTN (D and H Dh); I: gemv's MAX_K
-COUNTERS_PER_LAYER = 8
-
-
-def _aligned(n: int) -> int:
-    return -(-n // LAYER_ALIGN) * LAYER_ALIGN
-
-
-def decode_layer_fits(*, hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int, rows: int,
-                      weights: list) -> bool:
-    """Whether the chained layer kernels take this layer: its four projection weights packed
-    4-bit (groups of 64), no biases (the caller checks), shapes within the kernels' limits."""
-    D, I, HD, G = hidden, intermediate, heads * head_dim, heads // kv_heads
-    return (all(_q4_fits(w, GEMV_MAX_K) for w in weights) and D <= LAYER_MAX_K_ATTN and HD <= LAYER_MAX_K_ATTN
-            and I <= GEMV_MAX_K and HD % 64 == 0 and G in COMPILED_G
-            and decode_attention_fits(heads, kv_heads, head_dim, rows))
-
-
-def layer_counters(layers: int):
-    """The chained kernels' counters for a step, zero (tickets and phases done; 8 per layer)."""
-    return jnp.zeros((layers * COUNTERS_PER_LAYER,), jnp.int32)
-
-
-def rope_buffer(cos, sin, position):
-    """One token's rotary cos and sin [rot] and its position (as f32 bits) in one f32 buffer
-    [2 rot + 1]: one binding for the attention launch."""
-    pos_bits = jax.lax.bitcast_convert_type(position.reshape(1).astype(jnp.int32), jnp.float32)
-    return jnp.concatenate([cos.astype(jnp.float32), sin.astype(jnp.float32), pos_bits])
-
-
-def decode_layer_attn(x, w_qkv: Packed, w_o: Packed, in_norm, rope, k_cache, v_cache, counters, *, heads: int,
-                      layer: int, eps: float, one_plus: bool, scale: float, window: int | None,
-                      softcap: float | None, qk_norm=None):
-    """x + o_proj(attention(qkv_proj(rms_norm(x, in_norm)))) for one token in one launch. x: an
-    f32 buffer whose first D values are the layer input (the previous launch's scratch, or x
-    itself); rope: rope_buffer(...); qk_norm: as decode_attention's. Returns the scratch (its
-    first D values: the output), the caches with the token's K/V written in place, and the
-    counters."""
-    _, Dh, S, KVH = k_cache.shape
-    H, D, nqkv = heads, w_qkv.shape[1], w_qkv.shape[0]
-    f16, f32 = jnp.float16, jnp.float32
-    if qk_norm is None:
-        wq = wk = absent(f16)
-        qk, qk_eps = 0, 0.0
-    else:
-        wq, wk, qk_eps, qk_one_plus = qk_norm
-        wq, wk, qk = wq.astype(f16), wk.astype(f16), 1 | (2 if qk_one_plus else 0)
-    kb, G = kv_heads_per_block(KVH), H // KVH
-    blocks = S // KEYS_PER_BLOCK
-    grid = -(-nqkv // GEMV_WARPS) + blocks * (KVH // kb) + H * Dh // 64 + -(-D // GEMV_WARPS)
-    size = _aligned(D) + _aligned(nqkv) + _aligned(H * Dh) + blocks * H * (Dh + 2)
-    rot = (rope.shape[0] - 1) // 2
-    consts = [D, nqkv, NORM | (ONE_PLUS if one_plus else 0), f32_bits(eps), S, KVH, G, Dh, layer, KEYS_PER_BLOCK,
-              window or 0, f32_bits(scale), f32_bits(softcap or 0.0), qk, f32_bits(qk_eps), rot, kb]
-    return call(f"decode_layer_attn_g{G}", (jax.ShapeDtypeStruct((size,), f32), *_like(k_cache, v_cache, counters)),
-                [x.astype(f32), *packed_operands(w_qkv), *packed_operands(w_o), in_norm.astype(f16), wq, wk, rope,
-                 k_cache, v_cache, counters], grid=grid, constants=consts, aliases={11: 1, 12: 2, 13: 3})
-
-
-def decode_layer_mlp(x, w_gate_up: Packed, w_down: Packed, post_norm, counters, *, layer: int, eps: float,
-                     one_plus: bool, act: str = "silu"):
-    """x + down(act(gate) * up) of rms_norm(x, post_norm) for one token in one launch; x as in
-    decode_layer_attn. Returns the scratch (its first D values: the output) and the counters."""
-    if act not in ("silu", "gelu_tanh"):
-        raise ValueError(f"gate activation {act!r}: silu or gelu_tanh")
-    D, I = w_gate_up.shape[1], w_gate_up.shape[0] // 2
-    flags = NORM | GATE | (ONE_PLUS if one_plus else 0) | (GELU if act == "gelu_tanh" else 0)
-    grid = -(-I // GEMV_WARPS) + -(-D // GEMV_WARPS)
-    return call("decode_layer_mlp", (jax.ShapeDtypeStruct((_aligned(D) + I,), jnp.float32), *_like(counters)),
-                [x.astype(jnp.float32), *packed_operands(w_gate_up), *packed_operands(w_down),
-                 post_norm.astype(jnp.float16), counters], grid=grid, constants=[D, I, flags, f32_bits(eps), layer],
-                aliases={8: 1})
-
 
 
 if __name__ == "__main__":  # make ptx

@@ -279,6 +279,7 @@ class KVCache:
         self.k_cache, self.v_cache, self.positions = k_cache, v_cache, positions
         self.new_k, self.new_v = {}, {}
         self.written: set[int] = set()  # layers a kernel has written
+        self.counters = None  # the one-token CUDA attention's (extern.attention_counters), made at first use
 
     def kernel_wrote(self, layer: int, k_cache, v_cache) -> None:
         """A kernel wrote this layer's new K/V in place: these are the caches now."""
@@ -446,9 +447,11 @@ def self_attention(w: dict, p: str, h, cos, sin, kv: KVCache, layer: int, *, hea
         # The hand-written kernels take qkv as it is: q/k norm, rotary and attention in two dispatches.
         qk_norm = None if qk_norm_eps is None else (g("q_norm.weight_rope"), g("k_norm.weight_rope"),
                                                     qk_norm_eps, qk_norm_one_plus)
-        a, k_cache, v_cache = extern.decode_attention(qkv[0], cos[0], sin[0], kv.k_cache, kv.v_cache, kv.positions,
-                                                      heads=heads, layer=layer, scale=scale, window=window,
-                                                      softcap=softcap, qk_norm=qk_norm)
+        if kv.counters is None:
+            kv.counters = extern.attention_counters(kv.k_cache)
+        a, k_cache, v_cache, kv.counters = extern.decode_attention(
+            qkv[0], cos[0], sin[0], kv.k_cache, kv.v_cache, kv.positions, heads=heads, layer=layer, scale=scale,
+            window=window, softcap=softcap, qk_norm=qk_norm, counters=kv.counters)
         kv.kernel_wrote(layer, k_cache, v_cache)
         return linear(a[None], g("o_proj.weight"), g("o_proj.bias"), residual)
     q, k, v = jnp.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)
@@ -477,55 +480,6 @@ def gated_mlp(w: dict, p: str, h, act=jax.nn.silu, residual=None):
         return linear(y[None], g("down_proj.weight"), g("down_proj.bias"), residual)
     gate, up = jnp.split(linear(h, g("gate_up_proj.weight"), g("gate_up_proj.bias")), 2, axis=-1)  # h: Normed too
     return linear(act(gate) * up, g("down_proj.weight"), g("down_proj.bias"), residual)
-
-
-class LayerKernels:
-    """A one-token CUDA step's pre-norm decoder layers (x += attn(rms_norm(x)); x += mlp(rms_norm(x)))
-    as two chained launches each (extern.decode_layer_attn and _mlp, kernels/decode_layer.cu)
-    instead of six, where every layer's weights are packed 4-bit and fit them (`make` says).
-    Between layers x stays in the launches' scratch buffers (their first D values)."""
-
-    def __init__(self, x, cos, sin, kv: KVCache, layers: int):
-        self.D = x.shape[-1]
-        self.x, self.kv = x.reshape(-1), kv
-        self.rope = extern.rope_buffer(cos[0], sin[0], kv.positions[0])
-        self.counters = extern.layer_counters(layers)
-
-    @classmethod
-    def make(cls, w: dict, prefixes: list[str], x, cos, sin, kv: KVCache, *, heads: int, kv_heads: int,
-             head_dim: int, biases: bool):
-        """The kernels for these layers (weights under `prefixes`), or None where they do not fit."""
-        if not (DECODE_KERNEL == "cuda" and _one_token_kernel(x) and kv.k_cache.dtype == jnp.float16
-                and CACHE_LAYOUT == "LDSH" and not biases):
-            return None
-        rows = kv.k_cache.shape[CACHE_LAYOUT.index("S")]
-        for p in prefixes:
-            ws = [w[f"{p}.self_attn.qkv_proj.weight"], w[f"{p}.self_attn.o_proj.weight"],
-                  w[f"{p}.mlp.gate_up_proj.weight"], w[f"{p}.mlp.down_proj.weight"]]
-            if not extern.decode_layer_fits(hidden=x.shape[-1], intermediate=ws[2].shape[0] // 2, heads=heads,
-                                            kv_heads=kv_heads, head_dim=head_dim, rows=rows, weights=ws):
-                return None
-        return cls(x, cos, sin, kv, len(prefixes))
-
-    def layer(self, w: dict, p: str, i: int, *, heads: int, eps: float, scale: float,
-              qk_norm_eps: float | None = None, one_plus: bool = False, window: int | None = None,
-              softcap: float | None = None, act: str = "silu"):
-        """Layer i (weights under prefix p)."""
-        qk_norm = None if qk_norm_eps is None else (w[f"{p}.self_attn.q_norm.weight_rope"],
-                                                    w[f"{p}.self_attn.k_norm.weight_rope"], qk_norm_eps, one_plus)
-        kv = self.kv
-        h, k_cache, v_cache, self.counters = extern.decode_layer_attn(
-            self.x, w[f"{p}.self_attn.qkv_proj.weight"], w[f"{p}.self_attn.o_proj.weight"],
-            w[f"{p}.input_layernorm.weight"], self.rope, kv.k_cache, kv.v_cache, self.counters, heads=heads,
-            layer=i, eps=eps, one_plus=one_plus, scale=scale, window=window, softcap=softcap, qk_norm=qk_norm)
-        kv.kernel_wrote(i, k_cache, v_cache)
-        self.x, self.counters = extern.decode_layer_mlp(
-            h, w[f"{p}.mlp.gate_up_proj.weight"], w[f"{p}.mlp.down_proj.weight"],
-            w[f"{p}.post_attention_layernorm.weight"], self.counters, layer=i, eps=eps, one_plus=one_plus, act=act)
-
-    def output(self):
-        """The last layer's output x: [1, D]."""
-        return self.x[:self.D][None]
 
 
 def attention_shapes(p: str, D: int, H: int, KVH: int, Dh: int, *, qkv_bias: bool = False,

@@ -23,7 +23,7 @@
 //   scale and softcap (f32 bits; softcap 0 = none).
 // Limits (checked at export, extern.prefill_attention_fits): Dh % 32 == 0, Dh <= MAX_DH.
 // Regenerate the PTX with `make ptx` (needs nvcc).
-#include <cuda_fp16.h>
+#include "common.cuh"
 
 #define NT 256
 #define WARPS (NT / 32)
@@ -33,18 +33,6 @@
 #define MAX_DH 128
 #define NI (MAX_DH / 32)     // output features per lane and row
 #define SPT (MAX_DH / WARPS) // a thread's keys (and values) of a tile: features warp + WARPS * j of key lane
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
 
 // A tile's keys and values in a thread's registers: key k0 + lane (if below k_end), features
 // warp + WARPS * j. Cached rows come from the caches, the chunk's from k_new / v_new.
@@ -157,7 +145,7 @@ extern "C" __global__ void __launch_bounds__(NT) prefill_attn(
       float x = s[j] * scale;
       if (cap > 0.f) x = tanhf(x / cap) * cap;
       x = valid ? x : -INFINITY;
-      const float m_new = fmaxf(m[j], warp_max(x));
+      const float m_new = fmaxf(m[j], warp_reduce<true>(x));
       const float alpha = __expf(m[j] - m_new);
       p[j] = valid ? __expf(x - m_new) : 0.f;
       l[j] = l[j] * alpha + warp_sum(p[j]);
