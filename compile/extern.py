@@ -49,10 +49,6 @@ KERNELS = {
     "decode_attn_partial_g2": Kernel("decode_attention", 256),
     "decode_attn_partial_g4": Kernel("decode_attention", 256),
     "decode_attn_combine": Kernel("decode_attention", 128),
-    "decode_attn": Kernel("decode_attention", 256),  # G > 2 query heads per KV head
-    "decode_attn_g1": Kernel("decode_attention", 256),
-    "decode_attn_g2": Kernel("decode_attention", 256),
-    "decode_attn_g4": Kernel("decode_attention", 256),
     "gemv": Kernel("gemv", 256),
     "gemv_gate": Kernel("gemv", 256),
     "gemv_q4": Kernel("gemv", 256),
@@ -369,19 +365,8 @@ def decode_attention_fits(heads: int, kv_heads: int, head_dim: int, rows: int) -
             and g <= MAX_G and rows % ch == 0 and rows // ch <= MAX_B)
 
 
-def fold_kernel(g: int) -> str:
-    """The decode attention kernel (partials and fold in one) for g query heads per KV head."""
-    return f"decode_attn_g{g}" if g in COMPILED_G else "decode_attn"
-
-
-def attention_counters(k_cache):
-    """The fold's counters for a step's layers (decode_attention), zero: [L * KVH / KB] int32."""
-    L, _, _, KVH = k_cache.shape
-    return jnp.zeros((L * (KVH // kv_heads_per_block(KVH)),), jnp.int32)
-
-
 def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, layer: int, scale: float,
-                     window: int | None, softcap: float | None, qk_norm=None, counters=None):
+                     window: int | None, softcap: float | None, qk_norm=None):
     """Attention of one query token from the qkv projection's output [(H + 2 KVH) Dh] (f32),
     rotary cos/sin [rot] and the caches [L, Dh, S, KVH] f16 (rows < positions[0] valid).
     qk_norm = (q weight_rope [2, Dh], k weight_rope, eps, one_plus): per-head RMSNorm of q and k
@@ -403,13 +388,6 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, 
     blocks = -(-S // KEYS_PER_BLOCK)
     qkv, cos, sin = qkv.astype(f32), cos.astype(f32), sin.astype(f32)
     G = H // KVH
-    if counters is not None:  # one kernel: the last partial block of each KV group folds them
-        out, _, k_cache, v_cache, counters = call(
-            fold_kernel(G), (jax.ShapeDtypeStruct((H * Dh,), f32), jax.ShapeDtypeStruct((blocks, H, Dh + 2), f32),
-                             *_like(k_cache, v_cache, counters)),
-            [qkv, wq, wk, cos, sin, positions, k_cache, v_cache, counters], grid=blocks * (KVH // kb),
-            constants=consts, aliases={6: 2, 7: 3, 8: 4})
-        return out, k_cache, v_cache, counters
     part = call(partial_kernel(G),
                 jax.ShapeDtypeStruct((blocks, H, Dh + 2), f32),
                 [qkv, wq, cos, sin, k_cache, v_cache, positions], grid=blocks * (KVH // kb), constants=consts)

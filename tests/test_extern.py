@@ -214,6 +214,36 @@ def test_stale_ptx_is_refused(tmp_path, monkeypatch):
     (kernels / "decode_attention.ptx").unlink()
     with pytest.raises(FileNotFoundError, match="make ptx"):
         extern.checked_ptx("decode_attention")
+    # A header the kernels include is part of their digest.
+    assert extern.checked_ptx("gemv").exists()
+    (kernels / "common.cuh").write_text((kernels / "common.cuh").read_text() + "\n// edited\n")
+    with pytest.raises(RuntimeError, match="not made from the current gemv.cu"):
+        extern.checked_ptx("gemv")
+
+
+@pytest.mark.parametrize("rows, k, folded, kernel", [
+    (151936, 1024, {}, "gemv_q4_many_k1024"), (40000, 2048, {"norm": True}, "gemv_q4_many_k2048"),
+    (40000, 1536, {}, "gemv_q4"), (4096, 1024, {}, "gemv_q4"), (40000, 1024, {"residual": True}, "gemv_q4")])
+def test_an_lm_head_takes_the_many_row_kernel(rows, k, folded, kernel):
+    """A packed 4-bit matvec with many rows and K = 1024 or 2048 (an lm_head), and only a norm
+    folded in, runs gemv_q4_many_k<K> on one wave of blocks; any other, gemv_q4."""
+    import jax
+    import jax.numpy as jnp
+
+    from iree_runner.compile.packed import Packed
+
+    def fn(x, words, scales, biases, norm_w, residual):
+        w = Packed(words, scales, biases, 4, 64, jnp.float16)
+        return extern.gemv(x, w, norm=(norm_w, 1e-6, False) if folded.get("norm") else None,
+                           residual=residual if folded.get("residual") else None)
+
+    f32 = np.float32
+    specs = [jax.ShapeDtypeStruct(s, d) for s, d in (((k,), f32), ((rows, k // 8), np.uint32), ((rows, k // 64), f32),
+                                                     ((rows, k // 64), f32), ((k,), np.float16), ((rows,), f32))]
+    text = extern.link(jax.export.export(jax.jit(fn), disabled_checks=extern.disabled_checks())(*specs).mlir_module())
+    grid = extern.GEMV_MANY_GRID if "many" in kernel else -(-rows // extern.GEMV_WARPS)
+    assert re.search(rf"flow\.dispatch @gemv::@{kernel}\[", text), kernel
+    assert f"_grid = arith.constant {grid} : index" in text
 
 
 def test_a_placeholder_it_cannot_read_is_an_error():
