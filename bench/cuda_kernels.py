@@ -35,6 +35,7 @@ DECODE = {
     "llama_pos300": (32, 8, 64, 768, 300, 0, 0.0, False, 64),
     "kvh3_window_softcap_partial_rope": (6, 3, 64, 256, 200, 50, 20.0, True, 32),
     "g1_pos5": (4, 4, 32, 128, 5, 0, 0.0, False, 32),
+    "gemma3_1b_pos300": (4, 1, 256, 768, 300, 512, 0.0, True, 256),  # one KV head of 256: a block's 4096 halves
 }
 EPS = 1e-6
 DEQUANT = {"q4_6144x1024_g64": (6144, 1024, 64), "q4_96x256_g32": (96, 256, 32)}

@@ -357,10 +357,26 @@ def kv_heads_per_block(kv_heads: int) -> int:
     return 2 if kv_heads % 2 == 0 else 1
 
 
+def keys_per_block(head_dim: int, kv_heads: int) -> int:
+    """Cached keys per partial block: KEYS_PER_BLOCK, halved while a block's keys would not fit
+    the kernel's staging registers (MAX_KV halves for pairs of KV heads, MAX_KV / 2 for single
+    ones: Gemma3-1B's one KV head of 256 features takes 8). Before this, such a block staged
+    half its keys and read garbage for the rest."""
+    kb, ch = kv_heads_per_block(kv_heads), KEYS_PER_BLOCK
+    while ch > 1 and head_dim * ch * kb > _staged_halves(kb):
+        ch //= 2
+    return ch
+
+
+def _staged_halves(kb: int) -> int:
+    """How many cached halves a partial block stages (decode_attention.cu load_rows)."""
+    return MAX_KV if kb % 2 == 0 else MAX_KV // 2
+
+
 def decode_attention_fits(heads: int, kv_heads: int, head_dim: int, rows: int) -> bool:
     """Whether the kernel takes this shape (rows: the cache's S); else the attention stays in JAX."""
-    ch, kb, g = KEYS_PER_BLOCK, kv_heads_per_block(kv_heads), heads // kv_heads
-    return (kb * g * head_dim <= MAX_Q and kb * g * (ch + 1) <= MAX_P and head_dim * ch * kb <= MAX_KV
+    ch, kb, g = keys_per_block(head_dim, kv_heads), kv_heads_per_block(kv_heads), heads // kv_heads
+    return (kb * g * head_dim <= MAX_Q and kb * g * (ch + 1) <= MAX_P and head_dim * ch * kb <= _staged_halves(kb)
             and head_dim <= 256 and head_dim % 32 == 0 and ch <= 32
             and g <= MAX_G and rows % ch == 0 and rows // ch <= MAX_B)
 
@@ -383,9 +399,10 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, 
         wq, wk, eps, one_plus = qk_norm
         wq, wk, qk = wq.astype(f16), wk.astype(f16), 1 | (2 if one_plus else 0)
     kb = kv_heads_per_block(KVH)
-    consts = [S, KVH, H // KVH, Dh, layer, KEYS_PER_BLOCK, window or 0, f32_bits(scale), f32_bits(softcap or 0.0),
+    ch = keys_per_block(Dh, KVH)
+    consts = [S, KVH, H // KVH, Dh, layer, ch, window or 0, f32_bits(scale), f32_bits(softcap or 0.0),
               qk, f32_bits(eps), cos.shape[-1], kb]
-    blocks = -(-S // KEYS_PER_BLOCK)
+    blocks = -(-S // ch)
     qkv, cos, sin = qkv.astype(f32), cos.astype(f32), sin.astype(f32)
     G = H // KVH
     part = call(partial_kernel(G),

@@ -194,6 +194,18 @@ def test_push_constants_follow_the_config():
     assert flags.count(extern.NORM | extern.ONE_PLUS | extern.GATE | extern.GELU) == cfg.num_hidden_layers
 
 
+@pytest.mark.parametrize("head_dim, kv_heads, keys", [(128, 8, 16), (64, 8, 16), (256, 1, 8), (256, 2, 8),
+                                                     (128, 3, 16), (64, 1, 16)])
+def test_partial_blocks_stage_what_fits(head_dim, kv_heads, keys):
+    """A partial block's keys fit the kernel's staging: MAX_KV halves for pairs of KV heads,
+    half that for single ones (Gemma3-1B's one KV head of 256 features takes 8 keys a block;
+    16 staged only half its keys)."""
+    kb = extern.kv_heads_per_block(kv_heads)
+    assert extern.keys_per_block(head_dim, kv_heads) == keys
+    assert head_dim * keys * kb <= (extern.MAX_KV if kb == 2 else extern.MAX_KV // 2)
+    assert extern.decode_attention_fits(4 * kv_heads, kv_heads, head_dim, 768)
+
+
 def test_dense_decode_folds_norms_and_residuals():
     fam, cfg, spec = _spec("qwen3", "float16")
     decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda"))
