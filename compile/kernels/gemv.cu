@@ -108,6 +108,35 @@ struct Rows {
   }
 };
 
+// x times the norm weight (flags 1; as 1 + w with flags 2) into xs, and each warp's share of
+// x's sum of squares into red, for the whole block: the matvec of the normed x is then 1/RMS
+// (inv_rms) times the matvec of x * w, so x is read and written once.
+__device__ __forceinline__ void stage_x(const float* __restrict__ x, const __half* __restrict__ norm_w, int K,
+                                        int flags, float* xs, float* red) {
+  const int t = threadIdx.x;
+  float ss = 0.f;
+  for (int k = t; k < K; k += NT) {
+    const float v = x[k];
+    float w = 1.f;
+    if (flags & 1) {
+      w = __half2float(norm_w[k]);
+      if (flags & 2) w += 1.f;
+    }
+    xs[k] = v * w;
+    ss += v * v;
+  }
+  ss = warp_sum(ss);
+  if (t % 32 == 0) red[t / 32] = ss;
+  __syncthreads();
+}
+
+__device__ __forceinline__ float inv_rms(const float* red, int K, int eps_bits) {
+  float total = 0.f;
+#pragma unroll
+  for (int i = 0; i < WARPS; ++i) total += red[i];
+  return rsqrtf(total / K + __int_as_float(eps_bits));
+}
+
 // Stage x (times the norm weight), run the rows' dot products, then the epilogue. GATE: gate
 // mode, as a compile-time constant (each kernel has a gate and a plain entry point), so the
 // plain one holds no second row's pieces: 64 registers, 4 blocks per SM.
@@ -123,22 +152,7 @@ __device__ __forceinline__ void gemv_body(Rows& rows, const float* __restrict__ 
   const float res = writes && (flags & 8) ? residual[n] : 0.f;
   const float b0 = writes && (flags & 4) ? __half2float(bias[n]) : 0.f;
   const float b1 = writes && (flags & 4) && gate ? __half2float(bias[n + N]) : 0.f;
-  // x times the norm weight, and x's sum of squares: the matvec of the normed x is then
-  // 1/RMS times the matvec of x * w, so x is read and written once.
-  float ss = 0.f;
-  for (int k = t; k < K; k += NT) {
-    const float v = x[k];
-    float w = 1.f;
-    if (flags & 1) {
-      w = __half2float(norm_w[k]);
-      if (flags & 2) w += 1.f;
-    }
-    xs[k] = v * w;
-    ss += v * v;
-  }
-  ss = warp_sum(ss);
-  if (lane == 0) red[warp] = ss;
-  __syncthreads();
+  stage_x(x, norm_w, K, flags, xs, red);
 
   float a0 = 0.f, a1 = 0.f;
   rows.dot(xs, gate, lane, a0, a1);
@@ -146,10 +160,7 @@ __device__ __forceinline__ void gemv_body(Rows& rows, const float* __restrict__ 
   if (gate) a1 = warp_sum(a1);
   if (!writes) return;
   if (flags & 1) {
-    float total = 0.f;
-#pragma unroll
-    for (int i = 0; i < WARPS; ++i) total += red[i];
-    const float r = rsqrtf(total / K + __int_as_float(eps_bits));
+    const float r = inv_rms(red, K, eps_bits);
     a0 *= r;
     a1 *= r;
   }
@@ -222,27 +233,8 @@ __device__ __forceinline__ void gemv_q4_many(const float* __restrict__ x, const 
   __shared__ __align__(16) float xs[K];
   __shared__ float red[WARPS];
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
-  float ss = 0.f;
-  for (int k = t; k < K; k += NT) {
-    const float v = x[k];
-    float w = 1.f;
-    if (flags & 1) {
-      w = __half2float(norm_w[k]);
-      if (flags & 2) w += 1.f;
-    }
-    xs[k] = v * w;
-    ss += v * v;
-  }
-  ss = warp_sum(ss);
-  if (lane == 0) red[warp] = ss;
-  __syncthreads();
-  float r = 1.f;
-  if (flags & 1) {
-    float total = 0.f;
-#pragma unroll
-    for (int i = 0; i < WARPS; ++i) total += red[i];
-    r = rsqrtf(total / K + __int_as_float(eps_bits));
-  }
+  stage_x(x, norm_w, K, flags, xs, red);
+  const float r = (flags & 1) ? inv_rms(red, K, eps_bits) : 1.f;
   float xr[KW][32], xsum[KW];  // the lane's values of x: piece lane + 32 i covers x[32 (lane + 32 i) ...]
 #pragma unroll
   for (int i = 0; i < KW; ++i) {
