@@ -23,11 +23,9 @@
 #include "common.cuh"
 
 #define NT 256
-#define MAX_Q 2048   // H * Dh
-#define MAX_P 1024   // H * (CH + 1)
-#ifndef MAX_KV
+#define MAX_Q 2048   // KB * G * Dh: a partial block's q heads
+#define MAX_P 1024   // KB * G * (CH + 1): their scores
 #define MAX_KV 4096  // Dh * CH * KB: one block's keys (then values), staged in shared memory
-#endif
 #define MAX_G 8
 #define MAX_B 1024   // S / CH
 

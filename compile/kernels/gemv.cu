@@ -45,6 +45,14 @@ struct F16Row {
   __device__ __forceinline__ float dot(Piece p, const float* x, int) const { return dot8(p, x); }
 };
 
+// acc + sum(q x) over one packed 4-bit word's 8 values q (value j in bits 4j..4j+3) and x[0..7]
+// (gemv_q4_many's words; Q4Row::dot sums x alongside).
+__device__ __forceinline__ float nibble_dot(uint32_t w, const float* x, float acc = 0.f) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) acc += (float)((w >> (4 * j)) & 15u) * x[j];
+  return acc;
+}
+
 // 4-bit: one packed word, s * sum(q x) + b * sum(x) over its 8 inputs. A piece carries its
 // group's scale and bias, so they are requested with the word, not after the block's barrier
 // (a global load is not moved across __syncthreads).
@@ -63,6 +71,8 @@ struct Q4Row {
   __device__ __forceinline__ float dot(Piece p, const float* x, int) const {
     const float4 xa = *reinterpret_cast<const float4*>(x), xb = *reinterpret_cast<const float4*>(x + 4);
     const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+    // sum(q x) and sum(x) in one loop (nibble_dot, then the sum, rounded gemv_q4's logits
+    // differently by ~2e-6 of their spread).
     float dq = 0.f, dx = 0.f;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -222,8 +232,8 @@ extern "C" __global__ void __launch_bounds__(NT) gemv_q4_gate(Q4_ARGS) {
 // with one scale and one bias, so sum(w x) = s sum(q x) + b sum(x), whose sum(x) is the same
 // for every row; x stays in registers; each block stages x once and its warps take chunks of
 // R rows (global warp w: chunks w, w + warps, ...), all R rows requested before any is used.
-// Flags: the norm only (no bias, residual, gate). Grid: any; one wave (extern.GEMV_MANY_GRID)
-// balances the chunks best.
+// Flags: the norm only (no bias, residual, gate). K is the kernel's own (the push constant is
+// the one extern.gemv checked). Grid: any; one wave (extern.GEMV_MANY_GRID) balances the chunks best.
 template <int KW, int R>
 __device__ __forceinline__ void gemv_q4_many(const float* __restrict__ x, const uint32_t* __restrict__ W,
                                              const float* __restrict__ scales, const float* __restrict__ biases,
@@ -270,9 +280,7 @@ __device__ __forceinline__ void gemv_q4_many(const float* __restrict__ x, const 
         const uint32_t w4[4] = {q[i][j].x, q[i][j].y, q[i][j].z, q[i][j].w};
         float dq = 0.f;
 #pragma unroll
-        for (int u = 0; u < 4; ++u)
-#pragma unroll
-          for (int v = 0; v < 8; ++v) dq += (float)((w4[u] >> (4 * v)) & 15u) * xr[j][8 * u + v];
+        for (int u = 0; u < 4; ++u) dq = nibble_dot(w4[u], xr[j] + 8 * u, dq);
         acc[i] += sc[i][j] * dq + bi[i][j] * xsum[j];
       }
       acc[i] = warp_sum(acc[i]);
