@@ -32,6 +32,8 @@ LAYERS, LAYER = 3, 1
 # name -> (H, KVH, Dh, S, pos, window, softcap, qk norm, rotary features)
 DECODE = {
     "qwen3_pos512": (16, 8, 128, 768, 512, 0, 0.0, True, 128),
+    "qwen3_pos1100": (16, 8, 128, 1280, 1100, 0, 0.0, True, 128),  # 69 partial blocks: past the combine's 64 loaded ahead
+    "g4_d128_pos700": (32, 8, 128, 768, 700, 0, 0.0, False, 128),
     "llama_pos300": (32, 8, 64, 768, 300, 0, 0.0, False, 64),
     "kvh3_window_softcap_partial_rope": (6, 3, 64, 256, 200, 50, 20.0, True, 32),
     "g1_pos5": (4, 4, 32, 128, 5, 0, 0.0, False, 32),

@@ -27,7 +27,7 @@ def test_cuda_decode_attention_is_the_kernel(family_name, tmp_path):
     decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda"))
     assert "stablehlo.custom_call" not in decode
     g = cfg.num_attention_heads // cfg.num_key_value_heads
-    for kernel in (extern.partial_kernel(g), "decode_attn_combine"):
+    for kernel in (extern.partial_kernel(g, cfg.head_dim, cfg.num_key_value_heads), "decode_attn_combine"):
         assert len(re.findall(rf"flow\.dispatch @decode_attention::@{kernel}\[", decode)) == layers
     assert_step_only_queues(_main_of_vm_program(decode, tmp_path))
     # The combine writes the token's K/V into both caches in place: results tied to them, no
@@ -184,7 +184,7 @@ def test_push_constants_follow_the_config():
     fam, cfg, spec = _spec("gemma3_text", "float16")
     decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda"))
     S, KVH, G, Dh = spec.cache_shape[2], cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
-    attn = _constants(decode, extern.partial_kernel(G))
+    attn = _constants(decode, extern.partial_kernel(G, Dh, KVH))
     assert all(c[:4] == [S, KVH, G, Dh] for c in attn)
     assert [c[4] for c in attn] == list(range(cfg.num_hidden_layers)), "each layer its own"
     assert {c[6] for c in attn} == {0, cfg.sliding_window}, "global layers pass window 0, sliding ones their window"

@@ -32,8 +32,8 @@
 // One head's Dh values x (shared memory), RMS-normed with weight w (shared memory, f32, already
 // 1 + w where the family says so; none when qk & 1 is clear) and rotated (HF rotate_half over
 // the first rot features) in place, by one whole warp. Dh <= 256.
-__device__ void norm_rope_head(float* x, const float* w, const float* __restrict__ cos,
-                               const float* __restrict__ sin, int Dh, int rot, int qk, float eps) {
+__device__ __forceinline__ void norm_rope_head(float* x, const float* w, const float* cos, const float* sin, int Dh,
+                                               int rot, int qk, float eps) {
   const int lane = threadIdx.x % 32, half = rot / 2;
   float r = 1.f;
   if (qk & 1) {
@@ -73,10 +73,18 @@ __device__ __forceinline__ void block_keys(int b, int CH, int pos, int window, i
   *hi = min(b * CH + CH, pos);
 }
 
+// A partial block's keys (or values) in shared memory: Dh rows of its CH keys x KB KV heads
+// (R = CH * KB halves, KV head fastest), each row padded by 2 halves so that its length in
+// words is odd: the lanes of the scores (several rows, one column) and of weights x V (one row
+// each) hit distinct banks. (Unpadded, a row of 32 halves is 16 words: 8-way conflicts.)
+#define MAX_KVS (MAX_KV + 2 * 256)
+__device__ __forceinline__ int padded_row(int CH, int KB) { return CH * KB + 2; }
+
 // This layer's rows of block b for its KB KV heads kb0.. (Dh rows of CH * KB halves), into
-// registers (at most SP words per thread), then into kvs: every load is issued before any is
-// waited for. KB even: 32-bit loads of head pairs (MAX_KV halves); else one half each (MAX_KV / 2:
-// extern.keys_per_block halves CH where Dh * CH would not fit).
+// registers (at most SP words per thread): every load is issued before any is waited for. KB
+// even: 32-bit loads of head pairs (MAX_KV halves); else one half each (MAX_KV / 2:
+// extern.keys_per_block halves CH where Dh * CH would not fit). CH, KB and Dh are compile-time
+// constants in the specialized kernels, so this index math is shifts, not divisions.
 #define SP (MAX_KV / 2 / NT)
 struct Staged {
   uint32_t v[SP];
@@ -105,18 +113,21 @@ __device__ __forceinline__ Staged load_rows(const __half* __restrict__ cache, si
 }
 
 __device__ __forceinline__ void store_rows(const Staged& r, __half* kvs, int CH, int KB, int Dh) {
+  const int RP = padded_row(CH, KB);
   if (KB % 2 == 0) {
+    const int row = CH * KB / 2;
     uint32_t* dst = reinterpret_cast<uint32_t*>(kvs);
 #pragma unroll
     for (int j = 0; j < SP; ++j) {
       const int i = threadIdx.x + j * NT;
-      if (i < Dh * CH * KB / 2) dst[i] = r.v[j];
+      if (i < Dh * row) dst[(i / row) * (RP / 2) + i % row] = r.v[j];
     }
   } else {
+    const int row = CH * KB;
 #pragma unroll
     for (int j = 0; j < SP; ++j) {
       const int i = threadIdx.x + j * NT;
-      if (i < Dh * CH * KB) kvs[i] = __ushort_as_half((unsigned short)r.v[j]);
+      if (i < Dh * row) kvs[(i / row) * RP + i % row] = __ushort_as_half((unsigned short)r.v[j]);
     }
   }
 }
@@ -124,42 +135,48 @@ __device__ __forceinline__ void store_rows(const Staged& r, __half* kvs, int CH,
 // part: [blocks, H, Dh + 2] f32: per head, sum_k exp(s_k - m) v_k, then m, then sum_k exp(s_k - m).
 // qkv: [(H + 2 KVH) Dh] f32; wq: the q norm weight (first Dh); cos, sin: [rot].
 // GT: G (query heads per KV head) as a compile-time constant, or 0 for a runtime Gr. With GT,
-// a score item is (key, KV head) with its G heads and two lanes; with 0, (key, query head) and
+// a score item is (key, KV head) with its G heads and L lanes; with 0, (key, query head) and
 // value loops unrolled to MAX_G. On an H100 (ncu, 512 tokens in) GT = 2 took Qwen3-0.6B's block
 // from 15.1 to 12.3 us. GT = 4 took Llama-3.2-1B's from 12.4 to 19.7 us while a block held all
 // KV heads, but from 12.5 to 9.8 us with blocks of 2, so G = 1, 2 and 4 take the compile-time
 // form (decode_attn_partial_g1, _g2, _g4; extern.COMPILED_G).
-template <int GT>
+// KBT, CHT, DHT: KB, CH and Dh as compile-time constants (0: the runtime ones), for the shapes
+// of extern.SPECIALIZED; with runtime ones, the index math divides (100 divisions in the PTX).
+template <int GT, int KBT = 0, int CHT = 0, int DHT = 0>
 __device__ __forceinline__ void partial_body(
     const float* __restrict__ qkv, const __half* __restrict__ wq, const float* __restrict__ cos,
     const float* __restrict__ sin, const __half* __restrict__ kc, const __half* __restrict__ vc, int pos,
-    float* __restrict__ part, int S, int KVH, int Gr, int Dh, int layer, int CH, int window, float scale,
-    float cap, int qk, float eps, int rot, int KB, float* qs, float* ps, __half* kvs, float* wqs, float* cs,
-    float* sn) {
-  const int G = GT ? GT : Gr, H = KVH * G, t = threadIdx.x, warp = t / 32;
+    float* __restrict__ part, int S, int KVH, int Gr, int Dhr, int layer, int CHr, int window, float scale,
+    float cap, int qk, float eps, int rot, int KBr, float* qs, float* ps, __half* ks, __half* vs, float* wqs,
+    float* cs, float* sn) {
+  const int G = GT ? GT : Gr, KB = KBT ? KBT : KBr, CH = CHT ? CHT : CHr, Dh = DHT ? DHT : Dhr;
+  const int H = KVH * G, t = threadIdx.x, warp = t / 32;
   // Block = (CH keys b, KB KV heads from kb0): its HB query heads from h0.
   const int b = blockIdx.x / (KVH / KB), kb0 = (blockIdx.x % (KVH / KB)) * KB, HB = KB * G, h0 = kb0 * G;
   int lo, hi;
   block_keys(b, CH, pos, window, &lo, &hi);
   const size_t plane = (size_t)S * KVH, base = (size_t)layer * Dh * plane;
-  const int Q1 = Dh + 1, P1 = CH + 1, R = CH * KB;
+  const int Q1 = Dh + 1, P1 = CH + 1, RP = padded_row(CH, KB);
   float qr[MAX_Q / NT];  // q, keys and values are all requested before anything waits
 #pragma unroll
   for (int j = 0; j < MAX_Q / NT; ++j)
     if (t + j * NT < HB * Dh) qr[j] = qkv[h0 * Dh + t + j * NT];
-  const Staged keys = load_rows(kc, base, plane, b, CH, KVH, kb0, KB, Dh);
-  const Staged values = load_rows(vc, base, plane, b, CH, KVH, kb0, KB, Dh);  // in flight during the scores
+  {
+    const Staged keys = load_rows(kc, base, plane, b, CH, KVH, kb0, KB, Dh);
+    const Staged values = load_rows(vc, base, plane, b, CH, KVH, kb0, KB, Dh);
 #pragma unroll
-  for (int j = 0; j < MAX_Q / NT; ++j) {
-    const int i = t + j * NT;
-    if (i < HB * Dh) qs[(i / Dh) * Q1 + i % Dh] = qr[j];
+    for (int j = 0; j < MAX_Q / NT; ++j) {
+      const int i = t + j * NT;
+      if (i < HB * Dh) qs[(i / Dh) * Q1 + i % Dh] = qr[j];
+    }
+    // (Requesting these three first too, held in registers, made the kernel spill: 10.6 -> 11.3
+    // us per Qwen3-0.6B layer, 9.9 -> 12.4 per Llama-3.2-1B layer on an H100.)
+    if (qk & 1)
+      for (int d = t; d < Dh; d += NT) wqs[d] = __half2float(wq[d]) + ((qk & 2) ? 1.f : 0.f);
+    for (int d = t; d < rot; d += NT) cs[d] = cos[d], sn[d] = sin[d];
+    store_rows(keys, ks, CH, KB, Dh);
+    store_rows(values, vs, CH, KB, Dh);
   }
-  // (Requesting these three first too, held in registers, made the kernel spill: 10.6 -> 11.3
-  // us per Qwen3-0.6B layer, 9.9 -> 12.4 per Llama-3.2-1B layer on an H100.)
-  if (qk & 1)
-    for (int d = t; d < Dh; d += NT) wqs[d] = __half2float(wq[d]) + ((qk & 2) ? 1.f : 0.f);
-  for (int d = t; d < rot; d += NT) cs[d] = cos[d], sn[d] = sin[d];
-  store_rows(keys, kvs, CH, KB, Dh);
   __syncthreads();
   for (int h = warp; h < HB; h += NT / 32) norm_rope_head(qs + h * Q1, wqs, cs, sn, Dh, rot, qk, eps);
   __syncthreads();
@@ -168,41 +185,45 @@ __device__ __forceinline__ void partial_body(
   if constexpr (GT == 0) {  // item = (key, g, local kv head), kv head fastest
     for (int i = t; i < CH * HB; i += NT) {
       const int kvh = i % KB, g = (i / KB) % G, s = i / HB, qh = kvh * G + g;
-      const __half* kp = kvs + s * KB + kvh;
+      const __half* kp = ks + s * KB + kvh;
       const float* qp = qs + qh * Q1;
       float acc[4] = {0.f, 0.f, 0.f, 0.f};  // 4 chains: the adds do not wait on each other
 #pragma unroll 4
       for (int d = 0; d < Dh; d += 4)
 #pragma unroll
-        for (int u = 0; u < 4; ++u) acc[u] += qp[d + u] * __half2float(kp[(d + u) * R]);
+        for (int u = 0; u < 4; ++u) acc[u] += qp[d + u] * __half2float(kp[(d + u) * RP]);
       ps[qh * P1 + s] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     }
-  } else {  // item = (key, local kv head), kv head fastest, its G heads together; two lanes, every other feature
-  // Whole warps loop (the loop bound is the warp's first item), so every lane reaches the pair
-  // sum's shuffle: with 8 items (8 keys of one KV head) half a warp entered it and the kernel hung.
-  for (int i = t / 2; i - (t % 32) / 2 < CH * KB; i += NT / 2) {
-    const bool item = i < CH * KB;
-    const int kvh = (item ? i : 0) % KB, s = (item ? i : 0) / KB;
-    const __half* kp = kvs + s * KB + kvh;
-    const float* qp = qs + kvh * G * Q1;
-    float acc[G];
+  } else {  // item = (key, local kv head), kv head fastest, its G heads together; L lanes, every L-th feature
+    // L: 2 lanes per item, or, where the block's items are known, as many as make one pass of
+    // the block's threads (up to 8): Qwen3-0.6B's 32 items took 64 serial steps on 2 warps.
+    constexpr int L = (KBT && CHT) ? (NT / (KBT * CHT) >= 8 ? 8 : NT / (KBT * CHT) >= 4 ? 4 : 2) : 2;
+    // Whole warps loop (the loop bound is the warp's first item), so every lane reaches the
+    // sum's shuffles: with 8 items (8 keys of one KV head) half a warp entered it and the kernel hung.
+    for (int i = t / L; i - (t % 32) / L < CH * KB; i += NT / L) {
+      const bool item = i < CH * KB;
+      const int kvh = (item ? i : 0) % KB, s = (item ? i : 0) / KB;
+      const __half* kp = ks + s * KB + kvh;
+      const float* qp = qs + kvh * G * Q1;
+      float acc[G];
 #pragma unroll
-    for (int g = 0; g < G; ++g) acc[g] = 0.f;
+      for (int g = 0; g < G; ++g) acc[g] = 0.f;
 #pragma unroll 4
-    for (int d = t & 1; d < Dh; d += 2) {
-      const float k = __half2float(kp[d * R]);
+      for (int d = t % L; d < Dh; d += L) {
+        const float k = __half2float(kp[d * RP]);
 #pragma unroll
-      for (int g = 0; g < G; ++g) acc[g] += qp[g * Q1 + d] * k;
-    }
+        for (int g = 0; g < G; ++g) acc[g] += qp[g * Q1 + d] * k;
+      }
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      const float sum = acc[g] + __shfl_xor_sync(0xffffffffu, acc[g], 1);
-      if (item && (t & 1) == 0) ps[(kvh * G + g) * P1 + s] = sum;
+      for (int g = 0; g < G; ++g) {
+        float sum = acc[g];
+#pragma unroll
+        for (int o = L / 2; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if (item && t % L == 0) ps[(kvh * G + g) * P1 + s] = sum;
+      }
     }
-  }
   }
   __syncthreads();
-  store_rows(values, kvs, CH, KB, Dh);
 
   // Softmax within the block: a warp per head, a lane per key (CH <= 32).
   const int s0 = lo - b * CH, s1 = hi - b * CH;
@@ -230,7 +251,7 @@ __device__ __forceinline__ void partial_body(
     float acc[GU];
 #pragma unroll
     for (int g = 0; g < GU; ++g) acc[g] = 0.f;
-    const __half* vp = kvs + d * R + kvh;
+    const __half* vp = vs + d * RP + kvh;
     const float* p = ps + kvh * G * P1;
 #pragma unroll 4
     for (int s = s0; s < s1; ++s) {
@@ -245,30 +266,37 @@ __device__ __forceinline__ void partial_body(
   }
 }
 
-// One kernel per form (compile/extern.py picks by G): one kernel holding all three forms ran
-// the runtime-G one at 17.1 us per Llama-3.2-1B layer instead of 12.4 (H100).
-#define PARTIAL_KERNEL(name, gt)                                                                              \
-  extern "C" __global__ void __launch_bounds__(NT) name(                                                      \
+// One kernel per form (compile/extern.py picks by G, then by the specialized shapes): one
+// kernel holding all three G forms ran the runtime-G one at 17.1 us per Llama-3.2-1B layer
+// instead of 12.4 (H100). (A minimum of 2 blocks per SM keeps ptxas for sm_90 from capping the
+// specialized ones at 48 registers, with spills.)
+#define PARTIAL_KERNEL(name, ...)                                                                             \
+  extern "C" __global__ void __launch_bounds__(NT, 2) name(                                                      \
       const float* __restrict__ qkv, const __half* __restrict__ wq, const float* __restrict__ cos,            \
       const float* __restrict__ sin, const __half* __restrict__ kc, const __half* __restrict__ vc,            \
       const int* __restrict__ pos_p, float* __restrict__ part, int S, int KVH, int G, int Dh, int layer,     \
       int CH, int window, int scale_bits, int softcap_bits, int qk, int eps_bits, int rot, int KB) {          \
     __shared__ float qs[MAX_Q + MAX_Q / 32]; /* the block's q heads, rows padded to Dh + 1 (no bank conflicts) */ \
     __shared__ float ps[MAX_P];              /* scores, then weights: [HB][CH + 1] */                         \
-    __shared__ __align__(16) __half kvs[MAX_KV]; /* [Dh][CH * KB]: keys, then values */                      \
+    __shared__ __align__(16) __half ks[MAX_KVS], vs[MAX_KVS]; /* keys, values: padded rows */                \
     __shared__ float wqs[256], cs[256], sn[256]; /* q's norm weight, cos, sin */                              \
     const int pos = pos_p[0];                                                                                 \
     int lo, hi;                                                                                               \
     block_keys(blockIdx.x / (KVH / KB), CH, pos, window, &lo, &hi);                                           \
     if (lo >= hi) return; /* the combine skips this block as well */                                          \
-    partial_body<gt>(qkv, wq, cos, sin, kc, vc, pos, part, S, KVH, G, Dh, layer, CH, window,                  \
-                     __int_as_float(scale_bits), __int_as_float(softcap_bits), qk, __int_as_float(eps_bits),  \
-                     rot, KB, qs, ps, kvs, wqs, cs, sn);                                                      \
+    partial_body<__VA_ARGS__>(qkv, wq, cos, sin, kc, vc, pos, part, S, KVH, G, Dh, layer, CH, window,          \
+                              __int_as_float(scale_bits), __int_as_float(softcap_bits), qk,                   \
+                              __int_as_float(eps_bits), rot, KB, qs, ps, ks, vs, wqs, cs, sn);                \
   }
 PARTIAL_KERNEL(decode_attn_partial, 0)
 PARTIAL_KERNEL(decode_attn_partial_g1, 1)
 PARTIAL_KERNEL(decode_attn_partial_g2, 2)
 PARTIAL_KERNEL(decode_attn_partial_g4, 4)
+// Specialized shapes (extern.SPECIALIZED): G, KB, CH, Dh.
+PARTIAL_KERNEL(decode_attn_partial_g2_kb2_ch16_d128, 2, 2, 16, 128)  // Qwen3-0.6B, -1.7B
+PARTIAL_KERNEL(decode_attn_partial_g4_kb2_ch16_d64, 4, 2, 16, 64)    // Llama-3.2-1B
+PARTIAL_KERNEL(decode_attn_partial_g4_kb2_ch16_d128, 4, 2, 16, 128)  // Llama-3.1-8B, Qwen3-8B
+PARTIAL_KERNEL(decode_attn_partial_g4_kb1_ch8_d256, 4, 1, 8, 256)    // Gemma3-1B
 #undef PARTIAL_KERNEL
 
 // Sum or max over a block of 128 threads: each warp's, then the 4 warps' results.
@@ -291,12 +319,14 @@ __device__ __forceinline__ float block_reduce(float x, float* red) {
 // blocks, took 6.9 us per Qwen3-0.6B layer on an H100 after 512 tokens; this form 6.4. Both
 // are bound by their chain of dependent loads and barriers, not by the work.)
 #define PV 8  // partial vectors per lane loaded ahead: 4 warps x 8 = 32 blocks (512 keys)
-extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
+template <int GT = 0, int CHT = 0, int DHT = 0>
+__device__ __forceinline__ void combine_body(
     const float* __restrict__ qkv, const __half* __restrict__ wq, const __half* __restrict__ wk,
     const float* __restrict__ cos, const float* __restrict__ sin, const int* __restrict__ pos_p,
     const float* __restrict__ part, __half* __restrict__ kc, __half* __restrict__ vc, float* __restrict__ out,
-    int S, int KVH, int G, int Dh, int layer, int CH, int window, int scale_bits, int softcap_bits,
-    int qk, int eps_bits, int rot, int /* KB: the partial's */) {
+    int S, int KVH, int Gr, int Dhr, int layer, int CHr, int window, int scale_bits, int softcap_bits,
+    int qk, int eps_bits, int rot) {
+  const int G = GT ? GT : Gr, CH = CHT ? CHT : CHr, Dh = DHT ? DHT : Dhr;
   __shared__ float red[4];
   __shared__ float ws[MAX_B];  // each active block's weight exp(m_b - m)
   __shared__ float acc_s[4][32];
@@ -322,13 +352,12 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
     cos_r[u] = d < rot ? cos[d] : 0.f;
     sin_r[u] = d < rot ? sin[d] : 0.f;
   }
-  float mb[MAX_B / 128], lb[MAX_B / 128], pv[PV];
-#pragma unroll
-  for (int j = 0; j < MAX_B / 128; ++j) {
-    const int b = b0 + t + 128 * j;
-    mb[j] = b < b1 ? ph[(size_t)b * H * row + Dh] : -INFINITY;
-    lb[j] = b < b1 ? ph[(size_t)b * H * row + Dh + 1] : 0.f;
-  }
+  // The first 128 blocks' (m, l), a block per thread, ahead; later ones (past 2048 keys at 16
+  // per block) are read where they are used.
+  const bool has_b = b0 + t < b1;
+  const float mb = has_b ? ph[(size_t)(b0 + t) * H * row + Dh] : -INFINITY;
+  const float lb = has_b ? ph[(size_t)(b0 + t) * H * row + Dh + 1] : 0.f;
+  float pv[PV];
 #pragma unroll
   for (int j = 0; j < PV; ++j) {
     const int b = b0 + warp + 4 * j;
@@ -355,19 +384,19 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
   float dot = 0.f;
   for (int d = t; d < Dh; d += 128) dot += qh_s[d] * kh_s[d];
   const float s_new = squash(block_reduce<false>(dot, red), scale, cap);
-  float m = s_new;
-#pragma unroll
-  for (int j = 0; j < MAX_B / 128; ++j) m = fmaxf(m, mb[j]);
+  float m = fmaxf(s_new, mb);
+  for (int b = b0 + t + 128; b < b1; b += 128) m = fmaxf(m, ph[(size_t)b * H * row + Dh]);
   m = block_reduce<true>(m, red);
   float l = 0.f;
-#pragma unroll
-  for (int j = 0; j < MAX_B / 128; ++j) {
-    const int b = b0 + t + 128 * j;
-    if (b < b1) {
-      const float w = __expf(mb[j] - m);
-      ws[b - b0] = w;
-      l += w * lb[j];
-    }
+  if (has_b) {
+    const float w = __expf(mb - m);
+    ws[t] = w;
+    l += w * lb;
+  }
+  for (int b = b0 + t + 128; b < b1; b += 128) {
+    const float w = __expf(ph[(size_t)b * H * row + Dh] - m);
+    ws[b - b0] = w;
+    l += w * ph[(size_t)b * H * row + Dh + 1];
   }
   const float w_new = __expf(s_new - m);
   const float denom = block_reduce<false>(l, red) + w_new;  // its barrier also publishes ws
@@ -385,3 +414,22 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_combine(
     out[qh * Dh + d0 + t] =
         (w_new * v_own + ((acc_s[0][t] + acc_s[1][t]) + (acc_s[2][t] + acc_s[3][t]))) / denom;
 }
+
+// GT, CHT, DHT: G, CH and Dh as compile-time constants (0: runtime) for extern.SPECIALIZED's
+// shapes, as the partial kernels: the blocks' indices and bounds without divisions.
+#define COMBINE_KERNEL(name, ...)                                                                             \
+  extern "C" __global__ void __launch_bounds__(128, 4) name(                                                  \
+      const float* __restrict__ qkv, const __half* __restrict__ wq, const __half* __restrict__ wk,            \
+      const float* __restrict__ cos, const float* __restrict__ sin, const int* __restrict__ pos_p,            \
+      const float* __restrict__ part, __half* __restrict__ kc, __half* __restrict__ vc, float* __restrict__ out, \
+      int S, int KVH, int G, int Dh, int layer, int CH, int window, int scale_bits, int softcap_bits, int qk,  \
+      int eps_bits, int rot, int /* KB: the partial's */) {                                                   \
+    combine_body<__VA_ARGS__>(qkv, wq, wk, cos, sin, pos_p, part, kc, vc, out, S, KVH, G, Dh, layer, CH,      \
+                              window, scale_bits, softcap_bits, qk, eps_bits, rot);                           \
+  }
+COMBINE_KERNEL(decode_attn_combine, 0)
+COMBINE_KERNEL(decode_attn_combine_g2_ch16_d128, 2, 16, 128)
+COMBINE_KERNEL(decode_attn_combine_g4_ch16_d64, 4, 16, 64)
+COMBINE_KERNEL(decode_attn_combine_g4_ch16_d128, 4, 16, 128)
+COMBINE_KERNEL(decode_attn_combine_g4_ch8_d256, 4, 8, 256)
+#undef COMBINE_KERNEL
