@@ -43,7 +43,8 @@ EPS = 1e-6
 DEQUANT = {"q4_6144x1024_g64": (6144, 1024, 64), "q4_96x256_g32": (96, 256, 32)}
 # name -> (N, K, norm): 4-bit matvecs (the many-row ones are lm_heads: extern.GEMV_MANY_ROWS)
 GEMV = {"q4_151936x1024": (151936, 1024, False), "q4_32771x2048_norm": (32771, 2048, True),
-        "q4_4096x1024_norm": (4096, 1024, True)}
+        "q4_4096x1024_norm": (4096, 1024, True), "q4_1024x3072": (1024, 3072, False),
+        "q4_2048x8192_norm": (2048, 8192, True)}  # K past the pieces loaded ahead
 
 
 def _attention_inputs(C, H, KVH, Dh, S, start):

@@ -215,6 +215,46 @@ def test_dense_decode_folds_norms_and_residuals():
     assert flags == sorted(per_layer * cfg.num_hidden_layers)
 
 
+_MATVEC = re.compile(r"flow\.dispatch @gemv::@(\w+)\[%ext(\d+)_grid\]\(([^)]*)\) : \(([^)]*)\)")
+
+
+def _matvecs(text: str) -> list[tuple[str, list[int], list[str], list[str]]]:
+    """(kernel, push constants, operands, operand types) of each matvec dispatch, in order."""
+    consts = {(m[1], int(m[2])): int(m[3]) for m in re.finditer(r"%ext(\d+)_c(\d+) = arith.constant (-?\d+) : i32", text)}
+    out = []
+    for m in _MATVEC.finditer(text):
+        args, types = [a.strip() for a in m[3].split(",")], extern._split_types(m[4])
+        n = sum(1 for a in args if a.startswith(f"%ext{m[2]}_c"))
+        out.append((m[1], [consts[(m[2], j)] for j in range(n)], args[n:], types[n:]))
+    return out
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_each_matvec_requests_the_next_ones_weights(packed, monkeypatch):
+    """On a CUDA decode step, each matvec kernel's prefetch slots (its last operands and push
+    constants) hold the next matvec's weights (W; or words, scales and biases: the same
+    arguments, a bitcast of one repeated before the dispatch) and their sizes in bytes. The
+    last matvec's slots are empty, and so are those of weights past PREFETCH_MAX_BYTES."""
+    from test_packed import _packed_spec
+
+    fam, cfg, spec = _packed_spec("qwen3", "float16", "cuda") if packed else _spec("qwen3", "float16")
+    text = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda"))
+    bitcast_of = dict(re.findall(r"(%[\w#]+) = stablehlo\.bitcast_convert (%arg\d+) ", text))
+    root = lambda v: bitcast_of.get(v, v)  # noqa: E731
+    slots = extern.PREFETCH_SLOTS
+    matvecs = _matvecs(text)
+    assert len(matvecs) == 4 * cfg.num_hidden_layers + packed  # packed: the lm_head too
+    for (_, consts, ops, _), (name, _, next_ops, next_types) in zip(matvecs, matvecs[1:]):
+        weights = extern.MATVEC_WEIGHTS[name]
+        assert [root(o) for o in ops[-slots:][:len(weights)]] == [root(next_ops[k]) for k in weights]
+        assert consts[-slots:][:len(weights)] == [extern._tensor_bytes(next_types[k]) for k in weights]
+        assert consts[-slots:][len(weights):] == [0] * (slots - len(weights))
+    assert matvecs[-1][1][-slots:] == [0] * slots
+    monkeypatch.setattr(extern, "PREFETCH_MAX_BYTES", 1)
+    text = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda"))
+    assert all(consts[-slots:] == [0] * slots for _, consts, _, _ in _matvecs(text))
+
+
 def test_stale_ptx_is_refused(tmp_path, monkeypatch):
     kernels = tmp_path / "kernels"
     shutil.copytree(extern.KERNEL_DIR, kernels)
