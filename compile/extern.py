@@ -43,10 +43,11 @@ class Kernel:
     target: str = "cuda"
 
 
-# Decode attention partial kernels with G, KV heads per block, keys per block and head dim as
-# compile-time constants (decode_attention.cu's specialized PARTIAL_KERNELs): Qwen3-0.6B/1.7B,
-# Llama-3.2-1B, Llama-3.1-8B/Qwen3-8B, Gemma3-1B.
-SPECIALIZED_PARTIALS = ((2, 2, 16, 128), (4, 2, 16, 64), (4, 2, 16, 128), (4, 1, 8, 256))
+# Decode attention shapes (G, KV heads per block, keys per block, head dim) whose partial and
+# combine kernels take them as compile-time constants (decode_attention.cu's specialized
+# PARTIAL_KERNELs and COMBINE_KERNELs): Qwen3-0.6B/1.7B, Llama-3.2-1B, Llama-3.1-8B/Qwen3-8B,
+# Gemma3-1B. Other shapes take the runtime forms.
+SPECIALIZED_ATTENTION = ((2, 2, 16, 128), (4, 2, 16, 64), (4, 2, 16, 128), (4, 1, 8, 256))
 
 KERNELS = {
     "decode_attn_partial": Kernel("decode_attention", 256),  # G > 2 query heads per KV head
@@ -54,9 +55,10 @@ KERNELS = {
     "decode_attn_partial_g2": Kernel("decode_attention", 256),
     "decode_attn_partial_g4": Kernel("decode_attention", 256),
     **{f"decode_attn_partial_g{g}_kb{kb}_ch{ch}_d{dh}": Kernel("decode_attention", 256)
-       for g, kb, ch, dh in SPECIALIZED_PARTIALS},
+       for g, kb, ch, dh in SPECIALIZED_ATTENTION},
     "decode_attn_combine": Kernel("decode_attention", 128),
-    **{f"decode_attn_combine_g{g}_ch{ch}_d{dh}": Kernel("decode_attention", 128) for g, _, ch, dh in SPECIALIZED_PARTIALS},
+    **{f"decode_attn_combine_g{g}_ch{ch}_d{dh}": Kernel("decode_attention", 128)
+       for g, _, ch, dh in SPECIALIZED_ATTENTION},
     "gemv": Kernel("gemv", 256),
     "gemv_gate": Kernel("gemv", 256),
     "gemv_q4": Kernel("gemv", 256),
@@ -246,9 +248,8 @@ def _prefetch_plan(lines: list[str], placeholders: dict) -> dict:
         for k, size in zip(MATVEC_WEIGHTS[nxt["name"]], sizes):
             op, t = ops[k], types[k]
             where = defs.get(op)
-            if where is not None and where[0] > i:
-                b = _BITCAST.match(where[1])
-                if b is None:
+            if where is not None and where[0] > i:  # defined after this dispatch
+                if _BITCAST.match(where[1]) is None:
                     continue
                 op = f"%prefetch{i}_{k}"
                 pre.append(f"{op} = {where[1].split(' loc(')[0]}")
@@ -444,21 +445,25 @@ COMPILED_G = (1, 2, 4)  # query heads per KV head with a partial kernel of their
 MAX_Q, MAX_P, MAX_KV, MAX_G, MAX_B = 2048, 1024, 4096, 8, 1024
 
 
-def partial_kernel(g: int, head_dim: int | None = None, kv_heads: int | None = None) -> str:
-    """The decode attention's partial kernel for g query heads per KV head: the one specialized
-    for the whole shape if there is one (given head_dim and kv_heads), else the one for g."""
-    if head_dim is not None and kv_heads is not None:
-        shape = (g, kv_heads_per_block(kv_heads), keys_per_block(head_dim, kv_heads), head_dim)
-        if shape in SPECIALIZED_PARTIALS:
-            return "decode_attn_partial_g{}_kb{}_ch{}_d{}".format(*shape)
+def _specialized(g: int, head_dim: int, kv_heads: int) -> tuple | None:
+    """The attention shape (G, KV heads per block, keys per block, head dim), if its kernels are specialized."""
+    shape = (g, kv_heads_per_block(kv_heads), keys_per_block(head_dim, kv_heads), head_dim)
+    return shape if shape in SPECIALIZED_ATTENTION else None
+
+
+def partial_kernel(g: int, head_dim: int, kv_heads: int) -> str:
+    """The decode attention's partial kernel: the one specialized for the whole shape if there is
+    one, else the one for g query heads per KV head, else the runtime form."""
+    if shape := _specialized(g, head_dim, kv_heads):
+        return "decode_attn_partial_g{}_kb{}_ch{}_d{}".format(*shape)
     return f"decode_attn_partial_g{g}" if g in COMPILED_G else "decode_attn_partial"
 
 
 def combine_kernel(g: int, head_dim: int, kv_heads: int) -> str:
-    """The decode attention's combine kernel: the one specialized for g, the keys per block and
-    head_dim if there is one (for the shapes of SPECIALIZED_PARTIALS), else the generic one."""
-    shape = (g, kv_heads_per_block(kv_heads), keys_per_block(head_dim, kv_heads), head_dim)
-    return "decode_attn_combine_g{0}_ch{2}_d{3}".format(*shape) if shape in SPECIALIZED_PARTIALS else "decode_attn_combine"
+    """The decode attention's combine kernel: the specialized one for the shape if there is one."""
+    if shape := _specialized(g, head_dim, kv_heads):
+        return "decode_attn_combine_g{0}_ch{2}_d{3}".format(*shape)
+    return "decode_attn_combine"
 
 
 def kv_heads_per_block(kv_heads: int) -> int:

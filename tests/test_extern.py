@@ -27,7 +27,8 @@ def test_cuda_decode_attention_is_the_kernel(family_name, tmp_path):
     decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda"))
     assert "stablehlo.custom_call" not in decode
     g = cfg.num_attention_heads // cfg.num_key_value_heads
-    for kernel in (extern.partial_kernel(g, cfg.head_dim, cfg.num_key_value_heads), "decode_attn_combine"):
+    shape = (g, cfg.head_dim, cfg.num_key_value_heads)
+    for kernel in (extern.partial_kernel(*shape), extern.combine_kernel(*shape)):
         assert len(re.findall(rf"flow\.dispatch @decode_attention::@{kernel}\[", decode)) == layers
     assert_step_only_queues(_main_of_vm_program(decode, tmp_path))
     # The combine writes the token's K/V into both caches in place: results tied to them, no
@@ -192,6 +193,22 @@ def test_push_constants_follow_the_config():
     flags = [c[2] for c in _constants(decode, "gemv") + _constants(decode, "gemv_gate")]
     assert flags.count(extern.NORM | extern.ONE_PLUS) == cfg.num_hidden_layers  # qkv
     assert flags.count(extern.NORM | extern.ONE_PLUS | extern.GATE | extern.GELU) == cfg.num_hidden_layers
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim, partial, combine", [
+    (16, 8, 128, "decode_attn_partial_g2_kb2_ch16_d128", "decode_attn_combine_g2_ch16_d128"),  # Qwen3-0.6B
+    (32, 8, 64, "decode_attn_partial_g4_kb2_ch16_d64", "decode_attn_combine_g4_ch16_d64"),  # Llama-3.2-1B
+    (4, 1, 256, "decode_attn_partial_g4_kb1_ch8_d256", "decode_attn_combine_g4_ch8_d256"),  # Gemma3-1B
+    (14, 2, 64, "decode_attn_partial", "decode_attn_combine"),  # Qwen2.5-0.5B: G = 7, the runtime form
+    (8, 4, 32, "decode_attn_partial_g2", "decode_attn_combine")])  # the test checkpoints' head dim
+def test_attention_shapes_take_their_specialized_kernels(heads, kv_heads, head_dim, partial, combine):
+    """Shapes of extern.SPECIALIZED_ATTENTION take the kernels with them as compile-time constants
+    (in the PTX, with the generic forms' parameters); others the runtime ones."""
+    shape = (heads // kv_heads, head_dim, kv_heads)
+    assert (extern.partial_kernel(*shape), extern.combine_kernel(*shape)) == (partial, combine)
+    ptx = extern.checked_ptx("decode_attention")
+    for name, generic in ((partial, "decode_attn_partial"), (combine, "decode_attn_combine")):
+        assert name in extern.KERNELS and extern._bindings(ptx, name) == extern._bindings(ptx, generic)
 
 
 @pytest.mark.parametrize("head_dim, kv_heads, keys", [(128, 8, 16), (64, 8, 16), (256, 1, 8), (256, 2, 8),

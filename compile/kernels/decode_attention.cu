@@ -141,7 +141,7 @@ __device__ __forceinline__ void store_rows(const Staged& r, __half* kvs, int CH,
 // KV heads, but from 12.5 to 9.8 us with blocks of 2, so G = 1, 2 and 4 take the compile-time
 // form (decode_attn_partial_g1, _g2, _g4; extern.COMPILED_G).
 // KBT, CHT, DHT: KB, CH and Dh as compile-time constants (0: the runtime ones), for the shapes
-// of extern.SPECIALIZED; with runtime ones, the index math divides (100 divisions in the PTX).
+// of extern.SPECIALIZED_ATTENTION; with runtime ones, the index math divides (100 divisions in the PTX).
 template <int GT, int KBT = 0, int CHT = 0, int DHT = 0>
 __device__ __forceinline__ void partial_body(
     const float* __restrict__ qkv, const __half* __restrict__ wq, const float* __restrict__ cos,
@@ -292,7 +292,7 @@ PARTIAL_KERNEL(decode_attn_partial, 0)
 PARTIAL_KERNEL(decode_attn_partial_g1, 1)
 PARTIAL_KERNEL(decode_attn_partial_g2, 2)
 PARTIAL_KERNEL(decode_attn_partial_g4, 4)
-// Specialized shapes (extern.SPECIALIZED): G, KB, CH, Dh.
+// Specialized shapes (extern.SPECIALIZED_ATTENTION): G, KB, CH, Dh.
 PARTIAL_KERNEL(decode_attn_partial_g2_kb2_ch16_d128, 2, 2, 16, 128)  // Qwen3-0.6B, -1.7B
 PARTIAL_KERNEL(decode_attn_partial_g4_kb2_ch16_d64, 4, 2, 16, 64)    // Llama-3.2-1B
 PARTIAL_KERNEL(decode_attn_partial_g4_kb2_ch16_d128, 4, 2, 16, 128)  // Llama-3.1-8B, Qwen3-8B
@@ -420,7 +420,7 @@ __device__ __forceinline__ void combine_body(
         (w_new * v_own + ((acc_s[0][t] + acc_s[1][t]) + (acc_s[2][t] + acc_s[3][t]))) / denom;
 }
 
-// GT, CHT, DHT: G, CH and Dh as compile-time constants (0: runtime) for extern.SPECIALIZED's
+// GT, CHT, DHT: G, CH and Dh as compile-time constants (0: runtime) for extern.SPECIALIZED_ATTENTION's
 // shapes, as the partial kernels: the blocks' indices and bounds without divisions.
 #define COMBINE_KERNEL(name, ...)                                                                             \
   extern "C" __global__ void __launch_bounds__(128, 4) name(                                                  \

@@ -10,15 +10,16 @@
 // - gemv: f16 W [N, K], 16-byte loads;
 // - gemv_q4: MLX affine 4-bit W as the checkpoint stores it (compile/packed.py), packed words
 //   [N, K/8] u32 (value i of a row in bits 4i..4i+3 of word i/8), scales and biases [N, K/64]
-//   f32, w = s * q + b. Per word: sum(w x) = s * sum(q x) + b * sum(x) over its 8 inputs.
+//   f32, w = s * q + b. Per 16-byte piece of 4 words (32 inputs, half a group):
+//   sum(w x) = s * sum(q x) + b * sum(x).
 //
 // Bindings: x [K] f32, the weight (W; or words, scales, biases), norm weight [K] f16, bias
-// [N or 2N] f16, residual [N] f32, out [N] f32 (absent ones are one-element dummies). Push
-// constants: N (outputs), K, flags (1 norm, 2 norm as 1 + w, 4 bias, 8 residual, 16 gate mode,
-// 32 GELU instead of SiLU), eps (f32 bits).
-// Every matvec kernel here also takes three prefetch bindings and their sizes in bytes (the last three
-// push constants): extern.link fills them with the next linear kernel's weights, which this one
-// requests into L2 (prefetch_l2), so that kernel reads them from L2, not DRAM; size 0 where none.
+// [N or 2N] f16, residual [N] f32, three prefetch bindings, out [N] f32 (absent ones are
+// one-element dummies). Push constants: N (outputs), K, flags (1 norm, 2 norm as 1 + w, 4 bias,
+// 8 residual, 16 gate mode, 32 GELU instead of SiLU), eps (f32 bits), the prefetch bindings'
+// sizes in bytes. extern.link fills the prefetch bindings with the next matvec's weights, which
+// this kernel requests into L2 after its own work (prefetch_l2), so that kernel reads them from
+// L2, not DRAM; size 0 where none.
 // Limits (checked at export, extern.gemv_fits): K % 8 == 0 (f16), K % 64 == 0 (4-bit), K <= MAX_K.
 #include "common.cuh"
 
