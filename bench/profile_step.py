@@ -58,26 +58,34 @@ def main(bundle: Path, target: str = "cuda", steps: int = 1) -> None:
 
 
 def summarize(csv_path: Path, top: int = 14) -> None:
-    """Group an `ncu --csv` log of one prefill chunk then one decode step by dispatch name."""
+    """Group an `ncu --csv` log of one prefill chunk then one decode step by dispatch name
+    (plain csv: it runs where pandas is not installed)."""
+    import csv
     import io
-
-    import pandas as pd
+    import re
 
     text = csv_path.read_text()
-    df = pd.read_csv(io.StringIO(text[text.find('"ID"'):]))
-    df = df[df["Metric Name"] == "gpu__time_duration.sum"].copy()
-    df["us"] = pd.to_numeric(df["Metric Value"].astype(str).str.replace(",", ""), errors="coerce") / 1000
-    df["name"] = df["Kernel Name"].str.replace(r"^.*_dispatch_\d+_", "", regex=True)
-    df["module"] = df["Kernel Name"].str.extract(r"^(prefill|decode)_dispatch", expand=False)
-    if "Grid Size" in df:  # hand-written kernels (compile/kernels) have one name for every shape
-        own = ~df["Kernel Name"].str.contains("_dispatch_")
-        df.loc[own, "name"] = df.loc[own, "name"] + " grid " + df.loc[own, "Grid Size"].astype(str)
-    groups = [(step, df[df.module == step]) for step in ("prefill", "decode")]
-    if df.module.isna().all():  # kernels named main_dispatch_*: one profiled step (PROFILE_DECODE)
-        groups = [("profiled step", df)]
+    rows = [r for r in csv.DictReader(io.StringIO(text[text.find('"ID"'):]))
+            if r["Metric Name"] == "gpu__time_duration.sum"]
+    steps: dict[str, list[tuple[str, float]]] = {}
+    for r in rows:
+        kernel = r["Kernel Name"]
+        name = re.sub(r"^.*_dispatch_\d+_", "", kernel)
+        if "_dispatch_" not in kernel and "Grid Size" in r:  # hand-written kernels: one name for every shape
+            name += f" grid {r['Grid Size']}"
+        module = re.match(r"^(prefill|decode)_dispatch", kernel)
+        steps.setdefault(module[1] if module else "", []).append((name, float(r["Metric Value"].replace(",", "")) / 1000))
+    # kernels named main_dispatch_*: one profiled step (PROFILE_DECODE)
+    groups = [("profiled step", [x for g in steps.values() for x in g])] if set(steps) <= {""} else \
+        [(step, steps.get(step, [])) for step in ("prefill", "decode")]
     for step, g in groups:
-        print(f"== {step}: {len(g)} dispatches, {g.us.sum():.0f} us on the GPU")
-        print(g.groupby("name").us.agg(["count", "sum", "mean"]).sort_values("sum", ascending=False).head(top).to_string())
+        print(f"== {step}: {len(g)} dispatches, {sum(us for _, us in g):.0f} us on the GPU")
+        by: dict[str, list[float]] = {}
+        for name, us in g:
+            by.setdefault(name, []).append(us)
+        print(f"{'name':60s} {'count':>5s} {'sum':>9s} {'mean':>8s}")
+        for name, v in sorted(by.items(), key=lambda kv: -sum(kv[1]))[:top]:
+            print(f"{name[:60]:60s} {len(v):5d} {sum(v):9.3f} {sum(v) / len(v):8.3f}")
 
 
 if __name__ == "__main__":
