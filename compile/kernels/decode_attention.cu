@@ -25,7 +25,7 @@
 #define NT 256
 #define MAX_Q 2048   // KB * G * Dh: a partial block's q heads
 #define MAX_P 1024   // KB * G * (CH + 1): their scores
-#define MAX_KV 4096  // Dh * CH * KB: one block's keys (then values), staged in shared memory
+#define MAX_KV 4096  // Dh * CH * KB: one block's keys, and as many values, each staged in shared memory
 #define MAX_G 8
 #define MAX_B 1024   // S / CH
 
