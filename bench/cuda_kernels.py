@@ -38,6 +38,13 @@ DECODE = {
     "kvh3_window_softcap_partial_rope": (6, 3, 64, 256, 200, 50, 20.0, True, 32),
     "g1_pos5": (4, 4, 32, 128, 5, 0, 0.0, False, 32),
     "gemma3_1b_pos300": (4, 1, 256, 768, 300, 512, 0.0, True, 256),  # one KV head of 256: a block's 4096 halves
+    # The specialized shapes' one kernel: no cached key (its one block folds only the token's own),
+    # one cached key, a window, a soft-cap, more partial blocks than a fold round (U) several times.
+    "qwen3_pos0": (16, 8, 128, 768, 0, 0, 0.0, True, 128),
+    "qwen3_pos1_softcap": (16, 8, 128, 768, 1, 0, 30.0, True, 128),
+    "qwen3_window1": (16, 8, 128, 768, 200, 1, 0.0, True, 128),
+    "llama_pos740_window300": (32, 8, 64, 768, 740, 300, 0.0, False, 64),
+    "gemma3_1b_pos700_window512": (4, 1, 256, 768, 700, 512, 0.0, True, 256),
 }
 EPS = 1e-6
 DEQUANT = {"q4_6144x1024_g64": (6144, 1024, 64), "q4_96x256_g32": (96, 256, 32)}
@@ -183,7 +190,7 @@ def cases() -> dict:
         def fn(qkv, cos, sin, kc, vc, positions, *norm, H=H, Dh=Dh, window=window, softcap=softcap):
             return extern.decode_attention(qkv, cos, sin, kc, vc, positions, heads=H, layer=LAYER, scale=1 / np.sqrt(Dh),
                                            window=window or None, softcap=softcap or None,
-                                           qk_norm=(*norm, EPS, False) if norm else None)
+                                           qk_norm=(*norm, EPS, False) if norm else None)[:3]
         out[f"decode_attn_{name}"] = _export(fn, args)
     for name, (N, K, group) in DEQUANT.items():
         args = _dequant_inputs(N, K, group)

@@ -279,6 +279,7 @@ class KVCache:
         self.k_cache, self.v_cache, self.positions = k_cache, v_cache, positions
         self.new_k, self.new_v = {}, {}
         self.written: set[int] = set()  # layers a kernel has written
+        self.sync = None  # the CUDA decode attention's counters (extern.decode_attention)
 
     def kernel_wrote(self, layer: int, k_cache, v_cache) -> None:
         """A kernel wrote this layer's new K/V in place: these are the caches now."""
@@ -446,9 +447,9 @@ def self_attention(w: dict, p: str, h, cos, sin, kv: KVCache, layer: int, *, hea
         # The hand-written kernels take qkv as it is: q/k norm, rotary and attention in two dispatches.
         qk_norm = None if qk_norm_eps is None else (g("q_norm.weight_rope"), g("k_norm.weight_rope"),
                                                     qk_norm_eps, qk_norm_one_plus)
-        a, k_cache, v_cache = extern.decode_attention(qkv[0], cos[0], sin[0], kv.k_cache, kv.v_cache, kv.positions,
-                                                      heads=heads, layer=layer, scale=scale, window=window,
-                                                      softcap=softcap, qk_norm=qk_norm)
+        a, k_cache, v_cache, kv.sync = extern.decode_attention(
+            qkv[0], cos[0], sin[0], kv.k_cache, kv.v_cache, kv.positions, heads=heads, layer=layer, scale=scale,
+            window=window, softcap=softcap, qk_norm=qk_norm, sync=kv.sync)
         kv.kernel_wrote(layer, k_cache, v_cache)
         return linear(a[None], g("o_proj.weight"), g("o_proj.bias"), residual)
     q, k, v = jnp.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)

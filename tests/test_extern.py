@@ -27,13 +27,22 @@ def test_cuda_decode_attention_is_the_kernel(family_name, tmp_path):
     decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda"))
     assert "stablehlo.custom_call" not in decode
     g = cfg.num_attention_heads // cfg.num_key_value_heads
-    shape = (g, cfg.head_dim, cfg.num_key_value_heads)
-    for kernel in (extern.partial_kernel(*shape), extern.combine_kernel(*shape)):
-        assert len(re.findall(rf"flow\.dispatch @decode_attention::@{kernel}\[", decode)) == layers
+    # The test checkpoints' shape has a kernel of its own (extern.SPECIALIZED_ATTENTION).
+    kernel = extern.fused_kernel(g, cfg.head_dim, cfg.num_key_value_heads)
+    assert kernel is not None
+    calls = re.findall(rf"(%[\w#:]+) = flow\.dispatch @decode_attention::@{kernel}\[.*\]\((.*)\) : .* -> (.*)$",
+                       decode, re.M)
+    assert len(calls) == layers and "@decode_attn_partial" not in decode and "@decode_attn_combine" not in decode
     assert_step_only_queues(_main_of_vm_program(decode, tmp_path))
-    # The combine writes the token's K/V into both caches in place: results tied to them, no
-    # scatter of the new rows at the end.
-    assert len(re.findall(r"@decode_attn_combine\[.*-> \(tensor<\d+xf32>, %[\w#]+, %[\w#]+\)", decode)) == layers
+    # It writes the token's K/V into both caches in place and counts its blocks in the sync
+    # counters: results tied to those operands (no scatter of the new rows at the end), the
+    # counters passed from layer to layer.
+    for i, (result, operands, results) in enumerate(calls):
+        ops = operands.split(", ")
+        k, v, sync = ops[-4], ops[-3], ops[-1]
+        assert re.fullmatch(rf"\(tensor<\d+xf32>, tensor<[\dx]+xf32>, {k}, {v}, {sync}\)", results), results
+        if i:
+            assert sync == f"{calls[i - 1][0].split(':')[0]}#4", "the previous layer's counters"
     assert "stablehlo.scatter" not in decode and "dynamic_update_slice" not in decode
     # --no-kernels, prefill, the CPU and an f32 cache keep the attention in JAX.
     text = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda", kernels=False))
@@ -185,7 +194,7 @@ def test_push_constants_follow_the_config():
     fam, cfg, spec = _spec("gemma3_text", "float16")
     decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda"))
     S, KVH, G, Dh = spec.cache_shape[2], cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
-    attn = _constants(decode, extern.partial_kernel(G, Dh, KVH))
+    attn = _constants(decode, extern.fused_kernel(G, Dh, KVH))
     assert all(c[:4] == [S, KVH, G, Dh] for c in attn)
     assert [c[4] for c in attn] == list(range(cfg.num_hidden_layers)), "each layer its own"
     assert {c[6] for c in attn} == {0, cfg.sliding_window}, "global layers pass window 0, sliding ones their window"
@@ -195,20 +204,25 @@ def test_push_constants_follow_the_config():
     assert flags.count(extern.NORM | extern.ONE_PLUS | extern.GATE | extern.GELU) == cfg.num_hidden_layers
 
 
-@pytest.mark.parametrize("heads, kv_heads, head_dim, partial, combine", [
-    (16, 8, 128, "decode_attn_partial_g2_kb2_ch16_d128", "decode_attn_combine_g2_ch16_d128"),  # Qwen3-0.6B
-    (32, 8, 64, "decode_attn_partial_g4_kb2_ch16_d64", "decode_attn_combine_g4_ch16_d64"),  # Llama-3.2-1B
-    (4, 1, 256, "decode_attn_partial_g4_kb1_ch8_d256", "decode_attn_combine_g4_ch8_d256"),  # Gemma3-1B
-    (14, 2, 64, "decode_attn_partial", "decode_attn_combine"),  # Qwen2.5-0.5B: G = 7, the runtime form
-    (8, 4, 32, "decode_attn_partial_g2", "decode_attn_combine")])  # the test checkpoints' head dim
-def test_attention_shapes_take_their_specialized_kernels(heads, kv_heads, head_dim, partial, combine):
-    """Shapes of extern.SPECIALIZED_ATTENTION take the kernels with them as compile-time constants
-    (in the PTX, with the generic forms' parameters); others the runtime ones."""
-    shape = (heads // kv_heads, head_dim, kv_heads)
-    assert (extern.partial_kernel(*shape), extern.combine_kernel(*shape)) == (partial, combine)
+@pytest.mark.parametrize("heads, kv_heads, head_dim, fused, partial", [
+    (16, 8, 128, "decode_attn_g2_kb2_ch16_d128", None),  # Qwen3-0.6B
+    (32, 8, 64, "decode_attn_g4_kb2_ch16_d64", None),  # Llama-3.2-1B
+    (4, 1, 256, "decode_attn_g4_kb1_ch8_d256", None),  # Gemma3-1B
+    (4, 2, 32, "decode_attn_g2_kb2_ch16_d32", None),  # the test checkpoints
+    (14, 2, 64, None, "decode_attn_partial"),  # Qwen2.5-0.5B: G = 7, the runtime form
+    (8, 4, 64, None, "decode_attn_partial_g2")])
+def test_attention_shapes_take_their_specialized_kernels(heads, kv_heads, head_dim, fused, partial):
+    """Shapes of extern.SPECIALIZED_ATTENTION take one kernel with them as compile-time constants
+    (in the PTX, all with the parameters of the test checkpoints' one, which the tests link);
+    others the runtime partial and combine kernels."""
+    g = heads // kv_heads
+    assert extern.fused_kernel(g, head_dim, kv_heads) == fused
     ptx = extern.checked_ptx("decode_attention")
-    for name, generic in ((partial, "decode_attn_partial"), (combine, "decode_attn_combine")):
-        assert name in extern.KERNELS and extern._bindings(ptx, name) == extern._bindings(ptx, generic)
+    if fused:
+        assert fused in extern.KERNELS
+        assert extern._bindings(ptx, fused) == extern._bindings(ptx, "decode_attn_g2_kb2_ch16_d32")
+    else:
+        assert extern.partial_kernel(g) == partial and partial in extern.KERNELS
 
 
 @pytest.mark.parametrize("head_dim, kv_heads, keys", [(128, 8, 16), (64, 8, 16), (256, 1, 8), (256, 2, 8),

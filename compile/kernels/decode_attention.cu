@@ -9,6 +9,9 @@
 //   as read-write bindings tied to its results), and folds the blocks' partials together with
 //   them, split-softmax style.
 // They replace ~11 of IREE's dispatches per layer (compile/extern.py, compile/layers.py).
+// The shapes of extern.SPECIALIZED_ATTENTION (real models' and the test checkpoints') run both
+// in one kernel, decode_attn_g<G>_kb<KB>_ch<CH>_d<Dh>: the partial blocks, then the last of each
+// group of KV heads folds them (FUSED_KERNEL below).
 //
 // Arguments, as IREE's CUDA HAL passes them: the bindings (operands, then the result) as
 // pointers, then the push constants as 32-bit ints:
@@ -190,13 +193,15 @@ __device__ __forceinline__ void partial_per_head(float* qs, const __half* ks, co
 // query head, no further barrier: Qwen3-0.6B 7.26 -> 7.09 us, Llama-3.2-1B 6.41 -> 5.99 on an
 // H100; with 8 lanes per item and the block's barriers, 7.3 and 6.4). With runtime ones, the
 // index math divides (100 divisions in the PTX).
+// kv_own, wk, wks (the one-kernel form, decode_attn_g*): also stage the token's own keys and
+// values of the block's KV heads (rows of Dh + 1: KB keys, then KB values) and k's norm weight.
 template <int GT, int KBT = 0, int CHT = 0, int DHT = 0>
 __device__ __forceinline__ void partial_body(
     const float* __restrict__ qkv, const __half* __restrict__ wq, const float* __restrict__ cos,
     const float* __restrict__ sin, const __half* __restrict__ kc, const __half* __restrict__ vc, int pos,
     float* __restrict__ part, int S, int KVH, int Gr, int Dhr, int layer, int CHr, int window, float scale,
     float cap, int qk, float eps, int rot, int KBr, float* qs, float* ps, __half* ks, __half* vs, float* wqs,
-    float* cs, float* sn) {
+    float* cs, float* sn, float* kv_own = nullptr, const __half* __restrict__ wk = nullptr, float* wks = nullptr) {
   const int G = GT ? GT : Gr, KB = KBT ? KBT : KBr, CH = CHT ? CHT : CHr, Dh = DHT ? DHT : Dhr;
   const int H = KVH * G, t = threadIdx.x, warp = t / 32;
   // Block = (CH keys b, KB KV heads from kb0): its HB query heads from h0.
@@ -222,6 +227,14 @@ __device__ __forceinline__ void partial_body(
     if (qk & 1)
       for (int d = t; d < Dh; d += NT) wqs[d] = __half2float(wq[d]) + ((qk & 2) ? 1.f : 0.f);
     for (int d = t; d < rot; d += NT) cs[d] = cos[d], sn[d] = sin[d];
+    if (kv_own != nullptr) {
+      for (int i = t; i < 2 * KB * Dh; i += NT) {
+        const int r = i / Dh, head = r < KB ? H + kb0 + r : H + KVH + kb0 + r - KB;
+        kv_own[r * Q1 + i % Dh] = qkv[(size_t)head * Dh + i % Dh];
+      }
+      if (qk & 1)
+        for (int d = t; d < Dh; d += NT) wks[d] = __half2float(wk[d]) + ((qk & 2) ? 1.f : 0.f);
+    }
     store_rows(keys, ks, CH, KB, Dh);
     store_rows(values, vs, CH, KB, Dh);
   }
@@ -320,7 +333,7 @@ __device__ __forceinline__ void partial_body(
 // One kernel per form (compile/extern.py picks by G, then by the specialized shapes): one
 // kernel holding all three G forms ran the runtime-G one at 17.1 us per Llama-3.2-1B layer
 // instead of 12.4 (H100). (A minimum of 2 blocks per SM keeps ptxas for sm_90 from capping the
-// specialized ones at 48 registers, with spills.)
+// specialized ones, now FUSED_KERNELs, at 48 registers, with spills.)
 #define PARTIAL_KERNEL(name, ...)                                                                             \
   extern "C" __global__ void __launch_bounds__(NT, 2) name(                                                      \
       const float* __restrict__ qkv, const __half* __restrict__ wq, const float* __restrict__ cos,            \
@@ -343,12 +356,127 @@ PARTIAL_KERNEL(decode_attn_partial, 0)
 PARTIAL_KERNEL(decode_attn_partial_g1, 1)
 PARTIAL_KERNEL(decode_attn_partial_g2, 2)
 PARTIAL_KERNEL(decode_attn_partial_g4, 4)
-// Specialized shapes (extern.SPECIALIZED_ATTENTION): G, KB, CH, Dh.
-PARTIAL_KERNEL(decode_attn_partial_g2_kb2_ch16_d128, 2, 2, 16, 128)  // Qwen3-0.6B, -1.7B
-PARTIAL_KERNEL(decode_attn_partial_g4_kb2_ch16_d64, 4, 2, 16, 64)    // Llama-3.2-1B
-PARTIAL_KERNEL(decode_attn_partial_g4_kb2_ch16_d128, 4, 2, 16, 128)  // Llama-3.1-8B, Qwen3-8B
-PARTIAL_KERNEL(decode_attn_partial_g4_kb1_ch8_d256, 4, 1, 8, 256)    // Gemma3-1B
 #undef PARTIAL_KERNEL
+
+// Decode attention in one kernel, for the specialized shapes (extern.SPECIALIZED_ATTENTION):
+// the partial blocks as above, then the last block of each KB KV heads to finish (an atomic
+// count per layer and group in `sync`, which the step zeroes once) folds their partials with
+// the token's own key and value, and writes that key and value into row pos of the caches.
+// This saves the combine kernel: its launch, and its loads of q, k and the norm weights,
+// which the block already holds. Only the active blocks (those with keys to see, or the first
+// one if none) count and take part.
+// part: [blocks, H, Dh + 2] as above; out: [H * Dh] f32; sync: [L * KVH / KB] int32, zero.
+
+// The last block's fold: a warp per (query head, DH / WPH features), lane: features
+// d0 + lane + 32 j. The partials are read past L1 (__ldcg: other blocks wrote them during this
+// kernel). The first C0 blocks' vectors are requested with every block's (m, l), so up to C0
+// blocks (512 keys for Qwen3-0.6B) take one round of loads; later ones C0 at a time.
+// kv_own: the token's keys (normed and rotated) and values, rows of DH + 1.
+template <int G, int KB, int CH, int DH>
+__device__ __forceinline__ void fold_partials(const float* qs, const float* kv_own, __half* kc, __half* vc,
+                                              const float* part, float* __restrict__ out, int b0, int nb, int kb0,
+                                              int KVH, int S, int layer, int pos, float scale, float cap) {
+  constexpr int HB = KB * G, WPH = NT / 32 / HB < DH / 32 ? NT / 32 / HB : DH / 32;  // warps per head
+  constexpr int DL = DH / WPH / 32, C0 = 64 / DL < 32 ? 64 / DL : 32;
+  static_assert(HB <= NT / 32 && DH % (32 * WPH) == 0, "shape");
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32, H = KVH * G, h0 = kb0 * G;
+  for (int i = t; i < KB * DH; i += NT) {  // rounded to f16 as the JAX cache write rounds (nearest even)
+    const int j = i % KB, d = i / KB;
+    const size_t at = (((size_t)layer * DH + d) * S + pos) * KVH + kb0 + j;
+    kc[at] = __float2half(kv_own[j * (DH + 1) + d]);
+    vc[at] = __float2half(kv_own[(KB + j) * (DH + 1) + d]);
+  }
+  if (warp >= HB * WPH) return;
+  const int hl = warp / WPH, d0 = (warp % WPH) * (DH / WPH) + lane, kvl = hl / G;
+  const size_t row = DH + 2, stride = (size_t)H * row;
+  const float* ph = part + (size_t)(h0 + hl) * row + (size_t)b0 * stride;
+  float a[C0][DL];
+#pragma unroll
+  for (int u = 0; u < C0; ++u)
+#pragma unroll
+    for (int j = 0; j < DL; ++j) a[u][j] = u < nb ? __ldcg(ph + u * stride + d0 + 32 * j) : 0.f;
+  float mb = -INFINITY, lb = 0.f;  // block `lane`'s
+  if (lane < nb) mb = __ldcg(ph + lane * stride + DH), lb = __ldcg(ph + lane * stride + DH + 1);
+  float mx = mb;
+  for (int b = lane + 32; b < nb; b += 32) mx = fmaxf(mx, __ldcg(ph + b * stride + DH));
+  const float* q = qs + hl * (DH + 1);
+  const float* k = kv_own + kvl * (DH + 1);
+  float dot = 0.f;
+#pragma unroll
+  for (int d = lane; d < DH; d += 32) dot += q[d] * k[d];
+  const float s_new = squash(warp_reduce<false>(dot), scale, cap);
+  const float m = fmaxf(warp_reduce<true>(mx), s_new), w_new = __expf(s_new - m);
+  float acc[DL];
+#pragma unroll
+  for (int j = 0; j < DL; ++j) acc[j] = w_new * kv_own[(KB + kvl) * (DH + 1) + d0 + 32 * j];
+  float w = lane < C0 && lane < nb ? __expf(mb - m) : 0.f;  // 0 for an empty block too (m = -inf)
+  float l = w * lb;
+  for (int c = 0;;) {
+#pragma unroll
+    for (int u = 0; u < C0; ++u) {
+      const float wu = __shfl_sync(0xffffffffu, w, u);
+#pragma unroll
+      for (int j = 0; j < DL; ++j) acc[j] += wu * a[u][j];
+    }
+    if ((c += C0) >= nb) break;
+#pragma unroll
+    for (int u = 0; u < C0; ++u)
+#pragma unroll
+      for (int j = 0; j < DL; ++j) a[u][j] = c + u < nb ? __ldcg(ph + (c + u) * stride + d0 + 32 * j) : 0.f;
+    const bool own = lane < C0 && c + lane < nb;
+    const float mc = own ? __ldcg(ph + (c + lane) * stride + DH) : -INFINITY;
+    const float lc = own ? __ldcg(ph + (c + lane) * stride + DH + 1) : 0.f;
+    w = own ? __expf(mc - m) : 0.f;
+    l += w * lc;
+  }
+  const float denom = warp_reduce<false>(l) + w_new;
+#pragma unroll
+  for (int j = 0; j < DL; ++j) out[(size_t)(h0 + hl) * DH + d0 + 32 * j] = acc[j] / denom;
+}
+
+#define FUSED_KERNEL(name, G, KB, CH, DH)                                                                     \
+  extern "C" __global__ void __launch_bounds__(NT, 2) name(                                                      \
+      const float* __restrict__ qkv, const __half* __restrict__ wq, const __half* __restrict__ wk,            \
+      const float* __restrict__ cos, const float* __restrict__ sin, __half* kc, __half* vc,                   \
+      const int* __restrict__ pos_p, int* sync, float* __restrict__ out, float* part, int S, int KVH,        \
+      int /* G */, int /* Dh */, int layer, int /* CH */, int window, int scale_bits, int softcap_bits, int qk, \
+      int eps_bits, int rot, int /* KB */) {                                                                  \
+    constexpr int HB = KB * G;                                                                                \
+    __shared__ float qs[MAX_Q + MAX_Q / 32];                                                                  \
+    __shared__ float ps[MAX_P]; /* unused by the per-head partial: the token's own keys and values */        \
+    __shared__ __align__(16) __half ks[MAX_KVS], vs[MAX_KVS];                                                 \
+    __shared__ float wqs[256], cs[256], sn[256], wks[256];                                                    \
+    __shared__ int is_last;                                                                                   \
+    const int pos = pos_p[0], groups = KVH / KB, b = blockIdx.x / groups, grp = blockIdx.x % groups;          \
+    const int first = first_key(pos, window), b0 = first / CH;                                                \
+    const int nb = max(first < pos ? (pos + CH - 1) / CH - b0 : 0, 1);                                        \
+    if (b < b0 || b >= b0 + nb) return;                                                                       \
+    const float scale = __int_as_float(scale_bits), cap = __int_as_float(softcap_bits);                       \
+    const float eps = __int_as_float(eps_bits);                                                               \
+    partial_body<G, KB, CH, DH>(qkv, wq, cos, sin, kc, vc, pos, part, S, KVH, G, DH, layer, CH, window, scale, \
+                                cap, qk, eps, rot, KB, qs, ps, ks, vs, wqs, cs, sn, ps, wk, wks);             \
+    /* The token's own keys normed and rotated by warps the partial leaves idle, else after the count. */     \
+    const int warp = threadIdx.x / 32;                                                                        \
+    if (HB + KB <= NT / 32 && warp >= HB && warp < HB + KB)                                                   \
+      norm_rope_head(ps + (warp - HB) * (DH + 1), wks, cs, sn, DH, rot, qk, eps);                             \
+    __threadfence(); /* this block's partial, visible before it is counted */                                \
+    __syncthreads();                                                                                          \
+    if (threadIdx.x == 0) is_last = atomicAdd(sync + layer * groups + grp, 1) == nb - 1;                      \
+    __syncthreads();                                                                                          \
+    if (!is_last) return;                                                                                     \
+    __threadfence();                                                                                          \
+    if (HB + KB > NT / 32) {                                                                                  \
+      if (warp < KB) norm_rope_head(ps + warp * (DH + 1), wks, cs, sn, DH, rot, qk, eps);                     \
+      __syncthreads();                                                                                        \
+    }                                                                                                         \
+    fold_partials<G, KB, CH, DH>(qs, ps, kc, vc, part, out, b0, nb, grp * KB, KVH, S, layer, pos, scale, cap); \
+  }
+FUSED_KERNEL(decode_attn_g2_kb2_ch16_d128, 2, 2, 16, 128)
+FUSED_KERNEL(decode_attn_g4_kb2_ch16_d64, 4, 2, 16, 64)
+FUSED_KERNEL(decode_attn_g4_kb2_ch16_d128, 4, 2, 16, 128)
+FUSED_KERNEL(decode_attn_g4_kb1_ch8_d256, 4, 1, 8, 256)
+FUSED_KERNEL(decode_attn_g2_kb2_ch16_d32, 2, 2, 16, 32)
+#undef FUSED_KERNEL
 
 // The 4 warps' values of a block of 128 threads (after a barrier), folded in warp order.
 template <bool MAX>
@@ -366,14 +494,13 @@ __device__ __forceinline__ float fold4(const float* red) {
 // blocks, took 6.9 us per Qwen3-0.6B layer on an H100 after 512 tokens; this form 6.4. Both
 // are bound by their chain of dependent loads and barriers, not by the work.)
 #define PV 8  // partial vectors per lane loaded ahead: 4 warps x 8 = 32 blocks (512 keys)
-template <int GT = 0, int CHT = 0, int DHT = 0>
-__device__ __forceinline__ void combine_body(
+// (The specialized shapes take decode_attn_g*, which folds the partials in its last blocks.)
+extern "C" __global__ void __launch_bounds__(128, 4) decode_attn_combine(
     const float* __restrict__ qkv, const __half* __restrict__ wq, const __half* __restrict__ wk,
     const float* __restrict__ cos, const float* __restrict__ sin, const int* __restrict__ pos_p,
     const float* __restrict__ part, __half* __restrict__ kc, __half* __restrict__ vc, float* __restrict__ out,
-    int S, int KVH, int Gr, int Dhr, int layer, int CHr, int window, int scale_bits, int softcap_bits,
-    int qk, int eps_bits, int rot) {
-  const int G = GT ? GT : Gr, CH = CHT ? CHT : CHr, Dh = DHT ? DHT : Dhr;
+    int S, int KVH, int G, int Dh, int layer, int CH, int window, int scale_bits, int softcap_bits, int qk,
+    int eps_bits, int rot, int /* KB: the partial's */) {
   __shared__ float red_dot[4], red_m[4], red_l[4];
   __shared__ float ws[MAX_B];  // each active block's weight exp(m_b - m)
   __shared__ float acc_s[4][32];
@@ -470,22 +597,3 @@ __device__ __forceinline__ void combine_body(
     out[qh * Dh + d0 + t] =
         (w_new * v_own + ((acc_s[0][t] + acc_s[1][t]) + (acc_s[2][t] + acc_s[3][t]))) / denom;
 }
-
-// GT, CHT, DHT: G, CH and Dh as compile-time constants (0: runtime) for extern.SPECIALIZED_ATTENTION's
-// shapes, as the partial kernels: the blocks' indices and bounds without divisions.
-#define COMBINE_KERNEL(name, ...)                                                                             \
-  extern "C" __global__ void __launch_bounds__(128, 4) name(                                                  \
-      const float* __restrict__ qkv, const __half* __restrict__ wq, const __half* __restrict__ wk,            \
-      const float* __restrict__ cos, const float* __restrict__ sin, const int* __restrict__ pos_p,            \
-      const float* __restrict__ part, __half* __restrict__ kc, __half* __restrict__ vc, float* __restrict__ out, \
-      int S, int KVH, int G, int Dh, int layer, int CH, int window, int scale_bits, int softcap_bits, int qk,  \
-      int eps_bits, int rot, int /* KB: the partial's */) {                                                   \
-    combine_body<__VA_ARGS__>(qkv, wq, wk, cos, sin, pos_p, part, kc, vc, out, S, KVH, G, Dh, layer, CH,      \
-                              window, scale_bits, softcap_bits, qk, eps_bits, rot);                           \
-  }
-COMBINE_KERNEL(decode_attn_combine, 0)
-COMBINE_KERNEL(decode_attn_combine_g2_ch16_d128, 2, 16, 128)
-COMBINE_KERNEL(decode_attn_combine_g4_ch16_d64, 4, 16, 64)
-COMBINE_KERNEL(decode_attn_combine_g4_ch16_d128, 4, 16, 128)
-COMBINE_KERNEL(decode_attn_combine_g4_ch8_d256, 4, 8, 256)
-#undef COMBINE_KERNEL
