@@ -80,7 +80,7 @@ def generate_step(session: Session, prompt: list[int], params: SamplingParams, m
 
     Plain greedy takes the argmax computed on the device: one int crosses back per step, and
     the next step is queued before that int is read, so the device never waits for the host
-    (the session rewinds the one step queued ahead when the caller stops early). Other
+    (the session rewinds the steps queued ahead when the caller stops early). Other
     sampling reads the logits row and samples on the host."""
     session.reset()
     if params.temperature == 0 and params.repetition_penalty == 1.0:
@@ -101,15 +101,14 @@ def generate_step(session: Session, prompt: list[int], params: SamplingParams, m
 def _greedy_on_device(session: Session, prompt: list[int], max_tokens: int) -> Iterator[int]:
     first = session.prefill(prompt, greedy=True)
     queued = []  # decode steps queued whose tokens are not yet yielded
+    ahead = session.SETS["decode"] - 1  # steps queued beyond the one whose token is read next
     try:
         yield first
         for produced in range(1, max_tokens):
-            if not queued:
-                if session.pos >= session.max_context:
-                    return
+            while len(queued) < min(1 + ahead, max_tokens - produced) and session.pos < session.max_context:
                 queued.append(session.decode_next())
-            if produced + 1 < max_tokens and session.pos < session.max_context:
-                queued.append(session.decode_next())  # one step ahead of the token being read
+            if not queued:
+                return
             yield queued.pop(0).result()
     finally:
         if queued:
