@@ -6,7 +6,7 @@
 Inputs come from a seed, so only the .vmfb files and cases.json travel. Cases: the prefill
 attention over cache rows and the chunk's own keys (several head layouts, starts, a sliding
 window and a soft-cap; and the chunk's K/V it writes into the caches), the 4-bit
-dequantization and 4-bit matvecs (an lm_head's too). The whole steps are checked against the HF
+dequantization, 4-bit matvecs and lm_heads (their argmax too: ties, NaN). The whole steps are checked against the HF
 oracle by bench/gpu_agreement.py; these cases reach what its short prompts do not (a chunk after
 hundreds of cached rows).
 """
@@ -48,10 +48,39 @@ DECODE = {
 }
 EPS = 1e-6
 DEQUANT = {"q4_6144x1024_g64": (6144, 1024, 64), "q4_96x256_g32": (96, 256, 32)}
-# name -> (N, K, norm): 4-bit matvecs (the many-row ones are lm_heads: extern.GEMV_MANY_ROWS)
-GEMV = {"q4_151936x1024": (151936, 1024, False), "q4_32771x2048_norm": (32771, 2048, True),
-        "q4_4096x1024_norm": (4096, 1024, True), "q4_1024x3072": (1024, 3072, False),
+# name -> (N, K, norm): 4-bit matvecs
+GEMV = {"q4_4096x1024_norm": (4096, 1024, True), "q4_1024x3072": (1024, 3072, False),
         "q4_2048x8192_norm": (2048, 8192, True)}  # K past the pieces loaded ahead
+# name -> (N, K, norm, special): 4-bit lm_heads (extern.lm_head: logits and their first argmax);
+# special: "tie" (the best row copied to two lower rows in other blocks: the lowest wins),
+# "nan" (a NaN in x: the argmax is N, out of range).
+LM_HEAD = {"q4_151936x1024": (151936, 1024, False, None), "q4_32771x2048_norm": (32771, 2048, True, None),
+           "q4_151936x1024_tie": (151936, 1024, False, "tie"), "q4_151936x1024_nan": (151936, 1024, False, "nan")}
+
+
+# name -> (V, D, group, rot, token, position, rope scaling): the one-token prologue
+# (extern.embed_rope: the embedding row dequantized, the rotary cos/sin)
+PROLOGUE = {"qwen3_pos517": (1000, 1024, 64, 128, 777, 517, None),
+            "llama3_scaled_pos40000": (600, 2048, 32, 64, 5, 40000,
+                                        (("factor", 32.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                                         ("original_max_position_embeddings", 8192), ("rope_type", "llama3")))}
+
+
+def _prologue_inputs(V, D, group, rot, token, pos, scaling):
+    from iree_runner.compile.layers import rope_inv_freq
+
+    words, scales, biases = _dequant_inputs(V, D, group)
+    inv = rope_inv_freq(rot, 500000.0, scaling)
+    return [np.array([token], np.int32), np.array([pos], np.int32), inv, words, scales, biases]
+
+
+def prologue_reference(token, pos, inv, words, scales, biases, group):
+    """(the embedding row, cos, sin) in float64 (the angle is f32(pos) * inv_freq in f32, as JAX)."""
+    t = int(token[0])
+    q = ((words[t].view(np.uint32)[:, None] >> (4 * np.arange(8, dtype=np.uint32))) & 15).reshape(-1)
+    row = q.astype(np.float64) * np.repeat(scales[t], group) + np.repeat(biases[t], group)
+    angle = (np.float32(pos[0]) * inv).astype(np.float64)
+    return row, np.tile(np.cos(angle), 2), np.tile(np.sin(angle), 2)
 
 
 def _attention_inputs(C, H, KVH, Dh, S, start):
@@ -148,6 +177,17 @@ def _gemv_inputs(N, K, norm):
     return [x, *_dequant_inputs(N, K, 64)] + ([w] if norm else [])
 
 
+def _lm_head_inputs(N, K, norm, special):
+    x, words, scales, biases, *norm_w = _gemv_inputs(N, K, norm)
+    if special == "tie":  # row N - 5 much the largest, and copied to rows 9 and N // 2
+        scales[N - 5], biases[N - 5] = 0.0, np.sign(x.sum()) * 1e3
+        for r in (9, N // 2):
+            words[r], scales[r], biases[r] = words[N - 5], scales[N - 5], biases[N - 5]
+    if special == "nan":
+        x[K // 3] = np.nan
+    return [x, words, scales, biases, *norm_w]
+
+
 def gemv_reference(x, words, scales, biases, norm_w=None):
     """dequant(w) x in float64, x RMS-normed (times norm_w) first when given."""
     w = words.view(np.uint32)
@@ -206,6 +246,20 @@ def cases() -> dict:
             w = Packed(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, 64, np.dtype("float16"))
             return extern.gemv(x, w, norm=(norm_w[0], EPS, False) if norm_w else None)
         out[f"gemv_{name}"] = _export(fn, args)
+    for name, (V, D, group, rot, token, pos, scaling) in PROLOGUE.items():
+        args = _prologue_inputs(V, D, group, rot, token, pos, scaling)
+
+        def fn(token, pos, words, scales, biases, group=group, inv=args[2]):  # inv_freq: a constant, as in a step
+            w = Packed(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, group, np.dtype("float16"))
+            return extern.embed_rope(w, token, pos, inv)
+        out[f"prologue_{name}"] = _export(fn, args[:2] + args[3:])
+    for name, (N, K, norm, special) in LM_HEAD.items():
+        args = _lm_head_inputs(N, K, norm, special)
+
+        def fn(x, words, scales, biases, *norm_w):
+            w = Packed(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, 64, np.dtype("float16"))
+            return extern.lm_head(x, w, norm=(norm_w[0], EPS, False) if norm_w else None)
+        out[f"lm_head_{name}"] = _export(fn, args)
     return out
 
 
@@ -242,6 +296,13 @@ def check(root: Path) -> int:
     for name, (N, K, norm) in GEMV.items():
         a = _gemv_inputs(N, K, norm)
         inputs[f"gemv_{name}"] = (a, gemv_reference(*a), 1e-5)
+    for name, (N, K, norm, special) in LM_HEAD.items():
+        a = _lm_head_inputs(N, K, norm, special)
+        inputs[f"lm_head_{name}"] = (a, gemv_reference(*a), 1e-5)
+    for name, (V, D, group, rot, token, pos, scaling) in PROLOGUE.items():
+        a = _prologue_inputs(V, D, group, rot, token, pos, scaling)
+        row, cos, sin = prologue_reference(*a, group)
+        inputs[f"prologue_{name}"] = (a[:2] + a[3:], row, 1e-6, cos, sin)
     for name, (H, KVH, Dh, S, pos, window, softcap, qk_norm, rot) in DECODE.items():
         a = _decode_inputs(H, KVH, Dh, S, pos, rot, qk_norm)
         want, k, v = decode_reference(*a, H=H, window=window, softcap=softcap)
@@ -254,7 +315,7 @@ def check(root: Path) -> int:
         results = mod["main"](*xs)
         results = results if isinstance(results, (list, tuple)) else [results]
         got = np.asarray(results[0].to_host())
-        if len(results) == 3:  # the attention's caches, written in place: the new rows, nothing else
+        if len(results) == 3 and not name.startswith("prologue"):  # the attention's caches, written in place
             if new_kv:  # decode: the token's key (normed, rotated) and value
                 _, _, _, kc, vc, positions = xs[:6]
                 k, v = (x[None] for x in new_kv[0])
@@ -267,10 +328,26 @@ def check(root: Path) -> int:
                 same = _f16_steps(np.asarray(got_c.to_host()), want_c) <= (1 if new_kv else 0)
                 print(f"{name + ' ' + name_c + ' cache':36s} {'OK' if same else 'WRONG'}")
                 wrong += not same
+        if name.startswith("prologue"):  # the rotary cos and sin too
+            for part, want_p, got_p in (("cos", new_kv[0], results[1]), ("sin", new_kv[1], results[2])):
+                err_p = float(np.abs(np.asarray(got_p.to_host())[0] - want_p).max())
+                print(f"{name + ' ' + part:36s} max|err| {err_p:.3g} {'OK' if err_p <= 1e-6 else 'WRONG'}")
+                wrong += not err_p <= 1e-6
+            got = got[0]
+        if name.startswith("lm_head"):  # the first argmax of its own logits (N if one is NaN)
+            N = got.shape[0]
+            argmax, first = int(np.asarray(results[1].to_host()).reshape(-1)[0]), int(np.argmax(got))
+            expect = N if np.isnan(got).any() else first
+            same = argmax == expect and (not name.endswith("_tie") or argmax == 9)
+            print(f"{name + ' argmax':36s} {argmax} (want {expect}) {'OK' if same else 'WRONG'}")
+            wrong += not same
         if tol is None:  # f16 results: equal, or one f16 step apart (an FMA rounds once)
             steps = _f16_steps(got, want)
             ok = got.shape == want.shape and steps <= 1
             print(f"{name:36s} max f16 steps apart {steps} {'OK' if ok else 'WRONG'}", flush=True)
+        elif np.isnan(want).any():  # NaN in, NaN out
+            ok = bool(np.array_equal(np.isnan(got), np.isnan(want)))
+            print(f"{name:36s} NaN where the reference has NaN: {'OK' if ok else 'WRONG'}", flush=True)
         else:
             err = float(np.abs(got - want).max())
             ok = got.shape == want.shape and err <= tol * max(1.0, float(np.abs(want).max()))

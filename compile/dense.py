@@ -69,8 +69,8 @@ def cache_shape(cfg: DenseConfig, capacity: int) -> tuple[int, ...]:
 
 def forward(cfg: DenseConfig, w: dict, tokens, positions, k_cache, v_cache):
     """tokens, positions: [C] -> hidden states [C, D] after the final norm, updated caches."""
-    cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-    x = L.embed(w["model.embed_tokens.weight"], tokens)  # [C, D]
+    x, cos, sin = L.embed_and_rope(w["model.embed_tokens.weight"], tokens, positions,  # [C, D], [C, Dh]
+                                   L.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
     kv = L.KVCache(k_cache, v_cache, positions)
     for i, p in layer_names(cfg.num_hidden_layers):
         h = L.pre_norm(x, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
@@ -80,9 +80,9 @@ def forward(cfg: DenseConfig, w: dict, tokens, positions, k_cache, v_cache):
             qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None, residual=x)
         h = L.pre_norm(x, w[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps)
         x = L.gated_mlp(w, f"{p}.mlp", h, residual=x)
-    return (L.rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps), *kv.commit())
+    return (L.pre_norm(x, w["model.norm.weight"], cfg.rms_norm_eps), *kv.commit())
 
 
 def lm_head(cfg: DenseConfig, w: dict, h):
-    """h: [D] -> logits [V] in f32."""
-    return L.linear(h, w["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"])
+    """h: [D] (or a Normed) -> (logits [V] in f32, their argmax or None: layers.lm_head)."""
+    return L.lm_head(h, w["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"])

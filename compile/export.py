@@ -48,10 +48,12 @@ def make_step(family, cfg, packed_weights: tuple[packed.PackedSpec, ...] = (), d
         weights = packed.view(weights, packed_weights, dtype)
         positions = start + jnp.arange(tokens.shape[0], dtype=jnp.int32)
         h, k_cache, v_cache = family.forward(cfg, weights, tokens, positions, k_cache, v_cache)
-        # Row `last` as a masked sum: h[last] at a device-held index is read back to the host.
-        row = jnp.sum(jnp.where(jnp.arange(h.shape[0])[:, None] == last, h, 0.0), axis=0)
-        logits = family.lm_head(cfg, weights, row)
-        return logits, first_argmax(logits), k_cache, v_cache
+        if isinstance(h, layers.Normed):  # one token (so last = 0): its final norm folds into the lm_head
+            row = layers.Normed(h.x[0], h.w, h.eps, h.one_plus)
+        else:  # row `last` as a masked sum: h[last] at a device-held index is read back to the host
+            row = jnp.sum(jnp.where(jnp.arange(h.shape[0])[:, None] == last, h, 0.0), axis=0)
+        logits, argmax = family.lm_head(cfg, weights, row)
+        return logits, first_argmax(logits) if argmax is None else argmax, k_cache, v_cache
 
     return step
 
@@ -103,7 +105,9 @@ def _export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str) -> 
                for n, s, d in zip(spec.weight_names, spec.weight_shapes, spec.weight_dtypes)}
     cache = jax.ShapeDtypeStruct(spec.cache_shape, np.dtype(spec.cache_dtype))
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    exported = jax.export.export(jax.jit(fn, donate_argnums=(1, 2)), disabled_checks=extern.disabled_checks())(
+    # keep_unused: the runtime passes every argument, though a one-token step has no use for `last`.
+    exported = jax.export.export(jax.jit(fn, donate_argnums=(1, 2), keep_unused=True),
+                                 disabled_checks=extern.disabled_checks())(
         weights, cache, cache, jax.ShapeDtypeStruct((tokens,), jnp.int32), scalar, scalar)
     text = exported.mlir_module()
     # Every jax export is `module @jit_<fn>`; prefill and decode share one runtime context,

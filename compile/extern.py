@@ -61,9 +61,10 @@ KERNELS = {
     "gemv_gate": Kernel("gemv", 256),
     "gemv_q4": Kernel("gemv", 256),
     "gemv_q4_gate": Kernel("gemv", 256),
-    "gemv_q4_many_k1024": Kernel("gemv", 256),
-    "gemv_q4_many_k2048": Kernel("gemv", 256),
+    "lm_head_q4_k1024": Kernel("gemv", 256),
+    "lm_head_q4_k2048": Kernel("gemv", 256),
     "dequant_q4": Kernel("gemv", 256),
+    "embed_rope_q4": Kernel("step_prologue", 256),
     "prefill_attn": Kernel("prefill_attention", 256),
     "q4_gemv": Kernel("q4_gemv", target="cpu"),
     "q4_gemm": Kernel("q4_gemv", target="cpu"),
@@ -193,8 +194,7 @@ PREFETCH_SLOTS = 3
 # and saved the lm_head 1.2.
 PREFETCH_MAX_BYTES = 32 << 20
 MATVEC_WEIGHTS = {name: (1,) if name in ("gemv", "gemv_gate") else (1, 2, 3)  # their weight operands
-                  for name in ("gemv", "gemv_gate", "gemv_q4", "gemv_q4_gate", "gemv_q4_many_k1024",
-                               "gemv_q4_many_k2048")}
+                  for name in ("gemv", "gemv_gate", "gemv_q4", "gemv_q4_gate")}
 _DEF = re.compile(r"^\s*(%[\w#]+) = (.*)$")
 _BITCAST = re.compile(r"^stablehlo\.bitcast_convert (%arg\d+) : ")
 _ELEMENT_BYTES = {"f32": 4, "i32": 4, "ui32": 4, "f16": 2, "bf16": 2, "i8": 1, "ui8": 1}
@@ -594,9 +594,9 @@ def cpu_decode_attention(q, k, v, k_cache, v_cache, positions, *, layer: int, sc
 GEMV_WARPS = 8  # per block: one output each
 GEMV_MAX_K = 8192
 NORM, ONE_PLUS, BIAS, RESIDUAL, GATE, GELU = 1, 2, 4, 8, 16, 32  # the kernel's flags
-# Many rows, short K (an lm_head): gemv_q4_many_k<K>, its blocks looping over chunks of
-# rows. Its grid: one wave of 2 blocks per SM on an H100 / H200 (132 SMs); any grid is correct.
-GEMV_MANY_ROWS, GEMV_MANY_K, GEMV_MANY_GRID = 32768, (1024, 2048), 264
+# A packed lm_head (many rows, K = 1024 or 2048): lm_head_q4_k<K>, its blocks looping over
+# chunks of rows. Its grid: one wave of 2 blocks per SM on an H100 / H200 (132 SMs); any grid is correct.
+LM_HEAD_ROWS, LM_HEAD_K, LM_HEAD_GRID = 32768, (1024, 2048), 264  # grid <= 1024: the kernel's argmax
 Q4_GROUP = 64  # the group size both 4-bit kernels read
 
 
@@ -629,11 +629,44 @@ def gemv(x, w, *, bias=None, norm=None, residual=None, gate: str | None = None):
     flags |= (GATE if gate else 0) | (GELU if gate == "gelu_tanh" else 0)
     name = ("gemv_q4" if isinstance(w, Packed) else "gemv") + ("_gate" if gate else "")
     grid = -(-n // GEMV_WARPS)
-    if isinstance(w, Packed) and flags & ~(NORM | ONE_PLUS) == 0 and n >= GEMV_MANY_ROWS and k in GEMV_MANY_K:
-        name, grid = f"gemv_q4_many_k{k}", GEMV_MANY_GRID  # an lm_head
     # The prefetch slots: placeholders that link() fills with the next matvec's weights.
     return call(name, jax.ShapeDtypeStruct((n,), jnp.float32), operands + folded + [absent(jnp.float32)] * PREFETCH_SLOTS,
                 grid=grid, constants=[n, k, flags, f32_bits(0.0 if norm is None else norm[1])] + [0] * PREFETCH_SLOTS)
+
+
+def lm_head_fits(w) -> bool:
+    """Whether the CUDA lm_head kernel takes w: Packed 4-bit in groups of 64, many rows, K = 1024 or 2048."""
+    return _q4_fits(w, max(LM_HEAD_K)) and w.shape[0] >= LM_HEAD_ROWS and w.shape[1] in LM_HEAD_K
+
+
+def lm_head(x, w: Packed, *, norm=None):
+    """(logits w · x [N] f32, their first argmax [] int32: N where one is NaN, as
+    layers.max_and_first_index) on CUDA, x [K] f32 RMS-normed first with norm = (weight [K],
+    eps, one_plus), in one kernel (kernels/gemv.cu lm_head_q4_k<K>)."""
+    n, k = w.shape
+    flags, (norm_w, _, _) = _folded(norm, None, None, jnp.float16)
+    f32 = jnp.float32
+    logits, argmax, _, _ = call(
+        f"lm_head_q4_k{k}", (jax.ShapeDtypeStruct((n,), f32), jax.ShapeDtypeStruct((1,), jnp.int32),
+                             jax.ShapeDtypeStruct((LM_HEAD_GRID, 2), f32), jax.ShapeDtypeStruct((1,), jnp.int32)),
+        [x.astype(f32), *packed_operands(w), norm_w, jnp.zeros((1,), jnp.int32)], grid=LM_HEAD_GRID,
+        constants=[n, k, flags, f32_bits(0.0 if norm is None else norm[1])], aliases={5: 3})
+    return logits, argmax[0]
+
+
+def embed_rope_fits(table) -> bool:
+    """Whether the CUDA prologue kernel reads this embedding table: Packed 2-D 4-bit, groups a multiple of 8."""
+    return isinstance(table, Packed) and table.ndim == 2 and table.bits == 4 and table.group_size % 8 == 0
+
+
+def embed_rope(table: Packed, tokens, positions, inv_freq: np.ndarray):
+    """One token's embedding row [1, D] f32 (dequantized from 4-bit) and rotary cos, sin
+    [1, rot] f32 of its position (layers.rope_cos_sin), in one kernel (kernels/step_prologue.cu)."""
+    D, half, f32 = table.shape[1], inv_freq.shape[0], jnp.float32
+    x, cos, sin = call("embed_rope_q4", (jax.ShapeDtypeStruct((D,), f32), *[jax.ShapeDtypeStruct((2 * half,), f32)] * 2),
+                       [tokens, positions, jnp.asarray(inv_freq, f32), *packed_operands(table)], grid=1,
+                       constants=[D, half, table.group_size])
+    return x[None], cos[None], sin[None]
 
 
 def dequant_q4_fits(w) -> bool:

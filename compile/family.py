@@ -4,8 +4,9 @@ A family module (compile/<model_type>.py) defines:
   MODEL_TYPE, Config (frozen dataclass, `Config.from_checkpoint(checkpoint_config)`),
   weight_shapes(cfg) -> {name: shape}   names as MLX checkpoints store them,
   cache_shape(cfg, capacity) -> shape of the K (and V) cache,
-  forward(cfg, w, tokens, positions, k_cache, v_cache) -> (hidden [C, D], k_cache, v_cache),
-  lm_head(cfg, w, h [D]) -> logits [V].
+  forward(cfg, w, tokens, positions, k_cache, v_cache) -> (hidden [C, D] after the final norm
+    (a layers.Normed where one-token kernels apply it: layers.pre_norm), k_cache, v_cache),
+  lm_head(cfg, w, h [D] or a layers.Normed) -> (logits [V], their argmax or None).
 Families do not inherit from each other; shared pieces live in layers.py.
 """
 

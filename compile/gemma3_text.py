@@ -104,11 +104,11 @@ def forward(cfg: Config, w: dict, tokens, positions, k_cache, v_cache):
         x = x + norm(a, f"{p}.post_attention_layernorm.weight")
         m = L.gated_mlp(w, f"{p}.mlp", pre_norm(x, f"{p}.pre_feedforward_layernorm.weight"), act=L.gelu_tanh)
         x = x + norm(m, f"{p}.post_feedforward_layernorm.weight")
-    return (norm(x, "model.norm.weight"), *kv.commit())
+    return (L.pre_norm(x, w["model.norm.weight"], cfg.rms_norm_eps, one_plus=True), *kv.commit())
 
 
 def lm_head(cfg: Config, w: dict, h):
-    logits = L.linear(h, w["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"])
-    if cfg.final_logit_softcapping is not None:
-        logits = jnp.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
-    return logits
+    logits, argmax = L.lm_head(h, w["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"])
+    if cfg.final_logit_softcapping is not None:  # its argmax is the step's to take: tanh may tie rows
+        return jnp.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping, None
+    return logits, argmax

@@ -56,6 +56,18 @@ def linear(x, w, b=None, residual=None):
     return y if residual is None else residual + y
 
 
+def lm_head(h, w):
+    """(logits [V] f32 of h [D] (or a Normed) · w, their first argmax where a kernel computes it
+    with them, else None: the step takes it). On the one-token CUDA step a packed lm_head is one
+    kernel with its norm and argmax (extern.lm_head)."""
+    if DECODE_KERNEL == "cuda" and len(h.shape) == 1 and extern.lm_head_fits(w):
+        x, norm = _gemv_input(h)
+        return extern.lm_head(x, w, norm=norm)
+    # Elsewhere the norm stays a dispatch of its own, as it was: the f16 gemv kernel has not
+    # been measured against IREE's matmul on a whole lm_head.
+    return linear(h.value() if isinstance(h, Normed) else h, w), None
+
+
 def _one_row_kernel(x, w, residual):
     """The one-token linear kernel of the target that takes x · w, or None: CUDA's gemv (f16 or
     packed 4-bit weights; a plain f16 one only when there is a norm or residual to fold in), the
@@ -114,6 +126,14 @@ def embed(table, tokens):
     if isinstance(table, Packed):
         return table.rows(tokens).dequantize(F32)
     return table[tokens].astype(F32)
+
+
+def embed_and_rope(table, tokens, positions, inv_freq: np.ndarray):
+    """(embed(table, tokens), *rope_cos_sin(positions, inv_freq)); on the one-token CUDA step,
+    one kernel where the table is packed 4-bit (extern.embed_rope)."""
+    if DECODE_KERNEL == "cuda" and tokens.shape[0] == 1 and extern.embed_rope_fits(table):
+        return extern.embed_rope(table, tokens, positions, inv_freq)
+    return (embed(table, tokens), *rope_cos_sin(positions, inv_freq))
 
 
 def layer_norm(x, w, b, eps):

@@ -112,8 +112,8 @@ def moe(cfg: Config, w: dict, p: str, h):
 
 
 def forward(cfg: Config, w: dict, tokens, positions, k_cache, v_cache):
-    cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-    x = L.embed(w["model.embed_tokens.weight"], tokens)
+    x, cos, sin = L.embed_and_rope(w["model.embed_tokens.weight"], tokens, positions,
+                                   L.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
     kv = L.KVCache(k_cache, v_cache, positions)
     for i, p in layer_names(cfg.num_hidden_layers):
         h = L.pre_norm(x, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
@@ -123,8 +123,8 @@ def forward(cfg: Config, w: dict, tokens, positions, k_cache, v_cache):
             qk_norm_eps=cfg.rms_norm_eps, residual=x)
         h = L.rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps)
         x = x + (moe(cfg, w, f"{p}.mlp", h) if cfg.sparse_layers[i] else L.gated_mlp(w, f"{p}.mlp", h))
-    return (L.rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps), *kv.commit())
+    return (L.pre_norm(x, w["model.norm.weight"], cfg.rms_norm_eps), *kv.commit())
 
 
 def lm_head(cfg: Config, w: dict, h):
-    return L.linear(h, w["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"])
+    return L.lm_head(h, w["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"])

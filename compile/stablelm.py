@@ -69,9 +69,9 @@ def cache_shape(cfg: Config, capacity: int) -> tuple[int, ...]:
 
 
 def forward(cfg: Config, w: dict, tokens, positions, k_cache, v_cache):
-    cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling))
+    x, cos, sin = L.embed_and_rope(w["model.embed_tokens.weight"], tokens, positions,
+                                   L.rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling))
     norm = lambda x, name: L.layer_norm(x, w[f"{name}.weight"], w[f"{name}.bias"], cfg.layer_norm_eps)  # noqa: E731
-    x = L.embed(w["model.embed_tokens.weight"], tokens)
     kv = L.KVCache(k_cache, v_cache, positions)
     for i, p in layer_names(cfg.num_hidden_layers):
         h = norm(x, f"{p}.input_layernorm")
@@ -87,4 +87,4 @@ def forward(cfg: Config, w: dict, tokens, positions, k_cache, v_cache):
 
 
 def lm_head(cfg: Config, w: dict, h):
-    return L.linear(h, w["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"])
+    return L.lm_head(h, w["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"])

@@ -54,6 +54,30 @@ def test_cuda_decode_attention_is_the_kernel(family_name, tmp_path):
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)
+def test_packed_decode_starts_with_the_prologue_kernel(family_name):
+    """A packed one-token CUDA step takes its embedding row and rotary cos/sin from one kernel
+    (kernels/step_prologue.cu), but for Gemma3 (two rotary tables, a scaled embedding); f16
+    weights, prefill chunks and the CPU keep them in JAX."""
+    from test_packed import _packed_spec
+
+    fam, cfg, spec = _packed_spec(family_name, "float16", "cuda")
+    decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda"))
+    consts = _constants(decode, "embed_rope_q4")
+    if family_name == "gemma3_text":
+        assert consts == []
+    else:
+        rot = cfg.rotary_dim if family_name == "stablelm" else cfg.head_dim
+        group = next(p.group_size for p in spec.packed if p.name == "model.embed_tokens.weight")
+        assert consts == [[cfg.hidden_size, rot // 2, group]]
+    text = export.export_step(fam, cfg, spec, 8, "prefill", **iree_compile.export_options("cuda"))
+    assert "@step_prologue" not in text
+    fam, cfg, spec = _packed_spec(family_name, "float32", "cpu")
+    assert "@step_prologue" not in export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cpu"))
+    fam, cfg, spec = _spec(family_name, "float16")
+    assert "@step_prologue" not in export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda"))
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
 def test_cuda_prefill_attention_is_the_kernel(family_name):
     """A CUDA prefill chunk with an f16 cache attends with kernels/prefill_attention.cu, one
     dispatch per layer, passing each layer its window; an f32 cache, the CPU and --no-kernels
@@ -304,29 +328,37 @@ def test_stale_ptx_is_refused(tmp_path, monkeypatch):
         extern.checked_ptx("gemv")
 
 
-@pytest.mark.parametrize("rows, k, folded, kernel", [
-    (151936, 1024, {}, "gemv_q4_many_k1024"), (40000, 2048, {"norm": True}, "gemv_q4_many_k2048"),
-    (40000, 1536, {}, "gemv_q4"), (4096, 1024, {}, "gemv_q4"), (40000, 1024, {"residual": True}, "gemv_q4")])
-def test_an_lm_head_takes_the_many_row_kernel(rows, k, folded, kernel):
-    """A packed 4-bit matvec with many rows and K = 1024 or 2048 (an lm_head), and only a norm
-    folded in, runs gemv_q4_many_k<K> on one wave of blocks; any other, gemv_q4."""
+@pytest.mark.parametrize("rows, k, norm, kernel", [
+    (151936, 1024, False, "lm_head_q4_k1024"), (40000, 2048, True, "lm_head_q4_k2048"),
+    (40000, 1536, True, "gemv_q4"), (4096, 1024, False, "gemv_q4")])
+def test_an_lm_head_takes_its_kernel(rows, k, norm, kernel, monkeypatch):
+    """On a one-token CUDA step, a packed 4-bit lm_head with many rows and K = 1024 or 2048 runs
+    lm_head_q4_k<K> on one wave of blocks, its norm and argmax in the kernel; any other, the
+    norm, gemv_q4 and the step's argmax."""
     import jax
     import jax.numpy as jnp
 
+    from iree_runner.compile import layers
     from iree_runner.compile.packed import Packed
 
-    def fn(x, words, scales, biases, norm_w, residual):
+    monkeypatch.setattr(layers, "DECODE_KERNEL", "cuda")
+
+    def fn(x, words, scales, biases, norm_w):
         w = Packed(words, scales, biases, 4, 64, jnp.float16)
-        return extern.gemv(x, w, norm=(norm_w, 1e-6, False) if folded.get("norm") else None,
-                           residual=residual if folded.get("residual") else None)
+        logits, argmax = layers.lm_head(layers.Normed(x, norm_w, 1e-6, False) if norm else x, w)
+        return logits, export.first_argmax(logits) if argmax is None else argmax
 
     f32 = np.float32
     specs = [jax.ShapeDtypeStruct(s, d) for s, d in (((k,), f32), ((rows, k // 8), np.uint32), ((rows, k // 64), f32),
-                                                     ((rows, k // 64), f32), ((k,), np.float16), ((rows,), f32))]
+                                                     ((rows, k // 64), f32), ((k,), np.float16))]
     text = extern.link(jax.export.export(jax.jit(fn), disabled_checks=extern.disabled_checks())(*specs).mlir_module())
-    grid = extern.GEMV_MANY_GRID if "many" in kernel else -(-rows // extern.GEMV_WARPS)
+    grid = extern.LM_HEAD_GRID if kernel.startswith("lm_head") else -(-rows // extern.GEMV_WARPS)
     assert re.search(rf"flow\.dispatch @gemv::@{kernel}\[", text), kernel
     assert f"_grid = arith.constant {grid} : index" in text
+    # The argmax's and the norm's reductions are the graph's only where the kernel is gemv_q4.
+    assert ("stablehlo.reduce" in text) == (kernel == "gemv_q4")
+    if kernel.startswith("lm_head"):
+        assert _constants(text, kernel) == [[rows, k, extern.NORM if norm else 0, extern.f32_bits(1e-6 if norm else 0.0)]]
 
 
 def test_a_placeholder_it_cannot_read_is_an_error():

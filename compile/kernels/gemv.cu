@@ -276,10 +276,25 @@ extern "C" __global__ void __launch_bounds__(NT, 3) gemv_q4_gate(Q4_ARGS) {
 // at K = 2048, in flight; one chunk of 8 or 4 took 45.9 us for Qwen3-0.6B's lm_head and 72.7
 // for Llama-3.2-1B's on an H100, two take 43.1 and 65.7).
 // Flags: the norm only (no bias, residual, gate). K is the kernel's own (the push constant is
-// the one extern.gemv checked). Grid: any; one wave (extern.GEMV_MANY_GRID) balances the chunks best.
+// the one extern.lm_head checked). Grid: any; one wave (extern.LM_HEAD_GRID) balances the chunks best.
 //
 // R rows of a K = 1024 KW matvec, a lane's 16-byte pieces lane + 32 j of each (chunk c: rows
 // c R ... c R + R - 1; rows past N (or chunks past the last) are requested as row N - 1).
+// The largest logit seen and its lowest index (i < 0: a NaN was seen, and the argmax is N,
+// out of range, as layers.max_and_first_index gives it).
+struct Best {
+  float v = -INFINITY;
+  int i = 0x7fffffff;
+  __device__ __forceinline__ void take(float x, int j) {
+    if (x != x || i < 0) i = -1;
+    else if (x > v || (x == v && j < i)) v = x, i = j;
+  }
+  __device__ __forceinline__ void take(const Best& o) {
+    if (o.i < 0) i = -1;
+    else take(o.v, o.i);
+  }
+};
+
 template <int KW, int R>
 struct Chunk {
   uint4 q[R][KW];
@@ -300,9 +315,10 @@ struct Chunk {
       }
     }
   }
-  // out[rows] = r * (rows . x): s sum(q x) + b sum(x) per piece, summed over the warp.
+  // out[rows] = r * (rows . x): s sum(q x) + b sum(x) per piece, summed over the warp; lane 0
+  // keeps the best row so far in `best` (the rows come in increasing order).
   __device__ __forceinline__ void sum(const float (&xr)[KW][32], const float (&xsum)[KW], float r, int c, int N,
-                                      float* __restrict__ out) const {
+                                      float* __restrict__ out, Best& best) const {
     float acc[R];
 #pragma unroll
     for (int i = 0; i < R; ++i) {
@@ -320,12 +336,15 @@ struct Chunk {
     if (threadIdx.x % 32 == 0)
 #pragma unroll
       for (int i = 0; i < R; ++i)
-        if (c * R + i < N) out[c * R + i] = acc[i] * r;
+        if (c * R + i < N) {
+          out[c * R + i] = acc[i] * r;
+          best.take(acc[i] * r, c * R + i);
+        }
   }
 };
 
 template <int KW, int R>
-__device__ __forceinline__ void gemv_q4_many(const float* __restrict__ x, const uint32_t* __restrict__ W,
+__device__ __forceinline__ Best gemv_q4_many(const float* __restrict__ x, const uint32_t* __restrict__ W,
                                              const float* __restrict__ scales, const float* __restrict__ biases,
                                              const __half* __restrict__ norm_w, float* __restrict__ out, int N,
                                              int flags, int eps_bits) {
@@ -349,27 +368,79 @@ __device__ __forceinline__ void gemv_q4_many(const float* __restrict__ x, const 
   // Two chunks in flight per warp: the next one's rows are requested before this one's sums.
   int c = blockIdx.x * WARPS + warp;
   Chunk<KW, R> a, b;
+  Best best;
   a.load(W, scales, biases, c, N);
   while (c < chunks) {
     const int c1 = c + warps;
     b.load(W, scales, biases, c1, N);
-    a.sum(xr, xsum, r, c, N, out);
+    a.sum(xr, xsum, r, c, N, out, best);
     if (c1 >= chunks) break;
     c = c1 + warps;
     a.load(W, scales, biases, c, N);
-    b.sum(xr, xsum, r, c1, N, out);
+    b.sum(xr, xsum, r, c1, N, out, best);
+  }
+  return best;  // lane 0's
+}
+
+// The lm_head's argmax: each block's best row into `blocks` ([grid] value, index), then the
+// last block to finish (an atomic count in `sync`, zero) picks the first best of them all.
+// (IREE's argmax after the lm_head took 4 dispatches, ~12.6 us per Qwen3-0.6B step on an H100.)
+__device__ __forceinline__ void argmax_of_blocks(const Best& warp_best, float2* blocks, int* sync, int* argmax,
+                                                 int N) {
+  __shared__ Best warps[WARPS];
+  __shared__ int is_last;
+  const int t = threadIdx.x, lane = t % 32;
+  if (lane == 0) warps[t / 32] = warp_best;
+  __syncthreads();
+  if (t == 0) {
+    Best b = warps[0];
+#pragma unroll
+    for (int w = 1; w < WARPS; ++w) b.take(warps[w]);
+    blocks[blockIdx.x] = make_float2(b.v, __int_as_float(b.i));
+    __threadfence();  // the block's best, visible before it is counted
+    is_last = atomicAdd(sync, 1) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  // Every thread requests its blocks' entries at once (written by other blocks during this
+  // kernel: read past L1), then a warp and a block reduction. (One warp looping over them
+  // waited for each load in turn.)
+  constexpr int PER = 4;  // entries per thread: grids up to 1024 blocks
+  float2 e[PER];
+#pragma unroll
+  for (int j = 0; j < PER; ++j)
+    e[j] = t + j * NT < gridDim.x ? __ldcg(blocks + t + j * NT) : make_float2(-INFINITY, __int_as_float(0x7fffffff));
+  Best b;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) b.take(Best{e[j].x, __float_as_int(e[j].y)});
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) b.take(Best{__shfl_xor_sync(0xffffffffu, b.v, o), __shfl_xor_sync(0xffffffffu, b.i, o)});
+  __syncthreads();  // warps[] is reused
+  if (lane == 0) warps[t / 32] = b;
+  __syncthreads();
+  if (t == 0) {
+#pragma unroll
+    for (int w = 1; w < WARPS; ++w) b.take(warps[w]);
+    argmax[0] = b.i < 0 ? N : b.i;
   }
 }
 
 // KW = 1 and 2 (K = 1024, 2048), 128 bytes of weights per lane in flight.
-extern "C" __global__ void __launch_bounds__(NT, 2) gemv_q4_many_k1024(Q4_ARGS) {
-  NEXT.issue();
-  gemv_q4_many<1, 4>(x, W, scales, biases, norm_w, out, N, flags, eps_bits);
+// Bindings: x [K] f32, words, scales, biases, norm weight [K] f16, sync [1] int32 (zero;
+// written in place), then the results: logits [N] f32, argmax [1] int32, the blocks' best
+// [grid] (f32 value, int index bits). Push constants: N, K, flags (the norm only), eps bits.
+#define LM_ARGS                                                                                              \
+  const float* __restrict__ x, const uint32_t* __restrict__ W, const float* __restrict__ scales,             \
+      const float* __restrict__ biases, const __half* __restrict__ norm_w, int* sync, float* __restrict__ out, \
+      int* __restrict__ argmax, float2* blocks, int N, int K, int flags, int eps_bits
+extern "C" __global__ void __launch_bounds__(NT, 2) lm_head_q4_k1024(LM_ARGS) {
+  argmax_of_blocks(gemv_q4_many<1, 4>(x, W, scales, biases, norm_w, out, N, flags, eps_bits), blocks, sync, argmax, N);
 }
-extern "C" __global__ void __launch_bounds__(NT, 2) gemv_q4_many_k2048(Q4_ARGS) {
-  NEXT.issue();
-  gemv_q4_many<2, 2>(x, W, scales, biases, norm_w, out, N, flags, eps_bits);
+extern "C" __global__ void __launch_bounds__(NT, 2) lm_head_q4_k2048(LM_ARGS) {
+  argmax_of_blocks(gemv_q4_many<2, 2>(x, W, scales, biases, norm_w, out, N, flags, eps_bits), blocks, sync, argmax, N);
 }
+#undef LM_ARGS
 
 #undef Q4_ARGS
 #undef PF_ARGS
