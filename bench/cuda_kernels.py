@@ -5,10 +5,11 @@
 
 Inputs come from a seed, so only the .vmfb files and cases.json travel. Cases: the prefill
 attention over cache rows and the chunk's own keys (several head layouts, starts, a sliding
-window and a soft-cap; and the chunk's K/V it writes into the caches), the 4-bit
-dequantization, 4-bit matvecs and lm_heads (their argmax too: ties, NaN). The whole steps are checked against the HF
-oracle by bench/gpu_agreement.py; these cases reach what its short prompts do not (a chunk after
-hundreds of cached rows).
+window and a soft-cap; and the chunk's K/V it writes into the caches), the decode attention
+(both forms), the 4-bit dequantization, 4-bit matvecs and lm_heads (their argmax too: ties,
+NaN), and the one-token prologue (embedding row, rotary cos/sin). The whole steps are checked
+against the HF oracle by bench/gpu_agreement.py; these cases reach what its short prompts do not
+(a chunk after hundreds of cached rows).
 """
 
 from __future__ import annotations

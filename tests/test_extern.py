@@ -249,6 +249,28 @@ def test_attention_shapes_take_their_specialized_kernels(heads, kv_heads, head_d
         assert extern.partial_kernel(g) == partial and partial in extern.KERNELS
 
 
+@pytest.mark.parametrize("heads, kv_heads, head_dim, kernels", [
+    (16, 8, 128, ["decode_attn_g2_kb2_ch16_d128"]), (4, 1, 256, ["decode_attn_g4_kb1_ch8_d256"]),
+    (14, 2, 64, ["decode_attn_partial", "decode_attn_combine"]), (6, 3, 64, ["decode_attn_partial_g2", "decode_attn_combine"])])
+def test_decode_attention_links_its_kernels(heads, kv_heads, head_dim, kernels):
+    """extern.decode_attention of real shapes links (extern.link checks each kernel's parameters
+    against its PTX): one kernel for the specialized shapes, partial then combine for the others."""
+    import jax
+
+    S, f32 = 768, np.float32
+    specs = [jax.ShapeDtypeStruct(s, d) for s, d in (
+        (((heads + 2 * kv_heads) * head_dim,), f32), ((head_dim,), f32), ((head_dim,), f32),
+        ((2, head_dim, S, kv_heads), np.float16), ((2, head_dim, S, kv_heads), np.float16), ((1,), np.int32),
+        ((2, head_dim), np.float16), ((2, head_dim), np.float16))]
+
+    def fn(qkv, cos, sin, kc, vc, positions, wq, wk):
+        return extern.decode_attention(qkv, cos, sin, kc, vc, positions, heads=heads, layer=1, scale=0.1, window=None,
+                                       softcap=None, qk_norm=(wq, wk, 1e-6, False))[:3]
+
+    text = extern.link(jax.export.export(jax.jit(fn), disabled_checks=extern.disabled_checks())(*specs).mlir_module())
+    assert re.findall(r"flow\.dispatch @decode_attention::@(\w+)\[", text) == kernels
+
+
 @pytest.mark.parametrize("head_dim, kv_heads, keys", [(128, 8, 16), (64, 8, 16), (256, 1, 8), (256, 2, 8),
                                                      (128, 3, 16), (64, 1, 16)])
 def test_partial_blocks_stage_what_fits(head_dim, kv_heads, keys):
