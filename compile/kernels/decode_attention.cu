@@ -370,14 +370,16 @@ PARTIAL_KERNEL(decode_attn_partial_g4, 4)
 // The last block's fold: a warp per (query head, DH / WPH features), lane: features
 // d0 + lane + 32 j. The partials are read past L1 (__ldcg: other blocks wrote them during this
 // kernel). The first C0 blocks' vectors are requested with every block's (m, l), so up to C0
-// blocks (512 keys for Qwen3-0.6B) take one round of loads; later ones C0 at a time.
+// blocks take one round of loads; later ones C0 at a time.
 // kv_own: the token's keys (normed and rotated) and values, rows of DH + 1.
 template <int G, int KB, int CH, int DH>
 __device__ __forceinline__ void fold_partials(const float* qs, const float* kv_own, __half* kc, __half* vc,
                                               const float* part, float* __restrict__ out, int b0, int nb, int kb0,
                                               int KVH, int S, int layer, int pos, float scale, float cap) {
   constexpr int HB = KB * G, WPH = NT / 32 / HB < DH / 32 ? NT / 32 / HB : DH / 32;  // warps per head
-  constexpr int DL = DH / WPH / 32, C0 = 64 / DL < 32 ? 64 / DL : 32;
+  // C0 blocks a round (40 for Qwen3-0.6B and Llama-3.2-1B: 640 keys in one round); each lane
+  // holds the (m, l) of blocks lane + 32 j, j < J.
+  constexpr int DL = DH / WPH / 32, C0 = 80 / DL < 64 ? 80 / DL : 64, J = (C0 + 31) / 32;
   static_assert(HB <= NT / 32 && DH % (32 * WPH) == 0, "shape");
   const int t = threadIdx.x, warp = t / 32, lane = t % 32, H = KVH * G, h0 = kb0 * G;
   for (int i = t; i < KB * DH; i += NT) {  // rounded to f16 as the JAX cache write rounds (nearest even)
@@ -390,15 +392,20 @@ __device__ __forceinline__ void fold_partials(const float* qs, const float* kv_o
   const int hl = warp / WPH, d0 = (warp % WPH) * (DH / WPH) + lane, kvl = hl / G;
   const size_t row = DH + 2, stride = (size_t)H * row;
   const float* ph = part + (size_t)(h0 + hl) * row + (size_t)b0 * stride;
-  float a[C0][DL];
+  float a[C0][DL], mb[J], lb[J];
 #pragma unroll
   for (int u = 0; u < C0; ++u)
 #pragma unroll
     for (int j = 0; j < DL; ++j) a[u][j] = u < nb ? __ldcg(ph + u * stride + d0 + 32 * j) : 0.f;
-  float mb = -INFINITY, lb = 0.f;  // block `lane`'s
-  if (lane < nb) mb = __ldcg(ph + lane * stride + DH), lb = __ldcg(ph + lane * stride + DH + 1);
-  float mx = mb;
-  for (int b = lane + 32; b < nb; b += 32) mx = fmaxf(mx, __ldcg(ph + b * stride + DH));
+  float mx = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    const int b = lane + 32 * j;
+    mb[j] = b < nb ? __ldcg(ph + b * stride + DH) : -INFINITY;
+    lb[j] = b < nb ? __ldcg(ph + b * stride + DH + 1) : 0.f;
+    mx = fmaxf(mx, mb[j]);
+  }
+  for (int b = lane + 32 * J; b < nb; b += 32) mx = fmaxf(mx, __ldcg(ph + b * stride + DH));
   const float* q = qs + hl * (DH + 1);
   const float* k = kv_own + kvl * (DH + 1);
   float dot = 0.f;
@@ -409,12 +416,16 @@ __device__ __forceinline__ void fold_partials(const float* qs, const float* kv_o
   float acc[DL];
 #pragma unroll
   for (int j = 0; j < DL; ++j) acc[j] = w_new * kv_own[(KB + kvl) * (DH + 1) + d0 + 32 * j];
-  float w = lane < C0 && lane < nb ? __expf(mb - m) : 0.f;  // 0 for an empty block too (m = -inf)
-  float l = w * lb;
+  float w[J], l = 0.f;
+#pragma unroll
+  for (int j = 0; j < J; ++j) {  // 0 for an empty block too (m = -inf)
+    w[j] = lane + 32 * j < C0 && lane + 32 * j < nb ? __expf(mb[j] - m) : 0.f;
+    l += w[j] * lb[j];
+  }
   for (int c = 0;;) {
 #pragma unroll
     for (int u = 0; u < C0; ++u) {
-      const float wu = __shfl_sync(0xffffffffu, w, u);
+      const float wu = __shfl_sync(0xffffffffu, w[u / 32], u % 32);
 #pragma unroll
       for (int j = 0; j < DL; ++j) acc[j] += wu * a[u][j];
     }
@@ -423,11 +434,13 @@ __device__ __forceinline__ void fold_partials(const float* qs, const float* kv_o
     for (int u = 0; u < C0; ++u)
 #pragma unroll
       for (int j = 0; j < DL; ++j) a[u][j] = c + u < nb ? __ldcg(ph + (c + u) * stride + d0 + 32 * j) : 0.f;
-    const bool own = lane < C0 && c + lane < nb;
-    const float mc = own ? __ldcg(ph + (c + lane) * stride + DH) : -INFINITY;
-    const float lc = own ? __ldcg(ph + (c + lane) * stride + DH + 1) : 0.f;
-    w = own ? __expf(mc - m) : 0.f;
-    l += w * lc;
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int b = c + lane + 32 * j;
+      const bool own = lane + 32 * j < C0 && b < nb;
+      w[j] = own ? __expf(__ldcg(ph + b * stride + DH) - m) : 0.f;
+      l += w[j] * (own ? __ldcg(ph + b * stride + DH + 1) : 0.f);
+    }
   }
   const float denom = warp_reduce<false>(l) + w_new;
 #pragma unroll
