@@ -316,7 +316,13 @@ def check(root: Path) -> int:
         results = mod["main"](*xs)
         results = results if isinstance(results, (list, tuple)) else [results]
         got = np.asarray(results[0].to_host())
-        if len(results) == 3 and not name.startswith("prologue"):  # the attention's caches, written in place
+        if name.startswith("prologue"):  # the rotary cos and sin too
+            for part, want_p, got_p in (("cos", new_kv[0], results[1]), ("sin", new_kv[1], results[2])):
+                err_p = float(np.abs(np.asarray(got_p.to_host())[0] - want_p).max())
+                print(f"{name + ' ' + part:36s} max|err| {err_p:.3g} {'OK' if err_p <= 1e-6 else 'WRONG'}")
+                wrong += not err_p <= 1e-6
+            got = got[0]
+        elif len(results) == 3:  # the attention's caches, written in place
             if new_kv:  # decode: the token's key (normed, rotated) and value
                 _, _, _, kc, vc, positions = xs[:6]
                 k, v = (x[None] for x in new_kv[0])
@@ -329,12 +335,6 @@ def check(root: Path) -> int:
                 same = _f16_steps(np.asarray(got_c.to_host()), want_c) <= (1 if new_kv else 0)
                 print(f"{name + ' ' + name_c + ' cache':36s} {'OK' if same else 'WRONG'}")
                 wrong += not same
-        if name.startswith("prologue"):  # the rotary cos and sin too
-            for part, want_p, got_p in (("cos", new_kv[0], results[1]), ("sin", new_kv[1], results[2])):
-                err_p = float(np.abs(np.asarray(got_p.to_host())[0] - want_p).max())
-                print(f"{name + ' ' + part:36s} max|err| {err_p:.3g} {'OK' if err_p <= 1e-6 else 'WRONG'}")
-                wrong += not err_p <= 1e-6
-            got = got[0]
         if name.startswith("lm_head"):  # the first argmax of its own logits (N if one is NaN)
             N = got.shape[0]
             argmax, first = int(np.asarray(results[1].to_host()).reshape(-1)[0]), int(np.argmax(got))

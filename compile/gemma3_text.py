@@ -104,7 +104,7 @@ def forward(cfg: Config, w: dict, tokens, positions, k_cache, v_cache):
         x = x + norm(a, f"{p}.post_attention_layernorm.weight")
         m = L.gated_mlp(w, f"{p}.mlp", pre_norm(x, f"{p}.pre_feedforward_layernorm.weight"), act=L.gelu_tanh)
         x = x + norm(m, f"{p}.post_feedforward_layernorm.weight")
-    return (L.pre_norm(x, w["model.norm.weight"], cfg.rms_norm_eps, one_plus=True), *kv.commit())
+    return (pre_norm(x, "model.norm.weight"), *kv.commit())
 
 
 def lm_head(cfg: Config, w: dict, h):

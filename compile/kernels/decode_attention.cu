@@ -70,6 +70,18 @@ __device__ __forceinline__ float squash(float s, float scale, float cap) {
 // The first cached key that query position pos may see.
 __device__ __forceinline__ int first_key(int pos, int window) { return window > 0 ? max(0, pos - window + 1) : 0; }
 
+// The blocks of CH keys with a key that position pos may see: b0 .. b1 - 1 (none when b0 == b1).
+__device__ __forceinline__ void active_blocks(int CH, int pos, int window, int* b0, int* b1) {
+  const int first = first_key(pos, window);
+  *b0 = first / CH;
+  *b1 = first < pos ? (pos + CH - 1) / CH : *b0;
+}
+
+// A q/k norm weight's feature d as f32: 1 + w where the family says so (qk & 2).
+__device__ __forceinline__ float norm_weight(const __half* __restrict__ w, int d, int qk) {
+  return __half2float(w[d]) + ((qk & 2) ? 1.f : 0.f);
+}
+
 // Keys [lo, hi) of block b that query position pos may see; empty when lo >= hi.
 __device__ __forceinline__ void block_keys(int b, int CH, int pos, int window, int* lo, int* hi) {
   *lo = max(b * CH, first_key(pos, window));
@@ -225,7 +237,7 @@ __device__ __forceinline__ void partial_body(
     // (Requesting these three first too, held in registers, made the kernel spill: 10.6 -> 11.3
     // us per Qwen3-0.6B layer, 9.9 -> 12.4 per Llama-3.2-1B layer on an H100.)
     if (qk & 1)
-      for (int d = t; d < Dh; d += NT) wqs[d] = __half2float(wq[d]) + ((qk & 2) ? 1.f : 0.f);
+      for (int d = t; d < Dh; d += NT) wqs[d] = norm_weight(wq, d, qk);
     for (int d = t; d < rot; d += NT) cs[d] = cos[d], sn[d] = sin[d];
     if (kv_own != nullptr) {
       for (int i = t; i < 2 * KB * Dh; i += NT) {
@@ -233,7 +245,7 @@ __device__ __forceinline__ void partial_body(
         kv_own[r * Q1 + i % Dh] = qkv[(size_t)head * Dh + i % Dh];
       }
       if (qk & 1)
-        for (int d = t; d < Dh; d += NT) wks[d] = __half2float(wk[d]) + ((qk & 2) ? 1.f : 0.f);
+        for (int d = t; d < Dh; d += NT) wks[d] = norm_weight(wk, d, qk);
     }
     store_rows(keys, ks, CH, KB, Dh);
     store_rows(values, vs, CH, KB, Dh);
@@ -461,8 +473,9 @@ __device__ __forceinline__ void fold_partials(const float* qs, const float* kv_o
     __shared__ float wqs[256], cs[256], sn[256], wks[256];                                                    \
     __shared__ int is_last;                                                                                   \
     const int pos = pos_p[0], groups = KVH / KB, b = blockIdx.x / groups, grp = blockIdx.x % groups;          \
-    const int first = first_key(pos, window), b0 = first / CH;                                                \
-    const int nb = max(first < pos ? (pos + CH - 1) / CH - b0 : 0, 1);                                        \
+    int b0, b1;                                                                                               \
+    active_blocks(CH, pos, window, &b0, &b1);                                                                 \
+    const int nb = max(b1 - b0, 1);                                                                           \
     if (b < b0 || b >= b0 + nb) return;                                                                       \
     const float scale = __int_as_float(scale_bits), cap = __int_as_float(softcap_bits);                       \
     const float eps = __int_as_float(eps_bits);                                                               \
@@ -522,11 +535,11 @@ extern "C" __global__ void __launch_bounds__(128, 4) decode_attn_combine(
   const int pos = pos_p[0], H = KVH * G, kvh = qh / G, t = threadIdx.x, lane = t % 32, warp = t / 32;
   const float scale = __int_as_float(scale_bits), cap = __int_as_float(softcap_bits);
   const float* v_new = qkv + (H + KVH) * Dh + kvh * Dh;
-  // The active blocks are b0..b1-1 (as block_keys says). Everything that does not depend on
+  // The active blocks are b0..b1-1. Everything that does not depend on
   // the norms is requested first: the norm weights, cos and sin, the blocks' (m, l) and, per
   // warp, its first PV blocks' partial vectors, so their loads overlap q's and k's and the norms.
-  const int first = first_key(pos, window);
-  const int b0 = first / CH, b1 = first < pos ? (pos + CH - 1) / CH : b0;
+  int b0, b1;
+  active_blocks(CH, pos, window, &b0, &b1);
   const size_t row = Dh + 2;
   const float* ph = part + (size_t)qh * row;  // block b's row for this head: ph + b * H * row
   // (Requested here rather than after q's and k's loads: 5.97 -> 5.54 us per Qwen3-0.6B layer.)
@@ -534,8 +547,8 @@ extern "C" __global__ void __launch_bounds__(128, 4) decode_attn_combine(
 #pragma unroll
   for (int u = 0; u < 2; ++u) {
     const int d = t + 128 * u;
-    wq_r[u] = (qk & 1) && d < Dh ? __half2float(wq[d]) + ((qk & 2) ? 1.f : 0.f) : 0.f;
-    wk_r[u] = (qk & 1) && d < Dh ? __half2float(wk[d]) + ((qk & 2) ? 1.f : 0.f) : 0.f;
+    wq_r[u] = (qk & 1) && d < Dh ? norm_weight(wq, d, qk) : 0.f;
+    wk_r[u] = (qk & 1) && d < Dh ? norm_weight(wk, d, qk) : 0.f;
     cos_r[u] = d < rot ? cos[d] : 0.f;
     sin_r[u] = d < rot ? sin[d] : 0.f;
   }

@@ -277,9 +277,7 @@ extern "C" __global__ void __launch_bounds__(NT, 3) gemv_q4_gate(Q4_ARGS) {
 // for Llama-3.2-1B's on an H100, two take 43.1 and 65.7).
 // Flags: the norm only (no bias, residual, gate). K is the kernel's own (the push constant is
 // the one extern.lm_head checked). Grid: any; one wave (extern.LM_HEAD_GRID) balances the chunks best.
-//
-// R rows of a K = 1024 KW matvec, a lane's 16-byte pieces lane + 32 j of each (chunk c: rows
-// c R ... c R + R - 1; rows past N (or chunks past the last) are requested as row N - 1).
+
 // The largest logit seen and its lowest index (i < 0: a NaN was seen, and the argmax is N,
 // out of range, as layers.max_and_first_index gives it).
 struct Best {
@@ -295,6 +293,8 @@ struct Best {
   }
 };
 
+// R rows of a K = 1024 KW matvec, a lane's 16-byte pieces lane + 32 j of each (chunk c: rows
+// c R ... c R + R - 1; rows past N (or chunks past the last) are requested as row N - 1).
 template <int KW, int R>
 struct Chunk {
   uint4 q[R][KW];
