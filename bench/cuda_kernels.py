@@ -237,28 +237,28 @@ def cases() -> dict:
         args = _dequant_inputs(N, K, group)
 
         def fn(words, scales, biases, group=group):
-            w = Packed(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, group, np.dtype("float16"))
+            w = Packed.of(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, group, np.dtype("float16"))
             return extern.dequant_q4(w)
         out[f"dequant_{name}"] = _export(fn, args)
     for name, (N, K, norm) in GEMV.items():
         args = _gemv_inputs(N, K, norm)
 
         def fn(x, words, scales, biases, *norm_w):
-            w = Packed(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, 64, np.dtype("float16"))
+            w = Packed.of(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, 64, np.dtype("float16"))
             return extern.gemv(x, w, norm=(norm_w[0], EPS, False) if norm_w else None)
         out[f"gemv_{name}"] = _export(fn, args)
     for name, (V, D, group, rot, token, pos, scaling) in PROLOGUE.items():
         args = _prologue_inputs(V, D, group, rot, token, pos, scaling)
 
         def fn(token, pos, words, scales, biases, group=group, inv=args[2]):  # inv_freq: a constant, as in a step
-            w = Packed(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, group, np.dtype("float16"))
+            w = Packed.of(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, group, np.dtype("float16"))
             return extern.embed_rope(w, token, pos, inv)
         out[f"prologue_{name}"] = _export(fn, args[:2] + args[3:])
     for name, (N, K, norm, special) in LM_HEAD.items():
         args = _lm_head_inputs(N, K, norm, special)
 
         def fn(x, words, scales, biases, *norm_w):
-            w = Packed(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, 64, np.dtype("float16"))
+            w = Packed.of(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, 64, np.dtype("float16"))
             return extern.lm_head(x, w, norm=(norm_w[0], EPS, False) if norm_w else None)
         out[f"lm_head_{name}"] = _export(fn, args)
     return out

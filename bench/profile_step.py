@@ -14,6 +14,7 @@ import ctypes
 import os
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,6 @@ from iree_runner.session import Session
 
 def random_session(bundle: Path, target: str = "cuda") -> Session:
     """A session of a bundle, or of a `bench/diag_cuda.py make` variant, on random weights."""
-    rng = np.random.default_rng(0)
     if (bundle / "meta.json").exists():  # a bench/diag_cuda.py variant
         sys.path.insert(0, str(Path(__file__).parent))
         from diag_cuda import session_for
@@ -32,10 +32,21 @@ def random_session(bundle: Path, target: str = "cuda") -> Session:
         return session_for(bundle, target)
     m = read_manifest(bundle)
     b = m.targets[target]
-    w = {n: rng.integers(0, 2**32, s, dtype=np.uint32) if d == "uint32"  # packed words
-         else (rng.standard_normal(s, dtype=np.float32) * 0.02).astype(d)
-         for n, s, d in zip(b.weight_names, b.weight_shapes, b.dtypes())}
+    w = {n: random_weight(n, tuple(s), d) for n, s, d in zip(b.weight_names, b.weight_shapes, b.dtypes())}
     return Session(bundle, b, w, max_context=m.max_context, prefill_chunk=m.prefill_chunk)
+
+
+def random_weight(name: str, shape: tuple, dtype: str) -> np.ndarray:
+    """Weight `name`'s random values, seeded by its name, so that bundles whose steps take a
+    weight in other arguments (packed `.scales_biases`, or bundle format 2's `.scales` and
+    `.biases`) get the same values: bench/compare_steps.py across such a change."""
+    if name.endswith(".scales_biases"):
+        base = name.removesuffix("scales_biases")
+        return np.stack([random_weight(base + part, shape[:-1], dtype) for part in ("scales", "biases")], axis=-1)
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    if dtype == "uint32":  # packed words
+        return rng.integers(0, 2**32, shape, dtype=np.uint32)
+    return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(dtype)
 
 
 def main(bundle: Path, target: str = "cuda", steps: int = 1) -> None:

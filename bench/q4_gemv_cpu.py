@@ -64,7 +64,7 @@ def mv_c(x, p, s, b):
     from iree_runner.compile import extern
     from iree_runner.compile.packed import Packed
 
-    return extern.q4_gemv(x, Packed(p, s, b, 4, GROUP, jnp.float32))
+    return extern.q4_gemv(x, Packed.of(p, s, b, 4, GROUP, jnp.float32))
 
 
 def mv_f32(x, w):
@@ -76,7 +76,7 @@ def mv_deq(x, p, s, b):
 
     from iree_runner.compile.packed import Packed
 
-    return Packed(p, s, b, 4, GROUP, jnp.float32).dequantize() @ x
+    return Packed.of(p, s, b, 4, GROUP, jnp.float32).dequantize() @ x
 
 
 def chain(mv, per: int):

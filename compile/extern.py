@@ -84,9 +84,9 @@ def f32_bits(x: float) -> int:
 
 
 def packed_operands(w: Packed) -> list:
-    """A packed weight as a kernel's operands: words, scales, biases. The words go as int32, the
+    """A packed weight as a kernel's operands: words, scales_biases. The words go as int32, the
     same bits: IREE does not legalize a dispatch operand of unsigned type."""
-    return [jax.lax.bitcast_convert_type(w.words, jnp.int32), w.scales, w.biases]
+    return [jax.lax.bitcast_convert_type(w.words, jnp.int32), w.scales_biases]
 
 
 def _like(*arrays) -> tuple:
@@ -193,7 +193,7 @@ PREFETCH_SLOTS = 3
 # last layer's down_proj requesting Qwen3-0.6B's 97 MB lm_head took 14.6 us instead of 5.0
 # and saved the lm_head 1.2.
 PREFETCH_MAX_BYTES = 32 << 20
-MATVEC_WEIGHTS = {name: (1,) if name in ("gemv", "gemv_gate") else (1, 2, 3)  # their weight operands
+MATVEC_WEIGHTS = {name: (1,) if name in ("gemv", "gemv_gate") else (1, 2)  # their weight operands
                   for name in ("gemv", "gemv_gate", "gemv_q4", "gemv_q4_gate")}
 _DEF = re.compile(r"^\s*(%[\w#]+) = (.*)$")
 _BITCAST = re.compile(r"^stablehlo\.bitcast_convert (%arg\d+) : ")
@@ -650,7 +650,7 @@ def lm_head(x, w: Packed, *, norm=None):
         f"lm_head_q4_k{k}", (jax.ShapeDtypeStruct((n,), f32), jax.ShapeDtypeStruct((1,), jnp.int32),
                              jax.ShapeDtypeStruct((LM_HEAD_GRID, 2), f32), jax.ShapeDtypeStruct((1,), jnp.int32)),
         [x.astype(f32), *packed_operands(w), norm_w, jnp.zeros((1,), jnp.int32)], grid=LM_HEAD_GRID,
-        constants=[n, k, flags, f32_bits(0.0 if norm is None else norm[1])], aliases={5: 3})
+        constants=[n, k, flags, f32_bits(0.0 if norm is None else norm[1])], aliases={4: 3})
     return logits, argmax[0]
 
 

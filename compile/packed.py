@@ -1,10 +1,11 @@
 """MLX affine-quantized weights kept packed on the device (`iree-generate compile --packed`).
 
-A packed weight `x.weight` enters the step as three arguments, as the checkpoint stores them:
-`x.weight` (uint32 words [out, in * bits / 32]) and `x.scales`, `x.biases` ([out, in / group],
-widened to f32 when loaded, which is exact). The model code sees one `Packed` in their place:
-`layers.linear` gives it to a kernel that dequantizes as it reads (compile/extern.py: CUDA and
-CPU one-token steps), anything else dequantizes it in the graph (w = scales * q + biases per
+A packed weight `x.weight` enters the step as two arguments: `x.weight` (uint32 words
+[out, in * bits / 32], as the checkpoint stores them) and `x.scales_biases` ([out, in / group, 2]:
+the checkpoint's `x.scales` and `x.biases` widened to f32 when loaded, which is exact, and put
+side by side, so a kernel reads a group's two in one load). The model code sees one `Packed` in
+their place: `layers.linear` gives it to a kernel that dequantizes as it reads
+(compile/extern.py: CUDA and CPU one-token steps), anything else dequantizes it in the graph (w = scales * q + biases per
 group along `in`, value i of a row in bits [i * bits, (i + 1) * bits) of its words).
 Only 2-D weights of linear and embedding layers are kept packed; MoE expert stacks and
 2/3/5/6-bit weights (whose values straddle words, or no kernel reads) are dequantized when
@@ -34,8 +35,8 @@ class PackedSpec:
     def arguments(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """The step's arguments for it: name -> (shape, dtype)."""
         (n, k), groups = self.shape, (self.shape[0], self.shape[1] // self.group_size)
-        words, scales, biases = packed_arguments(self.name)
-        return {words: ((n, k * self.bits // 32), "uint32"), scales: (groups, "float32"), biases: (groups, "float32")}
+        words, scales_biases = packed_arguments(self.name)
+        return {words: ((n, k * self.bits // 32), "uint32"), scales_biases: ((*groups, 2), "float32")}
 
 
 def choose(shapes: dict[str, tuple[int, ...]], quant_spec, bits: tuple[int, ...] = PACKED_BITS) -> tuple[PackedSpec, ...]:
@@ -54,18 +55,32 @@ def choose(shapes: dict[str, tuple[int, ...]], quant_spec, bits: tuple[int, ...]
 
 
 class Packed:
-    """A packed weight inside the traced step: words, scales and biases, bits and group size.
-    `dtype` is the float dtype the graph dequantizes to (the other weights' dtype)."""
+    """A packed weight inside the traced step: words, scales_biases ([..., out, in / group, 2]:
+    each group's scale and bias), bits and group size. `dtype` is the float dtype the graph
+    dequantizes to (the other weights' dtype)."""
 
-    def __init__(self, words, scales, biases, bits: int, group_size: int, dtype):
-        self.words, self.scales, self.biases = words, scales, biases
+    def __init__(self, words, scales_biases, bits: int, group_size: int, dtype):
+        self.words, self.scales_biases = words, scales_biases
         self.bits, self.group_size, self.dtype = bits, group_size, dtype
         self.shape = (*words.shape[:-1], words.shape[-1] * 32 // bits)
         self.ndim = len(self.shape)
 
+    @classmethod
+    def of(cls, words, scales, biases, bits: int, group_size: int, dtype) -> "Packed":
+        """From separate scales and biases [..., out, in / group]."""
+        return cls(words, jnp.stack([scales, biases], axis=-1), bits, group_size, dtype)
+
+    @property
+    def scales(self):
+        return self.scales_biases[..., 0]
+
+    @property
+    def biases(self):
+        return self.scales_biases[..., 1]
+
     def rows(self, idx) -> "Packed":
         """The rows `idx` (an embedding lookup), still packed."""
-        return Packed(self.words[idx], self.scales[idx], self.biases[idx], self.bits, self.group_size, self.dtype)
+        return Packed(self.words[idx], self.scales_biases[idx], self.bits, self.group_size, self.dtype)
 
     def dequantize(self, dtype=None):
         """[..., out, in] in `dtype` (default self.dtype), computed in f32."""
@@ -78,9 +93,9 @@ class Packed:
 
 
 def view(weights: dict, specs: tuple[PackedSpec, ...], dtype) -> dict:
-    """The step's weight arguments with each packed triple replaced by one Packed."""
+    """The step's weight arguments with each packed pair replaced by one Packed."""
     w = dict(weights)
     for s in specs:
-        words, scales, biases = packed_arguments(s.name)
-        w[words] = Packed(w[words], w.pop(scales), w.pop(biases), s.bits, s.group_size, dtype)
+        words, scales_biases = packed_arguments(s.name)
+        w[words] = Packed(w[words], w.pop(scales_biases), s.bits, s.group_size, dtype)
     return w

@@ -18,7 +18,7 @@ from pathlib import Path
 
 # 2: each step returns once its work is queued (IREE's async-external model) and takes the
 # storage for its results and transients from the caller (compile/export.py CALLER_STORAGE).
-FORMAT = 2
+FORMAT = 3  # 3: packed weights take scales_biases (compile/packed.py), not scales and biases
 MANIFEST = "manifest.json"
 # config.json keys that do not change the compiled graph: dtype and quantization only change
 # how the host prepares weights (the graph gets dequantized weights, or with --packed the

@@ -27,21 +27,22 @@ class MissingWeight(ValueError):
     pass
 
 
-PACKED_PART = re.compile(r"^(?P<base>.+)\.(?P<part>weight|scales|biases)$")
+PACKED_PART = re.compile(r"^(?P<base>.+)\.(?P<part>weight|scales_biases)$")
 
 
-def packed_arguments(name: str) -> tuple[str, str, str]:
-    """The step's three arguments for packed weight `<module>.weight` (compile/packed.py): the
-    words under its own name, then `<module>.scales` and `<module>.biases`."""
+def packed_arguments(name: str) -> tuple[str, str]:
+    """The step's two arguments for packed weight `<module>.weight` (compile/packed.py): the
+    words under its own name, then `<module>.scales_biases`: each group's scale and bias side
+    by side, so a kernel reads both in one load."""
     base = name.removesuffix(".weight")
-    return (name, f"{base}.scales", f"{base}.biases")
+    return (name, f"{base}.scales_biases")
 
 
 def gather_weights(ckpt, names: list[str], dtype, packed: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """{name: array in dtype} for every name; a clear error for one the checkpoint lacks.
 
     `packed` names weights (".weight") kept as the checkpoint stores them: for each, the step
-    takes the packed words (uint32) under its name and ".scales", ".biases" in f32."""
+    takes the packed words (uint32) under its name and ".scales_biases" in f32."""
     parts = {a for n in packed for a in packed_arguments(n)}
     out = {n: packed_tensor(ckpt, n) for n in names if n in parts}
     direct = [n for n in names if n in ckpt and n not in parts]
@@ -62,13 +63,18 @@ def gather_weights(ckpt, names: list[str], dtype, packed: tuple[str, ...] = ()) 
 
 
 def packed_tensor(ckpt, name: str) -> np.ndarray:
-    """`<module>.weight`, `.scales` or `.biases` of a packed weight as the step takes it
-    (compile/packed.py), stacked projections concatenated along the output axis."""
+    """`<module>.weight` or `.scales_biases` of a packed weight as the step takes it
+    (compile/packed.py): the words, or [..., out, in / group, 2] f32 (scale, bias); stacked
+    projections concatenated along the output axis."""
     base, part = PACKED_PART.match(name).group("base", "part")
     m = STACKED.match(base + ".weight")
-    if m is None:
-        return ckpt.load_packed(base + ".weight", part)
-    return np.concatenate([ckpt.load_packed(f"{m['p']}.{p}.weight", part) for p in STACKED_PARTS[m["fused"]]])
+    sources = [base + ".weight"] if m is None else [f"{m['p']}.{p}.weight" for p in STACKED_PARTS[m["fused"]]]
+
+    def load(source):
+        if part == "weight":
+            return ckpt.load_packed(source, "weight")
+        return np.stack([ckpt.load_packed(source, "scales"), ckpt.load_packed(source, "biases")], axis=-1)
+    return load(sources[0]) if len(sources) == 1 else np.concatenate([load(s) for s in sources])
 
 
 def quant_spec(ckpt, name: str) -> tuple[int, int] | None:

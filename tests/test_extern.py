@@ -139,7 +139,7 @@ def _run_q4_kernel(kernel, x, n: int, seed: int, tmp_path, **folded):
     words = rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint32)
     scales = (rng.uniform(0.5, 1.5, size=(n, k // 64)) / 100).astype(np.float16)
     biases = (-7.5 * scales).astype(np.float16)
-    got = _run_on_cpu(lambda x, p, s, b: getattr(extern, kernel)(x, Packed(p, s, b, 4, 64, jnp.float32), **folded),
+    got = _run_on_cpu(lambda x, p, s, b: getattr(extern, kernel)(x, Packed.of(p, s, b, 4, 64, jnp.float32), **folded),
                       [x, words, scales.astype(np.float32), biases.astype(np.float32)], tmp_path)
     return got, dequantize_affine(words, scales, biases, bits=4, group_size=64).astype(np.float64)
 
@@ -366,7 +366,7 @@ def test_an_lm_head_takes_its_kernel(rows, k, norm, kernel, monkeypatch):
     monkeypatch.setattr(layers, "DECODE_KERNEL", "cuda")
 
     def fn(x, words, scales, biases, norm_w):
-        w = Packed(words, scales, biases, 4, 64, jnp.float16)
+        w = Packed.of(words, scales, biases, 4, 64, jnp.float16)
         logits, argmax = layers.lm_head(layers.Normed(x, norm_w, 1e-6, False) if norm else x, w)
         return logits, export.first_argmax(logits) if argmax is None else argmax
 

@@ -59,9 +59,9 @@ def test_in_graph_dequantize_matches_mx(bits, group_size):
     scales, biases = scales.astype(mx.float32), biases.astype(mx.float32)  # exact (oracles.md)
     want = np.array(mx.dequantize(words, scales, biases, group_size=group_size, bits=bits))
     args = [np.array(a) for a in (words, scales, biases)]
-    got = jax.jit(lambda p, s, b: Packed(p, s, b, bits, group_size, jnp.float32).dequantize())(*args)
+    got = jax.jit(lambda p, s, b: Packed.of(p, s, b, bits, group_size, jnp.float32).dequantize())(*args)
     assert np.array_equal(np.asarray(got), want)
-    rows = jax.jit(lambda p, s, b: Packed(p, s, b, bits, group_size, jnp.float32).rows(jnp.array([3, 0])).dequantize())
+    rows = jax.jit(lambda p, s, b: Packed.of(p, s, b, bits, group_size, jnp.float32).rows(jnp.array([3, 0])).dequantize())
     assert np.array_equal(np.asarray(rows(*args)), want[[3, 0]])
 
 
@@ -132,7 +132,7 @@ def test_bundle_records_packed_weights_and_keeps_them_small(tmp_path):
     types = dict(zip(b.weight_names, b.dtypes()))
     for name in b.packed:
         base = name[: -len(".weight")]
-        assert (types[name], types[f"{base}.scales"], types[f"{base}.biases"]) == ("uint32", "float32", "float32")
+        assert (types[name], types[f"{base}.scales_biases"]) == ("uint32", "float32")
     assert types["model.norm.weight"] == "float32"
     # f32 dense weights against 4-bit words plus f32 scales and biases per 64: about 1/6 for
     # the linear layers; norms stay f32 either way.
@@ -155,6 +155,26 @@ def test_packed_bundle_refuses_an_unquantized_checkpoint(tmp_path):
     plain = mlx_checkpoint("qwen3", "float16", "none", keys="v4")
     with pytest.raises(CheckpointError, match=re.escape("'model.embed_tokens.weight' is not quantized")):
         load_model(plain, device="cpu", bundle=out)
+
+
+def test_scales_and_biases_go_side_by_side():
+    """A packed weight's second argument holds each group's scale and bias next to each other
+    ([out, in / group, 2], f32: the checkpoint's values, widened exactly), so a kernel reads both
+    in one load; a stacked projection's parts are concatenated along the output axis."""
+    from iree_runner.resident import packed_arguments, packed_tensor
+    from iree_runner.weights import open_checkpoint
+
+    with open_checkpoint(mlx_checkpoint("qwen3", "bfloat16", "q4", keys="v4")) as ckpt:
+        for name, parts in (("model.layers.0.mlp.down_proj.weight", ["model.layers.0.mlp.down_proj.weight"]),
+                            ("model.layers.1.self_attn.qkv_proj.weight",
+                             [f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv"])):
+            words, scales_biases = packed_arguments(name)
+            got = packed_tensor(ckpt, scales_biases)
+            for k, part in enumerate(("scales", "biases")):
+                want = np.concatenate([ckpt.load_packed(p, part) for p in parts])
+                assert got.dtype == np.float32 and got.shape == (*want.shape, 2)
+                np.testing.assert_array_equal(got[..., k], want)
+            assert packed_tensor(ckpt, words).shape[0] == got.shape[0]
 
 
 def test_load_packed_names_what_is_wrong():

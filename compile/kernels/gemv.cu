@@ -9,11 +9,11 @@
 // was slower on an H100: bench/results/2026-11-26-h100-hand-kernels.txt.) Two weight formats:
 // - gemv: f16 W [N, K], 16-byte loads;
 // - gemv_q4: MLX affine 4-bit W as the checkpoint stores it (compile/packed.py), packed words
-//   [N, K/8] u32 (value i of a row in bits 4i..4i+3 of word i/8), scales and biases [N, K/64]
-//   f32, w = s * q + b. Per 16-byte piece of 4 words (32 inputs, half a group):
+//   [N, K/8] u32 (value i of a row in bits 4i..4i+3 of word i/8), scales_biases [N, K/64, 2]
+//   f32 (each group's scale and bias, one 8-byte load), w = s * q + b. Per 16-byte piece of 4 words (32 inputs, half a group):
 //   sum(w x) = s * sum(q x) + b * sum(x).
 //
-// Bindings: x [K] f32, the weight (W; or words, scales, biases), norm weight [K] f16, bias
+// Bindings: x [K] f32, the weight (W; or words, scales_biases), norm weight [K] f16, bias
 // [N or 2N] f16, residual [N] f32, three prefetch bindings, out [N] f32 (absent ones are
 // one-element dummies). Push constants: N (outputs), K, flags (1 norm, 2 norm as 1 + w, 4 bias,
 // 8 residual, 16 gate mode, 32 GELU instead of SiLU), eps (f32 bits), the prefetch bindings'
@@ -27,7 +27,7 @@
 #define WARPS (NT / 32)
 #define MAX_K 8192
 #define PF 4  // f16: 16-byte weight pieces per lane and row loaded ahead
-#define PFQ 4  // 4-bit: 16-byte pieces per lane and row loaded ahead (K <= 4096 is all in flight)
+#define PFQ 3  // 4-bit: 16-byte pieces per lane and row loaded ahead (K <= 3072 is all in flight; 4 spilled)
 #define PFQG 2  // the same in gate mode, two rows (K <= 2048; 4 spilled at 3 blocks per SM)
 
 __device__ __forceinline__ float dot8(uint4 w, const float* x) {
@@ -71,6 +71,26 @@ __device__ __forceinline__ float nibble_dot(uint32_t w, const float* x, float ac
   return acc;
 }
 
+// acc + sum(q x) as nibble_dot, given x over Q4_PLACE: xp[j] = x[j] Q4_UNPLACE[j] (exact: a
+// power of two). A value is not shifted down and converted (I2F issues at a fraction of the FMA
+// rate): its nibble masked in place, with the exponent bits of 2^23 set, is the float
+// 2^23 + q Q4_PLACE[j] (< 2^24: exact), and subtracting 2^23 leaves q Q4_PLACE[j] exactly; its
+// product with xp[j] is q x, so the sum is bit for bit nibble_dot's. Values 5..7 are masked in
+// w >> 12 (bits 20..31 would reach the exponent). Where many rows share x (the lm_head), x is
+// scaled once: Qwen3-0.6B's lm_head on an H100, 50.6 -> 46.3 us. (In gemv_q4, whose warps take
+// one row each, scaling x as it is staged made the kernels slower: 4.60 -> 4.70 us.)
+__device__ constexpr float Q4_PLACE[8] = {1.f, 16.f, 256.f, 4096.f, 65536.f, 256.f, 4096.f, 65536.f};
+__device__ constexpr float Q4_UNPLACE[8] = {1.f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-8f, 0x1p-12f, 0x1p-16f};
+__device__ __forceinline__ float q4_dot8(uint32_t w, const float* xp, float acc) {
+  const uint32_t hi = w >> 12;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const uint32_t v = j < 5 ? w & (0xFu << (4 * j)) : hi & (0xFu << (4 * j - 12));
+    acc = fmaf(__uint_as_float(0x4B000000u | v) - 8388608.f, xp[j], acc);
+  }
+  return acc;
+}
+
 // 4-bit: a piece is 4 packed words (32 values, half a group of 64) as one 16-byte load, with its
 // group's scale and bias: s * sum(q x) + b * sum(x). (A piece of one word, as three 4-byte
 // loads, left a Qwen3-0.6B down_proj's last 4 words per lane to a second round trip after the
@@ -85,12 +105,14 @@ struct Q4Row {
   using Piece = Q4Piece;
   static constexpr int VALUES = 32, PAD = 4;
   const uint4* w;
-  const float *s, *b;
-  __device__ __forceinline__ Q4Row(const uint32_t* W, const float* scales, const float* biases, int row, int K)
-      : w(reinterpret_cast<const uint4*>(W) + (size_t)row * (K / 32)), s(scales + (size_t)row * (K / 64)),
-        b(biases + (size_t)row * (K / 64)) {}
+  const float2* sb;
+  __device__ __forceinline__ Q4Row(const uint32_t* W, const float2* scales_biases, int row, int K)
+      : w(reinterpret_cast<const uint4*>(W) + (size_t)row * (K / 32)), sb(scales_biases + (size_t)row * (K / 64)) {}
   __device__ __forceinline__ static int xoff(int p) { return p * (32 + PAD); }
-  __device__ __forceinline__ Piece load(int p) const { return {w[p], s[p / 2], b[p / 2]}; }
+  __device__ __forceinline__ Piece load(int p) const {
+    const float2 g = sb[p / 2];
+    return {w[p], g.x, g.y};
+  }
   __device__ __forceinline__ float dot(Piece p, const float* x) const {
     const uint32_t w4[4] = {p.w.x, p.w.y, p.w.z, p.w.w};
     float dq = 0.f, dx = 0.f;
@@ -243,12 +265,12 @@ __device__ __forceinline__ void gemv_kernel(MakeRow make_row, const float* __res
       const __half* __restrict__ bias, const float* __restrict__ residual, PF_ARGS, float* __restrict__ out,  \
       int N, int K, int flags, int eps_bits, PF_SIZES
 #define Q4_ARGS                                                                                              \
-  const float* __restrict__ x, const uint32_t* __restrict__ W, const float* __restrict__ scales,             \
-      const float* __restrict__ biases, const __half* __restrict__ norm_w, const __half* __restrict__ bias,  \
+  const float* __restrict__ x, const uint32_t* __restrict__ W, const float2* __restrict__ scales_biases,     \
+      const __half* __restrict__ norm_w, const __half* __restrict__ bias,                                     \
       const float* __restrict__ residual, PF_ARGS, float* __restrict__ out, int N, int K, int flags,          \
       int eps_bits, PF_SIZES
 #define F16_ROW [&](int n) { return F16Row(W, n, K); }
-#define Q4_ROW [&](int n) { return Q4Row(W, scales, biases, n, K); }
+#define Q4_ROW [&](int n) { return Q4Row(W, scales_biases, n, K); }
 extern "C" __global__ void __launch_bounds__(NT, 4) gemv(F16_ARGS) {
   gemv_kernel<false, F16Row, PF>(F16_ROW, x, norm_w, bias, residual, out, N, K, flags, eps_bits, NEXT);
 }
@@ -299,8 +321,8 @@ template <int KW, int R>
 struct Chunk {
   uint4 q[R][KW];
   float sc[R][KW], bi[R][KW];
-  __device__ __forceinline__ void load(const uint32_t* __restrict__ W, const float* __restrict__ scales,
-                                       const float* __restrict__ biases, int c, int N) {
+  __device__ __forceinline__ void load(const uint32_t* __restrict__ W, const float2* __restrict__ scales_biases,
+                                       int c, int N) {
     constexpr int K4 = 32 * KW, G = 16 * KW;  // 16-byte pieces and groups per row
     const int lane = threadIdx.x % 32;
 #pragma unroll
@@ -310,8 +332,8 @@ struct Chunk {
       for (int j = 0; j < KW; ++j) {
         const int piece = lane + 32 * j;
         q[i][j] = reinterpret_cast<const uint4*>(W)[n * K4 + piece];
-        sc[i][j] = scales[n * G + piece / 2];
-        bi[i][j] = biases[n * G + piece / 2];
+        const float2 sb = scales_biases[n * G + piece / 2];
+        sc[i][j] = sb.x, bi[i][j] = sb.y;
       }
     }
   }
@@ -328,7 +350,7 @@ struct Chunk {
         const uint32_t w4[4] = {q[i][j].x, q[i][j].y, q[i][j].z, q[i][j].w};
         float dq = 0.f;
 #pragma unroll
-        for (int u = 0; u < 4; ++u) dq = nibble_dot(w4[u], xr[j] + 8 * u, dq);
+        for (int u = 0; u < 4; ++u) dq = q4_dot8(w4[u], xr[j] + 8 * u, dq);
         acc[i] += sc[i][j] * dq + bi[i][j] * xsum[j];
       }
       acc[i] = warp_sum(acc[i]);
@@ -345,7 +367,7 @@ struct Chunk {
 
 template <int KW, int R>
 __device__ __forceinline__ Best gemv_q4_many(const float* __restrict__ x, const uint32_t* __restrict__ W,
-                                             const float* __restrict__ scales, const float* __restrict__ biases,
+                                             const float2* __restrict__ scales_biases,
                                              const __half* __restrict__ norm_w, float* __restrict__ out, int N,
                                              int flags, int eps_bits) {
   constexpr int K = 1024 * KW;
@@ -354,14 +376,16 @@ __device__ __forceinline__ Best gemv_q4_many(const float* __restrict__ x, const 
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   stage_x<0>(x, norm_w, K, flags, xs, red);
   const float r = (flags & 1) ? inv_rms(red, K, eps_bits) : 1.f;
-  float xr[KW][32], xsum[KW];  // the lane's values of x: piece lane + 32 i covers x[32 (lane + 32 i) ...]
+  // The lane's values of x (piece lane + 32 i covers x[32 (lane + 32 i) ...]) over Q4_PLACE, and their sums.
+  float xr[KW][32], xsum[KW];
 #pragma unroll
   for (int i = 0; i < KW; ++i) {
     xsum[i] = 0.f;
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
-      xr[i][j] = xs[32 * (lane + 32 * i) + j];
-      xsum[i] += xr[i][j];
+      const float v = xs[32 * (lane + 32 * i) + j];
+      xsum[i] += v;
+      xr[i][j] = v * Q4_UNPLACE[j % 8];
     }
   }
   const int warps = gridDim.x * WARPS, chunks = (N + R - 1) / R;
@@ -369,14 +393,14 @@ __device__ __forceinline__ Best gemv_q4_many(const float* __restrict__ x, const 
   int c = blockIdx.x * WARPS + warp;
   Chunk<KW, R> a, b;
   Best best;
-  a.load(W, scales, biases, c, N);
+  a.load(W, scales_biases, c, N);
   while (c < chunks) {
     const int c1 = c + warps;
-    b.load(W, scales, biases, c1, N);
+    b.load(W, scales_biases, c1, N);
     a.sum(xr, xsum, r, c, N, out, best);
     if (c1 >= chunks) break;
     c = c1 + warps;
-    a.load(W, scales, biases, c, N);
+    a.load(W, scales_biases, c, N);
     b.sum(xr, xsum, r, c1, N, out, best);
   }
   return best;  // lane 0's
@@ -427,18 +451,18 @@ __device__ __forceinline__ void argmax_of_blocks(const Best& warp_best, float2* 
 }
 
 // KW = 1 and 2 (K = 1024, 2048), 128 bytes of weights per lane in flight.
-// Bindings: x [K] f32, words, scales, biases, norm weight [K] f16, sync [1] int32 (zero;
+// Bindings: x [K] f32, words, scales_biases, norm weight [K] f16, sync [1] int32 (zero;
 // written in place), then the results: logits [N] f32, argmax [1] int32, the blocks' best
 // [grid] (f32 value, int index bits). Push constants: N, K, flags (the norm only), eps bits.
 #define LM_ARGS                                                                                              \
-  const float* __restrict__ x, const uint32_t* __restrict__ W, const float* __restrict__ scales,             \
-      const float* __restrict__ biases, const __half* __restrict__ norm_w, int* sync, float* __restrict__ out, \
+  const float* __restrict__ x, const uint32_t* __restrict__ W, const float2* __restrict__ scales_biases,     \
+      const __half* __restrict__ norm_w, int* sync, float* __restrict__ out,                                  \
       int* __restrict__ argmax, float2* blocks, int N, int K, int flags, int eps_bits
 extern "C" __global__ void __launch_bounds__(NT, 2) lm_head_q4_k1024(LM_ARGS) {
-  argmax_of_blocks(gemv_q4_many<1, 4>(x, W, scales, biases, norm_w, out, N, flags, eps_bits), blocks, sync, argmax, N);
+  argmax_of_blocks(gemv_q4_many<1, 4>(x, W, scales_biases, norm_w, out, N, flags, eps_bits), blocks, sync, argmax, N);
 }
 extern "C" __global__ void __launch_bounds__(NT, 2) lm_head_q4_k2048(LM_ARGS) {
-  argmax_of_blocks(gemv_q4_many<2, 2>(x, W, scales, biases, norm_w, out, N, flags, eps_bits), blocks, sync, argmax, N);
+  argmax_of_blocks(gemv_q4_many<2, 2>(x, W, scales_biases, norm_w, out, N, flags, eps_bits), blocks, sync, argmax, N);
 }
 #undef LM_ARGS
 
@@ -451,15 +475,16 @@ extern "C" __global__ void __launch_bounds__(NT, 2) lm_head_q4_k2048(LM_ARGS) {
 // several-token steps (a prefill chunk), whose matmuls IREE generates from f16 weights. One
 // thread per packed word: 4 bytes in, 16 out. (In the graph, IREE made two dispatches of it
 // with an f32 intermediate: ~64 us for a 6144 x 1024 weight on an H100.)
-// Bindings: words [N, K/8] u32, scales, biases [N, K/group] f32, out [N, K] f16. Push
+// Bindings: words [N, K/8] u32, scales_biases [N, K/group, 2] f32, out [N, K] f16. Push
 // constants: N, K, group (a multiple of 8).
 extern "C" __global__ void __launch_bounds__(NT) dequant_q4(
-    const uint32_t* __restrict__ W, const float* __restrict__ scales, const float* __restrict__ biases,
+    const uint32_t* __restrict__ W, const float2* __restrict__ scales_biases,
     __half* __restrict__ out, int N, int K, int group) {
   const size_t w = (size_t)blockIdx.x * NT + threadIdx.x, K8 = K / 8;
   if (w >= (size_t)N * K8) return;
   const size_t row = w / K8, g = (w % K8) * 8 / group, groups = K / group;
-  const float s = scales[row * groups + g], b = biases[row * groups + g];
+  const float2 sb = scales_biases[row * groups + g];
+  const float s = sb.x, b = sb.y;
   const uint32_t q = W[w];
   __half2 h[4];
 #pragma unroll

@@ -1,10 +1,10 @@
 // One-token linear layer on the CPU from MLX affine 4-bit weights as the checkpoint stores them
-// (compile/extern.py q4_gemv): y = dequant(packed, scales, biases) @ x, w = s * q + b per group
+// (compile/extern.py q4_gemv): y = dequant(packed, scales_biases) @ x, w = s * q + b per group
 // of 64 inputs. Measured against IREE's own codegen in bench/q4_gemv_cpu.py.
 //
 // Called by IREE's llvm-cpu executable once per workgroup (extern.py's shim): rows
 // [wg * TILE, wg * TILE + TILE) of the output. Bindings are byte pointers plus byte offsets:
-// packed [N, K/8] u32, scales [N, K/64] f32, biases [N, K/64] f32, x [K] f32, norm [K] f32,
+// packed [N, K/8] u32, scales_biases [N, K/64, 2] f32 (scale, bias), x [K] f32, norm [K] f32,
 // bias [N] f32, residual [N] f32, y [N] f32. Push constants: N, K, flags, eps (f32 bits).
 // As the CUDA gemv (extern.gemv's flags): NORM: x is RMS-normed first with weight norm (1 + norm
 // with ONE_PLUS); BIAS, RESIDUAL: added to y. Each folded step is a dispatch fewer: a CPU decode
@@ -39,14 +39,13 @@ static inline vf loadv(const float* p) {
   return v;
 }
 
-void q4_gemv_workgroup(const char* packed_base, size_t packed_off, const char* scales_base, size_t scales_off,
-                       const char* biases_base, size_t biases_off, const char* x_base, size_t x_off,
+void q4_gemv_workgroup(const char* packed_base, size_t packed_off, const char* sb_base, size_t sb_off,
+                       const char* x_base, size_t x_off,
                        const char* norm_base, size_t norm_off, const char* bias_base, size_t bias_off,
                        const char* res_base, size_t res_off, char* y_base, size_t y_off, int32_t n_i32,
                        int32_t k_i32, int32_t flags, int32_t eps_bits, size_t wg) {
   const uint32_t* restrict packed = (const uint32_t*)(packed_base + packed_off);
-  const float* restrict scales = (const float*)(scales_base + scales_off);
-  const float* restrict biases = (const float*)(biases_base + biases_off);
+  const float* restrict sb = (const float*)(sb_base + sb_off);
   const float* restrict x_in = (const float*)(x_base + x_off);
   float* restrict y = (float*)(y_base + y_off);
   const size_t n = (size_t)n_i32, k = (size_t)k_i32;
@@ -82,8 +81,7 @@ void q4_gemv_workgroup(const char* packed_base, size_t packed_off, const char* s
     xs[g] = hsum((loadv(x + 64 * g) + loadv(x + 64 * g + 16)) + (loadv(x + 64 * g + 32) + loadv(x + 64 * g + 48)));
   for (size_t r = r0; r < r1; ++r) {
     const uint32_t* p = packed + r * (k / 8);
-    const float* sc = scales + r * ng;
-    const float* bi = biases + r * ng;
+    const float* sbr = sb + 2 * r * ng;  // (scale, bias) per group
     vf acc = {0};
     float bacc = 0.0f;
     for (size_t g = 0; g < ng; g += 2) {  // two groups (128 weights, one cache line) per step
@@ -94,10 +92,10 @@ void q4_gemv_workgroup(const char* packed_base, size_t packed_off, const char* s
       const vf* xg = xt + 4 * g;
       vf d = {0};  // and, convert, fma per 16 weights
       for (unsigned t = 0; t < 8; ++t) d += __builtin_convertvector(w & (15u << (4 * t)), vf) * xg[t];
-      float s0 = sc[g], s1 = sc[g + 1];
+      float s0 = sbr[2 * g], s1 = sbr[2 * g + 2];
       vf sv = {s0, s0, s0, s0, s0, s0, s0, s0, s1, s1, s1, s1, s1, s1, s1, s1};
       acc += sv * d;
-      bacc += bi[g] * xs[g] + bi[g + 1] * xs[g + 1];
+      bacc += sbr[2 * g + 1] * xs[g] + sbr[2 * g + 3] * xs[g + 1];
     }
     float s = bacc + hsum(acc);
     if (bias) s += bias[r];
@@ -112,21 +110,19 @@ void q4_gemv_workgroup(const char* packed_base, size_t packed_off, const char* s
 #define GEMM_TILE 32  // rows per workgroup
 #define GEMM_KMAX 4096
 
-static inline void dequant_row(const uint32_t* restrict p, const float* restrict sc, const float* restrict bi,
-                               size_t k, float* restrict out) {
+static inline void dequant_row(const uint32_t* restrict p, const float* restrict sb, size_t k, float* restrict out) {
   for (size_t i = 0; i < k / 8; ++i) {
     const uint32_t w = p[i];
-    const float s = sc[i / 8], b = bi[i / 8];  // 8 words per group of 64
+    const float s = sb[2 * (i / 8)], b = sb[2 * (i / 8) + 1];  // 8 words per group of 64
     for (unsigned t = 0; t < 8; ++t) out[8 * i + t] = s * (float)((w >> (4 * t)) & 15u) + b;
   }
 }
 
-void q4_gemm_workgroup(const char* packed_base, size_t packed_off, const char* scales_base, size_t scales_off,
-                       const char* biases_base, size_t biases_off, const char* x_base, size_t x_off,
+void q4_gemm_workgroup(const char* packed_base, size_t packed_off, const char* sb_base, size_t sb_off,
+                       const char* x_base, size_t x_off,
                        char* y_base, size_t y_off, int32_t n_i32, int32_t k_i32, int32_t c_i32, size_t wg) {
   const uint32_t* restrict packed = (const uint32_t*)(packed_base + packed_off);
-  const float* restrict scales = (const float*)(scales_base + scales_off);
-  const float* restrict biases = (const float*)(biases_base + biases_off);
+  const float* restrict sb = (const float*)(sb_base + sb_off);
   const float* restrict x = (const float*)(x_base + x_off);
   float* restrict y = (float*)(y_base + y_off);
   const size_t n = (size_t)n_i32, k = (size_t)k_i32, c = (size_t)c_i32, ng = k / 64;
@@ -134,8 +130,8 @@ void q4_gemm_workgroup(const char* packed_base, size_t packed_off, const char* s
   float w0[GEMM_KMAX], w1[GEMM_KMAX];
   for (size_t r = r0; r < r1; r += 2) {
     const int two = r + 1 < r1;
-    dequant_row(packed + r * (k / 8), scales + r * ng, biases + r * ng, k, w0);
-    if (two) dequant_row(packed + (r + 1) * (k / 8), scales + (r + 1) * ng, biases + (r + 1) * ng, k, w1);
+    dequant_row(packed + r * (k / 8), sb + 2 * r * ng, k, w0);
+    if (two) dequant_row(packed + (r + 1) * (k / 8), sb + 2 * (r + 1) * ng, k, w1);
     else
       for (size_t i = 0; i < k; ++i) w1[i] = 0.0f;  // a lone last row: the second is computed and dropped
     size_t t = 0;

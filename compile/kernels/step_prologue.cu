@@ -4,8 +4,8 @@
 // Qwen3-0.6B decode step on an H100 (ncu), most of it per-dispatch cost.
 //
 // Bindings: token [1] int32, position [1] int32, inv_freq [rot / 2] f32 (the family's, scaled
-// as transformers computes them: layers.rope_inv_freq), words [V, D / 8] u32, scales and
-// biases [V, D / group] f32; results x [D] f32, cos and sin [rot] f32 (HF's rotate_half
+// as transformers computes them: layers.rope_inv_freq), words [V, D / 8] u32, scales_biases
+// [V, D / group, 2] f32; results x [D] f32, cos and sin [rot] f32 (HF's rotate_half
 // layout: the rot / 2 angles twice). Push constants: D, rot / 2, group (a multiple of 8).
 // One block; a thread per packed word (8 values), then per angle.
 #include "common.cuh"
@@ -14,7 +14,7 @@
 
 extern "C" __global__ void __launch_bounds__(NT) embed_rope_q4(
     const int* __restrict__ token_p, const int* __restrict__ pos_p, const float* __restrict__ inv_freq,
-    const uint32_t* __restrict__ W, const float* __restrict__ scales, const float* __restrict__ biases,
+    const uint32_t* __restrict__ W, const float2* __restrict__ scales_biases,
     float* __restrict__ x, float* __restrict__ cos_out, float* __restrict__ sin_out, int D, int half, int group) {
   const int t = threadIdx.x;
   const size_t row = (size_t)token_p[0];
@@ -28,7 +28,8 @@ extern "C" __global__ void __launch_bounds__(NT) embed_rope_q4(
   const int words = D / 8, groups = D / group;
   for (int w = t; w < words; w += NT) {
     const uint32_t q = W[row * words + w];
-    const float s = scales[row * groups + w * 8 / group], b = biases[row * groups + w * 8 / group];
+    const float2 sb = scales_biases[row * groups + w * 8 / group];
+    const float s = sb.x, b = sb.y;
     float v[8];
 #pragma unroll
     for (int u = 0; u < 8; ++u) v[u] = s * (float)((q >> (4 * u)) & 15u) + b;
