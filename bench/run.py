@@ -2,8 +2,9 @@
 
 For each model (bench/configs/, random weights) and variant (MLX 4-bit with BF16 scales, f16):
 load time (files -> device-resident weights), prefill tok/s on a 512-token prompt, time to first
-token, decode tok/s at batch 1 over 128 new tokens, device memory. Peers, same weights and
-shapes: JAX/XLA running our own model code under jax.jit; HF transformers (torch, eager); on the CPU,
+token, decode tok/s at batch 1 over 128 new tokens (each the median of TRIALS generations), device
+memory. Peers, same weights and shapes: JAX/XLA running our own model code under jax.jit; HF
+transformers (torch, eager); on the CPU,
 llama.cpp on Q4_0 and Q4_1 GGUF files made from the f16 checkpoint (--peers jax,torch,llamacpp).
 The roofline is the bytes a decode step must read (weights + the live KV cache) divided by the
 copy bandwidth measured in the same run.
@@ -96,7 +97,15 @@ def decode_bytes(weights: dict, cfg_raw: dict, context: int, cache_bytes: int) -
     return total + 2 * cfg_raw["num_hidden_layers"] * context * kvh * dh * cache_bytes
 
 
-def _timed_generation(prefill, decode, prompt, sync=_sync_cuda):
+# Timed generations per runtime and model, after a warm-up. A run's table gives the median of
+# each metric over them; the JSON keeps every trial ("<metric>_trials"). One generation of 128
+# tokens is ~0.1 s on a GPU, and a lent machine stalls for several ms now and then (seen with
+# Python's GC off): one stall moved a single-trial decode figure by ~3%.
+TRIALS = 3
+METRICS = ("prefill_tps", "ttft_ms", "decode_tps")
+
+
+def _timed_generation(prefill, decode, prompt, sync=_sync_cuda, trials=TRIALS):
     """prefill(prompt) -> token; decode(token) -> token: greedy, each runtime taking the argmax
     on the device and reading back one int per step."""
     def stream(p):
@@ -105,11 +114,20 @@ def _timed_generation(prefill, decode, prompt, sync=_sync_cuda):
         for _ in range(NEW_TOKENS - 1):
             token = decode(token)
             yield token
-    return _timed_stream(stream, prompt, sync)
+    return _timed_stream(stream, prompt, sync, trials)
 
 
-def _timed_stream(stream, prompt, sync=_sync_cuda):
-    """stream(prompt) yields NEW_TOKENS greedy tokens, each as the host gets it."""
+def _timed_stream(stream, prompt, sync=_sync_cuda, trials=TRIALS):
+    """stream(prompt) yields NEW_TOKENS greedy tokens, each as the host gets it: `trials`
+    generations, each metric their median, the tokens the first's ("tokens_vary": whether
+    another trial's differ, which a deterministic runtime never does)."""
+    runs = [_one_timed_stream(stream, prompt, sync) for _ in range(trials)]
+    out = {k: statistics.median(r[k] for r in runs) for k in METRICS}
+    return out | {f"{k}_trials": [r[k] for r in runs] for k in METRICS} | {
+        "tokens": runs[0]["tokens"], "tokens_vary": any(r["tokens"] != runs[0]["tokens"] for r in runs)}
+
+
+def _one_timed_stream(stream, prompt, sync):
     sync()
     t0 = time.perf_counter()
     tokens = []
@@ -149,7 +167,7 @@ def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tupl
     def stream(p):  # as iree-generate runs it: the next step queued before a token is read
         return generate_step(s, p, SamplingParams(), NEW_TOKENS)
 
-    _timed_stream(stream, prompt[:64])  # warm-up
+    _timed_stream(stream, prompt[:64], trials=1)  # warm-up
     r = _timed_stream(stream, prompt)
     r |= {"load_s": load_s, "host_dequant_s": t_host, "device_mb": device_used_mb(device) - before}
     s.reset()
@@ -201,7 +219,7 @@ def bench_jax(ckpt: Path, device: str, prompt: list[int], weights: dict, chunk: 
         state["pos"] += 1
         return token
 
-    _timed_generation(prefill, decode, prompt[:64])
+    _timed_generation(prefill, decode, prompt[:64], trials=1)
     r = _timed_generation(prefill, decode, prompt)
     prefill(prompt)
     r["prompt_logits"] = np.asarray(state["logits"], np.float32)
@@ -228,7 +246,7 @@ def bench_torch(f16_ckpt: Path, device: str, prompt: list[int]) -> dict:
         state["past"] = out.past_key_values
         return int(out.logits[0, -1].argmax())
 
-    _timed_generation(prefill, decode, prompt[:64])
+    _timed_generation(prefill, decode, prompt[:64], trials=1)
     return _timed_generation(prefill, decode, prompt)
 
 
@@ -296,7 +314,7 @@ def bench_llamacpp(gguf: Path, prompt: list[int]) -> dict:
         llm.eval([t])
         return argmax_last()
 
-    _timed_generation(prefill, decode, prompt[:64], sync=lambda: None)
+    _timed_generation(prefill, decode, prompt[:64], sync=lambda: None, trials=1)
     r = _timed_generation(prefill, decode, prompt, sync=lambda: None)
     llm.close()
     return r
