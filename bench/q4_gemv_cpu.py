@@ -7,7 +7,7 @@ codegen.
 What: one call = the 28 layers x {qkv 4096x1024, o_proj 1024x2048, gate_up 6144x1024,
 down 1024x3072} matvecs of one decode token, chained (each takes a slice of the previous
 output) in ONE exported JAX function that takes every weight as an argument. Variants:
-  q4-C       the kernel on MLX affine 4-bit weights (packed uint32 + f32 scales/biases, group 64)
+  q4-C       the kernel on MLX affine 4-bit weights (packed uint32 + f32 scales_biases, group 64)
   f32-IREE   plain `w @ x` on f32 weights (what the CPU runs without --packed)
   q4-IREE    the 4-bit weights dequantized inside the graph (compile/packed.py), then `w @ x`
 Prints ms per call (median after warm-up), the implied tok/s of the matvec part alone
@@ -30,19 +30,20 @@ SHAPES = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]  # qkv, o_proj
 GROUP = 64
 
 def make_weights(seed: int = 0):
-    """Per matrix (packed uint32 [N, K/8], scales [N, K/64], biases [N, K/64]); random, scaled
-    so a matvec keeps |x| about the same (q - 7.5 has std ~4.6)."""
+    """Per matrix (packed uint32 [N, K/8], scales_biases [N, K/64, 2] as a step takes them:
+    compile/packed.py); random, scaled so a matvec keeps |x| about the same (q - 7.5 has std ~4.6)."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(LAYERS):
         for n, k in SHAPES:
             packed = rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint32)
             s = (rng.uniform(0.5, 1.5, size=(n, k // GROUP)) / (4.6 * np.sqrt(k))).astype(np.float32)
-            out.append((packed, s, (-7.5 * s).astype(np.float32)))  # mean weight 0
+            out.append((packed, np.stack([s, (-7.5 * s).astype(np.float32)], axis=-1)))  # mean weight 0
     return out
 
 
-def dequant_np(packed, scales, biases):
+def dequant_np(packed, scales_biases):
+    scales, biases = scales_biases[..., 0], scales_biases[..., 1]
     n = packed.shape[0]
     q = (packed.view(np.uint32)[:, :, None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF  # [N, K/8, 8]
     q = q.reshape(n, -1, GROUP).astype(np.float32)
@@ -58,25 +59,25 @@ def export_text(fn, specs) -> str:
 
 
 # The three matvec flavours, each (x, *matrix arrays) -> y.
-def mv_c(x, p, s, b):
+def mv_c(x, p, sb):
     import jax.numpy as jnp
 
     from iree_runner.compile import extern
     from iree_runner.compile.packed import Packed
 
-    return extern.q4_gemv(x, Packed.of(p, s, b, 4, GROUP, jnp.float32))
+    return extern.q4_gemv(x, Packed(p, sb, 4, GROUP, jnp.float32))
 
 
 def mv_f32(x, w):
     return w @ x
 
 
-def mv_deq(x, p, s, b):
+def mv_deq(x, p, sb):
     import jax.numpy as jnp
 
     from iree_runner.compile.packed import Packed
 
-    return Packed.of(p, s, b, 4, GROUP, jnp.float32).dequantize() @ x
+    return Packed(p, sb, 4, GROUP, jnp.float32).dequantize() @ x
 
 
 def chain(mv, per: int):
@@ -96,8 +97,7 @@ def q4_specs(x_len=SHAPES[0][1]):
     specs = [jax.ShapeDtypeStruct((x_len,), jnp.float32)]
     for _ in range(LAYERS):
         for n, k in SHAPES:
-            specs += [jax.ShapeDtypeStruct((n, k // 8), jnp.uint32), jax.ShapeDtypeStruct((n, k // GROUP), jnp.float32),
-                      jax.ShapeDtypeStruct((n, k // GROUP), jnp.float32)]
+            specs += [jax.ShapeDtypeStruct((n, k // 8), jnp.uint32), jax.ShapeDtypeStruct((n, k // GROUP, 2), jnp.float32)]
     return specs
 
 
@@ -166,7 +166,7 @@ def check_one(root: Path, weights, x) -> None:
 
     n, k = SHAPES[0]
     specs = [jax.ShapeDtypeStruct((k,), jnp.float32), jax.ShapeDtypeStruct((n, k // 8), jnp.uint32),
-             jax.ShapeDtypeStruct((n, k // GROUP), jnp.float32), jax.ShapeDtypeStruct((n, k // GROUP), jnp.float32)]
+             jax.ShapeDtypeStruct((n, k // GROUP, 2), jnp.float32)]
     step = Step(compile_variant(root, "q4_one", export_text(mv_c, specs)))
     for a in (x, *weights[0]):
         step.push(a)
@@ -191,10 +191,10 @@ def main() -> None:
 
     q4_bytes = sum(arr.nbytes for w in weights for arr in w)
     f32_bytes = sum(n * k * 4 for n, k in SHAPES) * LAYERS
-    vmfbs = {"q4-C": compile_variant(a.dir, "q4_c", export_text(chain(mv_c, 3), q4_specs())),
+    vmfbs = {"q4-C": compile_variant(a.dir, "q4_c", export_text(chain(mv_c, 2), q4_specs())),
              "f32-IREE": compile_variant(a.dir, "f32_iree", export_text(chain(mv_f32, 1), f32_specs()))}
     if not a.skip_inline:
-        vmfbs["q4-IREE"] = compile_variant(a.dir, "q4_iree", export_text(chain(mv_deq, 3), q4_specs()),
+        vmfbs["q4-IREE"] = compile_variant(a.dir, "q4_iree", export_text(chain(mv_deq, 2), q4_specs()),
                                            timeout=a.inline_timeout)
 
     rows, outs = [], {}

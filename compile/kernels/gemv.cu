@@ -10,8 +10,8 @@
 // - gemv: f16 W [N, K], 16-byte loads;
 // - gemv_q4: MLX affine 4-bit W as the checkpoint stores it (compile/packed.py), packed words
 //   [N, K/8] u32 (value i of a row in bits 4i..4i+3 of word i/8), scales_biases [N, K/64, 2]
-//   f32 (each group's scale and bias, one 8-byte load), w = s * q + b. Per 16-byte piece of 4 words (32 inputs, half a group):
-//   sum(w x) = s * sum(q x) + b * sum(x).
+//   f32 (each group's scale and bias, one 8-byte load), w = s * q + b. Per 16-byte piece of 4
+//   words (32 inputs, half a group): sum(w x) = s * sum(q x) + b * sum(x).
 //
 // Bindings: x [K] f32, the weight (W; or words, scales_biases), norm weight [K] f16, bias
 // [N or 2N] f16, residual [N] f32, three prefetch bindings, out [N] f32 (absent ones are
@@ -71,15 +71,14 @@ __device__ __forceinline__ float nibble_dot(uint32_t w, const float* x, float ac
   return acc;
 }
 
-// acc + sum(q x) as nibble_dot, given x over Q4_PLACE: xp[j] = x[j] Q4_UNPLACE[j] (exact: a
-// power of two). A value is not shifted down and converted (I2F issues at a fraction of the FMA
-// rate): its nibble masked in place, with the exponent bits of 2^23 set, is the float
-// 2^23 + q Q4_PLACE[j] (< 2^24: exact), and subtracting 2^23 leaves q Q4_PLACE[j] exactly; its
-// product with xp[j] is q x, so the sum is bit for bit nibble_dot's. Values 5..7 are masked in
-// w >> 12 (bits 20..31 would reach the exponent). Where many rows share x (the lm_head), x is
-// scaled once: Qwen3-0.6B's lm_head on an H100, 50.6 -> 46.3 us. (In gemv_q4, whose warps take
-// one row each, scaling x as it is staged made the kernels slower: 4.60 -> 4.70 us.)
-__device__ constexpr float Q4_PLACE[8] = {1.f, 16.f, 256.f, 4096.f, 65536.f, 256.f, 4096.f, 65536.f};
+// acc + sum(q x) as nibble_dot, given xp[j] = x[j] Q4_UNPLACE[j] (exact: powers of two). A value
+// is not shifted down and converted (I2F issues at a fraction of the FMA rate): its nibble,
+// masked where it lies (its place p = 1 / Q4_UNPLACE[j]: 16^j, or 16^(j-3) for values 5..7,
+// masked in w >> 12 so that bits 20..31 do not reach the exponent), with the exponent bits of
+// 2^23 set, is the float 2^23 + q p (< 2^24: exact); subtracting 2^23 leaves q p exactly, and its
+// product with xp[j] is q x, so the sum is bit for bit nibble_dot's. Where many rows share x (the
+// lm_head), x is scaled once: Qwen3-0.6B's lm_head on an H100, 50.6 -> 46.3 us. (In gemv_q4,
+// whose warps take one row each, scaling x as it is staged made the kernels slower: 4.60 -> 4.70 us.)
 __device__ constexpr float Q4_UNPLACE[8] = {1.f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-8f, 0x1p-12f, 0x1p-16f};
 __device__ __forceinline__ float q4_dot8(uint32_t w, const float* xp, float acc) {
   const uint32_t hi = w >> 12;
@@ -376,7 +375,7 @@ __device__ __forceinline__ Best gemv_q4_many(const float* __restrict__ x, const 
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   stage_x<0>(x, norm_w, K, flags, xs, red);
   const float r = (flags & 1) ? inv_rms(red, K, eps_bits) : 1.f;
-  // The lane's values of x (piece lane + 32 i covers x[32 (lane + 32 i) ...]) over Q4_PLACE, and their sums.
+  // The lane's values of x (piece lane + 32 i covers x[32 (lane + 32 i) ...]) times Q4_UNPLACE, and their sums.
   float xr[KW][32], xsum[KW];
 #pragma unroll
   for (int i = 0; i < KW; ++i) {
