@@ -97,7 +97,8 @@ def q4_specs(x_len=SHAPES[0][1]):
     specs = [jax.ShapeDtypeStruct((x_len,), jnp.float32)]
     for _ in range(LAYERS):
         for n, k in SHAPES:
-            specs += [jax.ShapeDtypeStruct((n, k // 8), jnp.uint32), jax.ShapeDtypeStruct((n, k // GROUP, 2), jnp.float32)]
+            specs += [jax.ShapeDtypeStruct((n, k // 8), jnp.uint32),
+                      jax.ShapeDtypeStruct((n, k // GROUP, 2), jnp.float32)]
     return specs
 
 
