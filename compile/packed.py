@@ -5,8 +5,9 @@ A packed weight `x.weight` enters the step as two arguments: `x.weight` (uint32 
 the checkpoint's `x.scales` and `x.biases` widened to f32 when loaded, which is exact, and put
 side by side, so a kernel reads a group's two in one load). The model code sees one `Packed` in
 their place: `layers.linear` gives it to a kernel that dequantizes as it reads
-(compile/extern.py: CUDA and CPU one-token steps), anything else dequantizes it in the graph (w = scales * q + biases per
-group along `in`, value i of a row in bits [i * bits, (i + 1) * bits) of its words).
+(compile/extern.py: CUDA and CPU one-token steps), anything else dequantizes it in the graph
+(w = scales * q + biases per group along `in`, value i of a row in bits [i * bits, (i + 1) * bits)
+of its words).
 Only 2-D weights of linear and embedding layers are kept packed; MoE expert stacks and
 2/3/5/6-bit weights (whose values straddle words, or no kernel reads) are dequantized when
 loaded, as without --packed.
