@@ -104,6 +104,21 @@ def test_refuses_corrupt_bundle_file(bundle, ckpt, tmp_path):
         check_compatible(read_manifest(copy), copy, raw, "cpu")
 
 
+def test_refuses_a_bundle_of_another_format(bundle, tmp_path):
+    """A bundle written by an earlier version (format 2: packed weights took .scales and .biases,
+    not .scales_biases) is refused before any weight is read, saying what to do."""
+    from iree_runner.bundle import FORMAT
+
+    old = tmp_path / "old"
+    old.mkdir()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps(manifest | {"format": FORMAT - 1}))
+    with pytest.raises(BundleError, match=rf"bundle format {FORMAT - 1}, this runtime reads format {FORMAT} "
+                                          r"\(compile the bundle again"):
+        read_manifest(old)
+    assert read_manifest(bundle).model_type == manifest["model_type"]
+
+
 def test_cache_reuses_rebuilds_and_rekeys(ckpt, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("IREE_RUNNER_CACHE", str(tmp_path))
     first = build.build_target(ckpt, "cpu", max_context=64)
