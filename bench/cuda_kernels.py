@@ -217,6 +217,10 @@ def cases() -> dict:
     from iree_runner.compile import extern
     from iree_runner.compile.packed import Packed
 
+    def packed(words, scales, biases, group=64):
+        """The cases' 4-bit weight (int32 words, f32 scales and biases) as the kernels take it."""
+        return Packed.of(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, group, np.dtype("float16"))
+
     out = {}
     for name, (C, H, KVH, Dh, S, start, window, softcap) in ATTENTION.items():
         args = _attention_inputs(C, H, KVH, Dh, S, start)
@@ -237,28 +241,28 @@ def cases() -> dict:
         args = _dequant_inputs(N, K, group)
 
         def fn(words, scales, biases, group=group):
-            w = Packed.of(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, group, np.dtype("float16"))
+            w = packed(words, scales, biases, group)
             return extern.dequant_q4(w)
         out[f"dequant_{name}"] = _export(fn, args)
     for name, (N, K, norm) in GEMV.items():
         args = _gemv_inputs(N, K, norm)
 
         def fn(x, words, scales, biases, *norm_w):
-            w = Packed.of(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, 64, np.dtype("float16"))
+            w = packed(words, scales, biases)
             return extern.gemv(x, w, norm=(norm_w[0], EPS, False) if norm_w else None)
         out[f"gemv_{name}"] = _export(fn, args)
     for name, (V, D, group, rot, token, pos, scaling) in PROLOGUE.items():
         args = _prologue_inputs(V, D, group, rot, token, pos, scaling)
 
         def fn(token, pos, words, scales, biases, group=group, inv=args[2]):  # inv_freq: a constant, as in a step
-            w = Packed.of(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, group, np.dtype("float16"))
+            w = packed(words, scales, biases, group)
             return extern.embed_rope(w, token, pos, inv)
         out[f"prologue_{name}"] = _export(fn, args[:2] + args[3:])
     for name, (N, K, norm, special) in LM_HEAD.items():
         args = _lm_head_inputs(N, K, norm, special)
 
         def fn(x, words, scales, biases, *norm_w):
-            w = Packed.of(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, 64, np.dtype("float16"))
+            w = packed(words, scales, biases)
             return extern.lm_head(x, w, norm=(norm_w[0], EPS, False) if norm_w else None)
         out[f"lm_head_{name}"] = _export(fn, args)
     return out

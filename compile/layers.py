@@ -464,7 +464,8 @@ def self_attention(w: dict, p: str, h, cos, sin, kv: KVCache, layer: int, *, hea
     qkv = linear(h, g("qkv_proj.weight"), g("qkv_proj.bias"))
     if (DECODE_KERNEL == "cuda" and C == 1 and kv.k_cache.dtype == jnp.float16 and CACHE_LAYOUT == "LDSH"
             and extern.decode_attention_fits(heads, kv_heads, head_dim, kv.k_cache.shape[2])):
-        # The hand-written kernels take qkv as it is: q/k norm, rotary and attention in two dispatches.
+        # The hand-written kernels take qkv as it is: q/k norm, rotary and attention in one dispatch
+        # (extern.fused_kernel's shapes), or two.
         qk_norm = None if qk_norm_eps is None else (g("q_norm.weight_rope"), g("k_norm.weight_rope"),
                                                     qk_norm_eps, qk_norm_one_plus)
         a, k_cache, v_cache, kv.sync = extern.decode_attention(
