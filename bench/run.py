@@ -2,7 +2,8 @@
 
 For each model (bench/configs/, random weights) and variant (MLX 4-bit with BF16 scales, f16):
 load time (files -> device-resident weights), prefill tok/s on a 512-token prompt, time to first
-token, decode tok/s at batch 1 over 128 new tokens (each the median of TRIALS generations), device
+token, decode tok/s at batch 1 over 128 new tokens (each the median of TRIALS generations; greedy,
+and for iree-runner also sampled with SAMPLED: the host draws from each step's logits row), device
 memory. Peers, same weights and shapes: JAX/XLA running our own model code under jax.jit; HF
 transformers (torch, eager); on the CPU,
 llama.cpp on Q4_0 and Q4_1 GGUF files made from the f16 checkpoint (--peers jax,torch,llamacpp).
@@ -142,6 +143,11 @@ def _one_timed_stream(stream, prompt, sync):
             "tokens": tokens}
 
 
+# Sampled decode, ours only: Qwen3's generation_config.json values (temperature 0.6, top-k 20,
+# top-p 0.95), seeded.
+SAMPLED = dict(temperature=0.6, top_k=20, top_p=0.95, seed=0)
+
+
 def leading_agreement(a: list[int], b: list[int]) -> int:
     """Greedy tokens equal before the first divergence (a correctness check beside the timing)."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -167,8 +173,14 @@ def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tupl
     def stream(p):  # as iree-generate runs it: the next step queued before a token is read
         return generate_step(s, p, SamplingParams(), NEW_TOKENS)
 
+    def sampled(p):  # the host samples from each step's logits row
+        return generate_step(s, p, SamplingParams(**SAMPLED), NEW_TOKENS)
+
     _timed_stream(stream, prompt[:64], trials=1)  # warm-up
     r = _timed_stream(stream, prompt)
+    _timed_stream(sampled, prompt[:64], trials=1)
+    r_sampled = _timed_stream(sampled, prompt)
+    r |= {"decode_sampled_tps": r_sampled["decode_tps"], "decode_sampled_tps_trials": r_sampled["decode_tps_trials"]}
     r |= {"load_s": load_s, "host_dequant_s": t_host, "device_mb": device_used_mb(device) - before}
     s.reset()
     r["prompt_logits"] = np.asarray(s.prefill(prompt), np.float32)  # to compare with the JAX peer
@@ -407,7 +419,7 @@ def main() -> None:
               "iree_compiler": sorted({json.loads((args.bundles / m / "manifest.json").read_text())["compiler_version"]
                                        for m in args.models.split(",")}),
               "prompt_tokens": PROMPT_LEN,
-              "new_tokens": NEW_TOKENS, "command": " ".join(sys.argv), "rows": rows,
+              "new_tokens": NEW_TOKENS, "sampled": SAMPLED, "command": " ".join(sys.argv), "rows": rows,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
@@ -424,19 +436,19 @@ def _agreement(r: dict) -> str:
 
 
 def table(result: dict) -> str:
-    head = ("| model | weights | runtime | load s | prefill tok/s | TTFT ms | decode tok/s | roofline % | device MB "
-            "| same greedy tokens as iree-runner |")
+    head = ("| model | weights | runtime | load s | prefill tok/s | TTFT ms | decode tok/s | sampled decode tok/s "
+            "| roofline % | device MB | same greedy tokens as iree-runner |")
     lines = [f"{result['device']}, copy bandwidth {result['copy_bandwidth_gbs']:.0f} GB/s, "
-             f"IREE {result['iree_runtime']}", "", head, "|" + "---|" * 10]
+             f"IREE {result['iree_runtime']}; sampled: {result.get('sampled', '—')}", "", head, "|" + "---|" * 11]
     f = lambda r, k, fmt: format(r[k], fmt) if r.get(k) is not None else "—"  # noqa: E731
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | failed: {r['error'][:80]} ||||||||")
+            lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | failed: {r['error'][:80]} |||||||||")
             continue
         frac = f"{100 * r['roofline_frac']:.0f}%" if r.get("roofline_frac") else "—"
         lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | {f(r, 'load_s', '.2f')} | "
                      f"{f(r, 'prefill_tps', '.0f')} | {f(r, 'ttft_ms', '.1f')} | {f(r, 'decode_tps', '.1f')} | "
-                     f"{frac} | {f(r, 'device_mb', '.0f')} | "
+                     f"{f(r, 'decode_sampled_tps', '.1f')} | {frac} | {f(r, 'device_mb', '.0f')} | "
                      f"{_agreement(r)} |")
     return "\n".join(lines)
 

@@ -262,3 +262,49 @@ def test_bad_logits_are_rejected():
         sampler(np.zeros((2, 3), dtype=np.float32), [])
     with pytest.raises(ValueError, match="NaN"):
         sampler(np.array([0.0, np.nan], dtype=np.float32), [])
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampler works on the survivors only (ids and values); its draws must be those of the
+# full-vocabulary inverse CDF over process_logits, float for float.
+
+
+def _full_vector_draw(logits: np.ndarray, rng: np.random.Generator) -> int:
+    """The draw over the whole vocabulary (-inf = filtered): float64 sums of 1024-token blocks
+    of exp(logits - max), then the cumulative sum inside the block the target falls in."""
+    weights = np.exp(logits - logits.max())
+    blocks = np.concatenate([weights, np.zeros(-len(weights) % 1024, np.float32)]).reshape(-1, 1024)
+    block_cumulative = np.cumsum(blocks.sum(axis=1, dtype=np.float64))
+    target = rng.random() * block_cumulative[-1]
+    block = min(int(np.searchsorted(block_cumulative, target, side="right")), len(blocks) - 1)
+    while block_cumulative[block] == (block_cumulative[block - 1] if block else 0.0):
+        block -= 1
+    cumulative = np.cumsum(blocks[block], dtype=np.float64)
+    within = target - (block_cumulative[block - 1] if block else 0.0)
+    offset = min(int(np.searchsorted(cumulative, within, side="right")), 1023)
+    while blocks[block, offset] == 0:
+        offset -= 1
+    return block * 1024 + offset
+
+
+@pytest.mark.parametrize("vocab", [10, 1024, 5000, 151_936])
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.6, top_k=20, top_p=0.95, seed=1),
+    SamplingParams(temperature=1.0, seed=2),
+    SamplingParams(temperature=0.7, top_p=0.9, seed=3),
+    SamplingParams(temperature=1.3, top_k=5, min_p=0.1, repetition_penalty=1.2, seed=4),
+    SamplingParams(temperature=0.9, min_p=0.05, seed=5),
+])
+def test_draws_equal_the_full_vocabulary_draw(vocab, params):
+    rng = np.random.default_rng(vocab)
+    reference = np.random.default_rng(params.seed)
+    sampler = make_sampler(params)
+    for case in range(6):
+        logits = (rng.standard_normal(vocab) * rng.uniform(0.5, 5)).astype(np.float32)
+        if case % 3 == 1:
+            logits = np.round(logits)  # ties at the top-k and top-p borders
+        if case % 3 == 2:
+            logits[rng.integers(0, vocab, vocab // 8)] = -np.inf  # tokens the model masks
+        history = rng.integers(0, vocab, 30).tolist()
+        want = [_full_vector_draw(process_logits(logits, history, params), reference) for _ in range(10)]
+        assert [sampler(logits, history) for _ in range(10)] == want

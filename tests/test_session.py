@@ -4,6 +4,7 @@ if it had waited, however the caller stops. The default model on the CPU."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from iree_runner.generate import DEFAULT_MODEL, generate_step, load_model
@@ -74,3 +75,16 @@ def test_a_reset_session_keeps_its_cache_and_gives_a_fresh_sessions_tokens(sessi
     waited(session, PROMPT * 5, 18)  # rows far past the next sequence's end
     assert waited(session, PROMPT[:3], 9) == want
     assert list(generate_step(session, PROMPT[:3], SamplingParams(), 9)) == want
+
+
+def test_logits_reads_are_the_callers_own_and_agree_with_the_device_argmax(session):
+    """Logits come back through one host buffer that every read reuses: each read is a copy
+    of its own step's row, whose argmax is the token the device picks for that step."""
+    want = waited(session, PROMPT, 4)
+    session.reset()
+    rows = [session.prefill(PROMPT)]
+    for token in want[:3]:
+        rows.append(session.decode(token))
+    assert [int(row.argmax()) for row in rows] == want
+    assert all(rows[i] is not rows[j] and not np.array_equal(rows[i], rows[j])
+               for i in range(4) for j in range(i))
