@@ -1,13 +1,14 @@
 """The hand-written CUDA kernels (compile/kernels/*.cu) alone, checked against numpy on a GPU.
 
-  python bench/cuda_kernels.py make DIR     # here: export each case with its kernel, compile for CUDA
+  python bench/cuda_kernels.py make DIR [PREFIX]  # here: export each case (named PREFIX...) with its kernel, compile
   python bench/cuda_kernels.py check DIR    # GPU machine: run each case, compare with numpy (float64)
 
 Inputs come from a seed, so only the .vmfb files and cases.json travel. Cases: the prefill
 attention over cache rows and the chunk's own keys (several head layouts, starts, a sliding
 window and a soft-cap; and the chunk's K/V it writes into the caches), the decode attention
 (both forms), the 4-bit dequantization, 4-bit matvecs and lm_heads (their argmax too: ties,
-NaN), and the one-token prologue (embedding row, rotary cos/sin). The whole steps are checked
+NaN), the one-token prologue (embedding row, rotary cos/sin), and sampling (against the
+host's draw at the same uniform numbers). The whole steps are checked
 against the HF oracle by bench/gpu_agreement.py; these cases reach what its short prompts do not
 (a chunk after hundreds of cached rows).
 """
@@ -57,6 +58,22 @@ GEMV = {"q4_4096x1024_norm": (4096, 1024, True), "q4_1024x3072": (1024, 3072, Fa
 # "nan" (a NaN in x: the argmax is N, out of range).
 LM_HEAD = {"q4_151936x1024": (151936, 1024, False, None), "q4_32771x2048_norm": (32771, 2048, True, None),
            "q4_151936x1024_tie": (151936, 1024, False, "tie"), "q4_151936x1024_nan": (151936, 1024, False, "nan")}
+# name -> (V, logit scale, temperature, top_k, top_p, min_p, special): sampling on the device
+# (extern.sample_token) at SAMPLE_POSITIONS positions each, against the host's draw_at.
+# special: "cluster" (the 40 largest logits in one block of the kernel's: its candidates cannot
+# decide top-k 30, status 1), "ties" (logits rounded: ties at the top-k border), "nan".
+SAMPLE = {"v151936_t0.6_k20_p0.95": (151936, 3.0, 0.6, 20, 0.95, 0.0, None),
+          "v151936_t1_k64": (151936, 1.0, 1.0, 64, 1.0, 0.0, None),
+          "v128256_t0.7_k50_p0.9_minp0.05": (128256, 4.0, 0.7, 50, 0.9, 0.05, None),
+          "v300_t1.3_k5": (300, 1.0, 1.3, 5, 1.0, 0.0, None),
+          "v2050_t1_k8": (2050, 1.0, 1.0, 8, 1.0, 0.0, None),  # a last block of 2 tokens
+          "v151936_flat_k20": (151936, 0.0, 1.0, 20, 1.0, 0.0, None),  # all tied: status 1
+          "v262144_t0.8_k40_p0.8": (262144, 3.0, 0.8, 40, 0.8, 0.0, None),
+          "v151936_cluster_k30": (151936, 3.0, 1.0, 30, 1.0, 0.0, "cluster"),
+          "v151936_ties_k10_p0.9": (151936, 1.0, 1.0, 10, 0.9, 0.0, "ties"),
+          "v151936_nan": (151936, 3.0, 1.0, 20, 1.0, 0.0, "nan"),
+          "v151936_greedy": (151936, 3.0, 0.0, 0, 1.0, 0.0, None)}
+SAMPLE_POSITIONS, SAMPLE_SEED = 200, 2026
 
 
 # name -> (V, D, group, rot, token, position, rope scaling): the one-token prologue
@@ -200,6 +217,47 @@ def gemv_reference(x, words, scales, biases, norm_w=None):
     return dense @ x
 
 
+def _sample_inputs(V, scale, temperature, top_k, top_p, min_p, special):
+    """logits [V] f32, their argmax (V if one is NaN), the step's sampling argument."""
+    from iree_runner.sampling import SamplingParams, device_params
+
+    logits = (np.random.default_rng(V).standard_normal(V) * scale).astype(np.float32)
+    if special == "cluster":
+        logits[4096:4136] = logits.max() + 1 + np.arange(40, dtype=np.float32) / 8
+    if special == "ties":
+        logits = np.round(logits * 2) / 2
+    if special == "nan":
+        logits[777] = np.nan
+    argmax = np.int32(V if np.isnan(logits).any() else np.argmax(logits))
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    return logits, argmax, device_params(params, SAMPLE_SEED), params
+
+
+def sample_reference(logits, params, position):
+    """(token, status) the kernel must give, and whether a different token is excusable: the
+    uniform number within 1e-5 of a boundary of the host's inverse CDF (float sums in another
+    order). Status 1 where the kernel's candidates (the 16 best of each 2048) cannot decide
+    the top-k set."""
+    from iree_runner import sampling as S
+
+    V = len(logits)
+    if params.greedy:
+        return int(np.argmax(logits)), 0, False
+    if np.isnan(logits).any():
+        return V, 1, False
+    scaled = logits / np.float32(params.temperature)
+    blocks = np.concatenate([scaled, np.full(-V % 2048, -np.inf, np.float32)]).reshape(-1, 2048)
+    m = np.sort(blocks, axis=1)[:, -16].max()
+    cand = np.sort(np.sort(blocks, axis=1)[:, -16:].reshape(-1))[::-1]
+    if not cand[params.top_k - 1] > m:
+        return int(np.argmax(logits)), 1, False
+    ids, values = S._survivors(scaled, params)
+    u = S.uniform(SAMPLE_SEED, position)
+    w = np.exp(values.astype(np.float64) - values.max())
+    edges = np.cumsum(w) / w.sum()
+    return S._draw(ids, values, V, u), 0, bool(np.abs(edges - u).min() < 1e-5)
+
+
 def _export(fn, args) -> str:
     import jax
 
@@ -265,17 +323,23 @@ def cases() -> dict:
             w = packed(words, scales, biases)
             return extern.lm_head(x, w, norm=(norm_w[0], EPS, False) if norm_w else None)
         out[f"lm_head_{name}"] = _export(fn, args)
+    for name, case in SAMPLE.items():
+        logits, argmax, sampling, _ = _sample_inputs(*case)
+        out[f"sample_{name}"] = _export(extern.sample_token, [logits, argmax, sampling, np.int32(0), np.int32(0)])
     return out
 
 
-def make(root: Path) -> None:
+def make(root: Path, prefix: str = "") -> None:
+    """Compile the cases (those whose names start with prefix) into root, adding to its list."""
     from iree_runner.compile import iree_compile
 
     root.mkdir(parents=True, exist_ok=True)
-    made = cases()
+    made = {name: text for name, text in cases().items() if name.startswith(prefix)}
     for name, text in made.items():
         iree_compile.compile_mlir(text, root / f"{name}.vmfb", "cuda", label=name)
-    (root / "cases.json").write_text(json.dumps(sorted(made)))
+    listed = root / "cases.json"
+    old = json.loads(listed.read_text()) if listed.exists() else []
+    listed.write_text(json.dumps(sorted(set(old) | set(made))))
 
 
 def _f16_steps(a: np.ndarray, b: np.ndarray) -> int:
@@ -312,7 +376,10 @@ def check(root: Path) -> int:
         a = _decode_inputs(H, KVH, Dh, S, pos, rot, qk_norm)
         want, k, v = decode_reference(*a, H=H, window=window, softcap=softcap)
         inputs[f"decode_attn_{name}"] = (a, want, 1e-4, (k, v))
-    for name in json.loads((root / "cases.json").read_text()):
+    names = json.loads((root / "cases.json").read_text())
+    for name in (n for n in names if n.startswith("sample_")):
+        wrong += _check_sample(config, root, name)
+    for name in (n for n in names if not n.startswith("sample_")):
         xs, want, tol, *new_kv = inputs[name]
         ctx = rt.SystemContext(vm_modules=[rt.VmModule.mmap(config.vm_instance, str(root / f"{name}.vmfb"))],
                                config=config)
@@ -362,8 +429,36 @@ def check(root: Path) -> int:
     return wrong
 
 
+def _check_sample(config, root: Path, name: str) -> int:
+    """A sampling case: the kernel's [token, status] at SAMPLE_POSITIONS positions against
+    sample_reference; returns 1 if any is wrong."""
+    import iree.runtime as rt
+
+    logits, argmax, sampling, params = _sample_inputs(*SAMPLE[name.removeprefix("sample_")])
+    ctx = rt.SystemContext(vm_modules=[rt.VmModule.mmap(config.vm_instance, str(root / f"{name}.vmfb"))], config=config)
+    main = next(m for n, m in ctx.modules.items() if n.startswith("jit_"))["main"]
+    x = rt.asdevicearray(config.device, logits)
+    bad = excused = left = 0
+    seen = set()
+    for pos in range(SAMPLE_POSITIONS):
+        token, status = (int(v) for v in np.asarray(main(x, argmax, sampling, np.int32(pos), np.int32(0)).to_host()))
+        want, want_status, excusable = sample_reference(logits, params, pos)
+        seen.add(token)
+        left += status
+        if (token, status) != (want, want_status):
+            if status == want_status == 0 and excusable:
+                excused += 1
+            else:
+                bad += 1
+                if bad <= 3:
+                    print(f"  {name} position {pos}: got {token, status}, want {want, want_status}")
+    print(f"{name:36s} {SAMPLE_POSITIONS} draws: {len(seen)} distinct tokens, {left} left to the host, "
+          f"{excused} differing at a float edge, {bad} wrong {'OK' if not bad else 'WRONG'}", flush=True)
+    return int(bad > 0)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "make":
-        make(Path(sys.argv[2]))
+        make(Path(sys.argv[2]), *sys.argv[3:4])
     else:
         sys.exit(1 if check(Path(sys.argv[2])) else 0)

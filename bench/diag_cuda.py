@@ -64,7 +64,7 @@ def probe_step(fam, cfg):
     from iree_runner.compile import export
     from iree_runner.compile import layers as L
 
-    def step(weights, k_cache, v_cache, tokens, start, last):
+    def step(weights, k_cache, v_cache, tokens, start, last, sampling):
         names = ["linear", "rms_norm", "apply_rope", "attention", "gated_mlp", "top_k"]
         saved = {n: getattr(L, n) for n in names}
         moe = getattr(fam, "moe", None)
@@ -85,7 +85,7 @@ def probe_step(fam, cfg):
             if moe is not None:
                 fam.moe = recording("moe", moe)
             jax.lax.top_k = recording("lax.top_k", top_k)
-            out = export.make_step(fam, cfg)(weights, k_cache, v_cache, tokens, start, last)
+            out = export.make_step(fam, cfg)(weights, k_cache, v_cache, tokens, start, last, sampling)
             taps = list(L.TAPS)
         finally:
             L.TAPS = None
@@ -103,13 +103,15 @@ def probe_step(fam, cfg):
 def export_probe(fam, cfg, spec) -> tuple[str, list[str]]:
     import jax
 
+    from iree_runner.compile import export
+
     wdt = np.dtype(spec.weight_dtype)
     fn = probe_step(fam, cfg)
     weights = {n: jax.ShapeDtypeStruct(s, wdt) for n, s in zip(spec.weight_names, spec.weight_shapes)}
     cache = jax.ShapeDtypeStruct(spec.cache_shape, np.dtype(spec.cache_dtype))
     scalar = jax.ShapeDtypeStruct((), np.int32)
     exported = jax.export.export(jax.jit(fn))(weights, cache, cache, jax.ShapeDtypeStruct((CHUNK,), np.int32),
-                                             scalar, scalar)
+                                             scalar, scalar, jax.ShapeDtypeStruct((export.SAMPLING_PARAMS,), np.int32))
     return exported.mlir_module().replace("module @jit_step", "module @probe", 1), fn.labels
 
 
@@ -125,7 +127,8 @@ def run_probe(variant: Path, target: str) -> list[np.ndarray]:
     w = random_weights(meta["names"], meta["shapes"], meta["wd"])
     cache = np.zeros(meta["cache_shape"], meta["cd"])
     outs = ctx.modules.probe["main"](*(w[n] for n in meta["names"]), cache, cache,
-                                     np.arange(5, 5 + CHUNK, dtype=np.int32), np.int32(0), np.int32(CHUNK - 1))
+                                     np.arange(5, 5 + CHUNK, dtype=np.int32), np.int32(0), np.int32(CHUNK - 1),
+                                     np.zeros(8, np.int32))
     return [np.asarray(o.to_host()) for o in outs]
 
 

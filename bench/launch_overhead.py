@@ -6,7 +6,8 @@ Runs the decode step of a bundle or a `bench/diag_cuda.py make` variant (random 
 flag setting (the flags are process-wide and read when the driver is created) and prints the
 median ms per token, greedy (one int read back per step): each step waited for, and pipelined as
 generation runs it (the next step queued before a token is read); then sampled as bench/run.py
-samples (the logits row read back, the host's draw), with its two parts timed apart. `--device cpu` times a CPU
+samples (on the device where the bundle's steps do, pipelined as greedy), and with the host
+drawing from each step's logits row, its two parts timed apart. `--device cpu` times a CPU
 bundle the same way.
 """
 
@@ -64,15 +65,22 @@ def child(variant: Path, steps: int, flags: list[str], prompt: int, device: str 
     # The mean too: what a generation's tok/s sees, a late step included (bench/run.py).
     res |= {"pipelined_ms_per_token": 1e3 * float(np.median(gaps)), "pipelined_mean_ms": 1e3 * float(gaps.mean()),
             "pipelined_max_ms": 1e3 * float(gaps.max())}
-    # Sampled as bench/run.py samples (the host draws from each step's logits row): per token,
-    # and its two parts, the step with the row's read (waited) and the host's draw.
+    # Sampled as bench/run.py samples: as generation does (on the device where the bundle's
+    # steps do), then with the host drawing from each step's logits row: per token, and its two
+    # parts, the step with the row's read (waited) and the host's draw.
     from run import SAMPLED
     from iree_runner.sampling import make_sampler
 
-    stamps = []
-    for _ in generate_step(s, list(range(5, 5 + prompt)), SamplingParams(**SAMPLED), n + 1):
-        stamps.append(time.perf_counter())
-    gaps = np.diff(stamps)[3:]
+    on_device = getattr(s, "samples_on_device", False)
+    sampled = {}
+    for key, device in (("sampled", on_device), ("sampled_host", False)):
+        s.samples_on_device = device
+        stamps = []
+        for _ in generate_step(s, list(range(5, 5 + prompt)), SamplingParams(**SAMPLED), n + 1):
+            stamps.append(time.perf_counter())
+        gaps = np.diff(stamps)[3:]
+        sampled |= {f"{key}_ms_per_token": 1e3 * float(np.median(gaps)), f"{key}_mean_ms": 1e3 * float(gaps.mean())}
+    s.samples_on_device = on_device
     sampler, history, reads, draws = make_sampler(SamplingParams(**SAMPLED)), list(range(5, 5 + prompt)), [], []
     s.reset()
     logits = s.prefill(history)
@@ -83,9 +91,8 @@ def child(variant: Path, steps: int, flags: list[str], prompt: int, device: str 
         logits = s.decode(history[-1])
         reads.append(time.perf_counter() - t1)
         draws.append(t1 - t0)
-    res |= {"sampled_ms_per_token": 1e3 * float(np.median(gaps)), "sampled_mean_ms": 1e3 * float(gaps.mean()),
-            "sampled_step_and_read_ms": 1e3 * float(np.median(reads[3:])),
-            "sampled_draw_ms": 1e3 * float(np.median(draws[3:]))}
+    res |= sampled | {"sampled_on_device": on_device, "host_step_and_read_ms": 1e3 * float(np.median(reads[3:])),
+                      "host_draw_ms": 1e3 * float(np.median(draws[3:]))}
     print(json.dumps(res))
 
 

@@ -3,7 +3,8 @@
 For each model (bench/configs/, random weights) and variant (MLX 4-bit with BF16 scales, f16):
 load time (files -> device-resident weights), prefill tok/s on a 512-token prompt, time to first
 token, decode tok/s at batch 1 over 128 new tokens (each the median of TRIALS generations; greedy,
-and for iree-runner also sampled with SAMPLED: the host draws from each step's logits row), device
+and for iree-runner also sampled with SAMPLED: drawn on the device where the bundle's steps
+sample (CUDA), and on the host from each step's logits row as every bundle can), device
 memory. Peers, same weights and shapes: JAX/XLA running our own model code under jax.jit; HF
 transformers (torch, eager); on the CPU,
 llama.cpp on Q4_0 and Q4_1 GGUF files made from the f16 checkpoint (--peers jax,torch,llamacpp).
@@ -173,14 +174,19 @@ def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tupl
     def stream(p):  # as iree-generate runs it: the next step queued before a token is read
         return generate_step(s, p, SamplingParams(), NEW_TOKENS)
 
-    def sampled(p):  # the host samples from each step's logits row
+    def sampled(p):  # as iree-generate samples: on the device where the bundle's steps do
         return generate_step(s, p, SamplingParams(**SAMPLED), NEW_TOKENS)
 
     _timed_stream(stream, prompt[:64], trials=1)  # warm-up
     r = _timed_stream(stream, prompt)
-    _timed_stream(sampled, prompt[:64], trials=1)
-    r_sampled = _timed_stream(sampled, prompt)
-    r |= {"decode_sampled_tps": r_sampled["decode_tps"], "decode_sampled_tps_trials": r_sampled["decode_tps_trials"]}
+    device_sampling = s.samples_on_device
+    for key, on_device in (("decode_sampled", device_sampling), ("decode_sampled_host", False)):
+        s.samples_on_device = on_device  # False: the host draws from each step's logits row
+        _timed_stream(sampled, prompt[:64], trials=1)
+        one = _timed_stream(sampled, prompt)
+        r |= {f"{key}_tps": one["decode_tps"], f"{key}_tps_trials": one["decode_tps_trials"]}
+    s.samples_on_device = device_sampling
+    r["sampled_on_device"] = device_sampling
     r |= {"load_s": load_s, "host_dequant_s": t_host, "device_mb": device_used_mb(device) - before}
     s.reset()
     r["prompt_logits"] = np.asarray(s.prefill(prompt), np.float32)  # to compare with the JAX peer
@@ -205,6 +211,7 @@ def bench_jax(ckpt: Path, device: str, prompt: list[int], weights: dict, chunk: 
     dev = jax.devices("gpu" if device == "cuda" else "cpu")[0]
     w = {n: jax.device_put(weights[n], dev) for n in spec.weight_names}
     step = jax.jit(export.make_step(fam, cfg), donate_argnums=(1, 2))
+    greedy = np.zeros(export.SAMPLING_PARAMS, np.int32)  # no kernels under jax.jit: the argmax
     state = {}
 
     def reset():
@@ -213,8 +220,8 @@ def bench_jax(ckpt: Path, device: str, prompt: list[int], weights: dict, chunk: 
 
     def run(tokens, last):
         state["logits"], token, state["k"], state["v"] = step(w, state["k"], state["v"], tokens,
-                                                              np.int32(state["pos"]), np.int32(last))
-        return int(token)
+                                                              np.int32(state["pos"]), np.int32(last), greedy)
+        return int(token[0])
 
     def prefill(p):
         reset()
@@ -437,7 +444,7 @@ def _agreement(r: dict) -> str:
 
 def table(result: dict) -> str:
     head = ("| model | weights | runtime | load s | prefill tok/s | TTFT ms | decode tok/s | sampled decode tok/s "
-            "| roofline % | device MB | same greedy tokens as iree-runner |")
+            "(host draws) | roofline % | device MB | same greedy tokens as iree-runner |")
     lines = [f"{result['device']}, copy bandwidth {result['copy_bandwidth_gbs']:.0f} GB/s, "
              f"IREE {result['iree_runtime']}; sampled: {result.get('sampled', '—')}", "", head, "|" + "---|" * 11]
     f = lambda r, k, fmt: format(r[k], fmt) if r.get(k) is not None else "—"  # noqa: E731
@@ -448,7 +455,7 @@ def table(result: dict) -> str:
         frac = f"{100 * r['roofline_frac']:.0f}%" if r.get("roofline_frac") else "—"
         lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | {f(r, 'load_s', '.2f')} | "
                      f"{f(r, 'prefill_tps', '.0f')} | {f(r, 'ttft_ms', '.1f')} | {f(r, 'decode_tps', '.1f')} | "
-                     f"{f(r, 'decode_sampled_tps', '.1f')} | {frac} | {f(r, 'device_mb', '.0f')} | "
+                     f"{f(r, 'decode_sampled_tps', '.1f')} ({f(r, 'decode_sampled_host_tps', '.1f')}) | {frac} | {f(r, 'device_mb', '.0f')} | "
                      f"{_agreement(r)} |")
     return "\n".join(lines)
 

@@ -107,16 +107,17 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
     try:
         (tmp / target).mkdir()
         files, sums = {}, {}
+        options = iree_compile.export_options(target, kernels)
         for step, tokens in zip(STEPS, (prefill_chunk, 1)):
             print(f"exporting {step} ({cc.model_type}, {tokens} token(s) per call)", file=sys.stderr)
-            mlir = export.export_step(fam, cfg, spec, tokens, module_name=step,
-                                      **iree_compile.export_options(target, kernels))
+            mlir = export.export_step(fam, cfg, spec, tokens, module_name=step, **options)
             rel = f"{target}/{step}.vmfb"
             iree_compile.compile_mlir(mlir, tmp / rel, target, label=step, flags=iree_compile.step_flags(target))
             files[step], sums[rel] = rel, file_digest(tmp / rel)
         build = TargetBuild(target, key, iree_compile.step_flags(target), files, sums, spec.weight_names,
                             spec.weight_shapes, spec.weight_dtype, spec.cache_shape, spec.cache_dtype,
-                            tuple(p.name for p in spec.packed), spec.weight_dtypes)
+                            tuple(p.name for p in spec.packed), spec.weight_dtypes,
+                            export.samples_on_device(options["decode_kernel"], int(cfg.vocab_size)))
         _manifest(cc, fam, cfg, max_context, prefill_chunk, {target: build}).write(tmp)
         try:
             tmp.replace(entry)

@@ -1,8 +1,10 @@
 """Export a family's step function to StableHLO with `jax.export`.
 
 One pure function serves prefill and decode: it runs C tokens at positions start..start+C-1
-against a fixed-capacity KV cache and returns the logits of row `last` and their argmax (so
-greedy decoding reads back one int, not the vocabulary). Prefill is that function with C = the
+against a fixed-capacity KV cache and returns the logits of row `last` and the next token
+chosen from them: their argmax, or on CUDA a token drawn with the sampling settings passed in
+(kernels/sample.cu). So greedy and sampled decoding read back one int, not the vocabulary, and
+that int can feed the next step on the device. Prefill is that function with C = the
 chunk size (prompts run chunk by chunk); decode is C = 1. Caches are donated, so IREE updates
 them in place.
 
@@ -35,6 +37,9 @@ class StepSpec:
     cache_layout: str  # the order of cache_shape's axes (layers.CACHE_LAYOUT)
 
 
+SAMPLING_PARAMS = 8  # the step's sampling argument (iree_runner/sampling.py device_params)
+
+
 def first_argmax(x):
     """argmax of a vector as an int32 scalar (lowest index on ties), on the device."""
     return layers.max_and_first_index(x)[1][0]
@@ -43,8 +48,9 @@ def first_argmax(x):
 def make_step(family, cfg, packed_weights: tuple[packed.PackedSpec, ...] = (), dtype=jnp.float32):
     """The step function; packed_weights name the weight arguments that come as packed triples
     (dequantized to `dtype` where no kernel reads them)."""
-    def step(weights, k_cache, v_cache, tokens, start, last):
-        # tokens: [C] int32, start/last: scalar int32 -> logits [V] f32, argmax, caches
+    def step(weights, k_cache, v_cache, tokens, start, last, sampling):
+        # tokens: [C] int32, start/last: scalar int32, sampling: [8] int32 (sampling.device_params)
+        # -> logits [V] f32, [token, status] int32, caches
         weights = packed.view(weights, packed_weights, dtype)
         positions = start + jnp.arange(tokens.shape[0], dtype=jnp.int32)
         h, k_cache, v_cache = family.forward(cfg, weights, tokens, positions, k_cache, v_cache)
@@ -53,9 +59,23 @@ def make_step(family, cfg, packed_weights: tuple[packed.PackedSpec, ...] = (), d
         else:  # row `last` as a masked sum: h[last] at a device-held index is read back to the host
             row = jnp.sum(jnp.where(jnp.arange(h.shape[0])[:, None] == last, h, 0.0), axis=0)
         logits, argmax = family.lm_head(cfg, weights, row)
-        return logits, first_argmax(logits) if argmax is None else argmax, k_cache, v_cache
+        argmax = first_argmax(logits) if argmax is None else argmax
+        return logits, next_token(logits, argmax, sampling, start, last), k_cache, v_cache
 
     return step
+
+
+def next_token(logits, argmax, sampling, start, last):
+    """[token, status] int32: with the CUDA kernels, the sampling kernel's (the argmax at
+    temperature 0); else the argmax, status 0 (the host samples from the logits)."""
+    if layers.DECODE_KERNEL == "cuda" and extern.sample_fits(logits.shape[0]):
+        return extern.sample_token(logits, argmax, sampling, start, last)
+    return jnp.stack([argmax, jnp.int32(0)])
+
+
+def samples_on_device(decode_kernel: str | None, vocab: int) -> bool:
+    """Whether a step exported with these kernels draws sampled tokens itself (next_token)."""
+    return decode_kernel == "cuda" and extern.sample_fits(vocab)
 
 
 def step_spec(family, cfg, *, capacity: int, weight_dtype: str, cache_dtype: str = "float32",
@@ -105,10 +125,12 @@ def _export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str) -> 
                for n, s, d in zip(spec.weight_names, spec.weight_shapes, spec.weight_dtypes)}
     cache = jax.ShapeDtypeStruct(spec.cache_shape, np.dtype(spec.cache_dtype))
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    # keep_unused: the runtime passes every argument, though a one-token step has no use for `last`.
+    # keep_unused: the runtime passes every argument, though a one-token step has no use for
+    # `last`, nor a step without the sampling kernel for `sampling`.
     exported = jax.export.export(jax.jit(fn, donate_argnums=(1, 2), keep_unused=True),
                                  disabled_checks=extern.disabled_checks())(
-        weights, cache, cache, jax.ShapeDtypeStruct((tokens,), jnp.int32), scalar, scalar)
+        weights, cache, cache, jax.ShapeDtypeStruct((tokens,), jnp.int32), scalar, scalar,
+        jax.ShapeDtypeStruct((SAMPLING_PARAMS,), jnp.int32))
     text = exported.mlir_module()
     # Every jax export is `module @jit_<fn>`; prefill and decode share one runtime context,
     # so each gets its own module name.
@@ -119,12 +141,12 @@ def _export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str) -> 
 
 
 # Buffers the caller passes after the step's own arguments (iree_runner/session.py keeps two
-# of each and alternates): storage for the logits and the argmax, and for IREE's transients.
+# of each and alternates): storage for the logits and the next token, and for IREE's transients.
 # Without them IREE allocates and frees them on the queue in every call, and the CUDA HAL's
 # queue alloca/dealloca block the host until the GPU reaches them (iree 3.13 cuda_device.c),
 # so no call returned before its step had run.
 CALLER_STORAGE = ("%logits_storage: !hal.buffer {iree.abi.output = 0 : index}",
-                  "%argmax_storage: !hal.buffer {iree.abi.output = 1 : index}",
+                  "%token_storage: !hal.buffer {iree.abi.output = 1 : index}",
                   "%transients: !hal.buffer {iree.abi.transients}")
 
 

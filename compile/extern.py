@@ -65,6 +65,7 @@ KERNELS = {
     "lm_head_q4_k2048": Kernel("gemv", 256),
     "dequant_q4": Kernel("gemv", 256),
     "embed_rope_q4": Kernel("step_prologue", 256),
+    "sample_token": Kernel("sample", 1024),
     "prefill_attn": Kernel("prefill_attention", 256),
     "q4_gemv": Kernel("q4_gemv", target="cpu"),
     "q4_gemm": Kernel("q4_gemv", target="cpu"),
@@ -667,6 +668,29 @@ def embed_rope(table: Packed, tokens, positions, inv_freq: np.ndarray):
                        [tokens, positions, jnp.asarray(inv_freq, f32), *packed_operands(table)], grid=1,
                        constants=[D, half, table.group_size])
     return x[None], cos[None], sin[None]
+
+
+SAMPLE_PER_BLOCK, SAMPLE_MAX_BLOCKS = 2048, 128  # kernels/sample.cu PER_BLOCK, MAX_BLOCKS
+
+
+def sample_fits(vocab: int) -> bool:
+    """Whether the CUDA sampling kernel takes a vocabulary this large."""
+    return -(-vocab // SAMPLE_PER_BLOCK) <= SAMPLE_MAX_BLOCKS
+
+
+def sample_token(logits, argmax, sampling, start, last):
+    """[token, status] int32 on CUDA (kernels/sample.cu): the argmax where sampling (the
+    [8] uint32 of sampling.device_params) has temperature 0, else a token drawn from the
+    logits [V] f32 as the host's sampler draws it, with the uniform number of (seed,
+    start + last); status 1 where the kernel leaves the draw to the host."""
+    v = logits.shape[0]
+    grid = -(-v // SAMPLE_PER_BLOCK)
+    i32 = jnp.int32
+    out, _, _ = call("sample_token", (jax.ShapeDtypeStruct((2,), i32), jax.ShapeDtypeStruct((1,), i32),
+                                      jax.ShapeDtypeStruct((grid * 16, 2), jnp.float32)),
+                     [logits, jnp.reshape(argmax, (1,)).astype(i32), sampling, jnp.reshape(start, (1,)),
+                      jnp.reshape(last, (1,)), jnp.zeros((1,), i32)], grid=grid, constants=[v], aliases={5: 1})
+    return out
 
 
 def dequant_q4_fits(w) -> bool:

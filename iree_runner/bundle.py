@@ -18,7 +18,9 @@ from pathlib import Path
 
 # 2: each step returns once its work is queued (IREE's async-external model) and takes the
 # storage for its results and transients from the caller (compile/export.py CALLER_STORAGE).
-FORMAT = 3  # 3: packed weights take scales_biases (compile/packed.py), not scales and biases
+# 3: packed weights take scales_biases (compile/packed.py), not scales and biases.
+# 4: the steps take the sampling settings and return [token, status] (compile/export.py).
+FORMAT = 4
 MANIFEST = "manifest.json"
 # config.json keys that do not change the compiled graph: dtype and quantization only change
 # how the host prepares weights (the graph gets dequantized weights, or with --packed the
@@ -72,6 +74,7 @@ class TargetBuild:
     cache_dtype: str
     packed: tuple[str, ...] = ()  # weights kept packed (compile/packed.py): three arguments each
     weight_dtypes: tuple[str, ...] = ()  # per argument; empty = all weight_dtype
+    device_sampling: bool = False  # the steps draw sampled tokens themselves (compile/export.py next_token)
 
     def dtypes(self) -> tuple[str, ...]:
         return self.weight_dtypes or (self.weight_dtype,) * len(self.weight_names)
@@ -80,7 +83,8 @@ class TargetBuild:
         return {"key": self.key, "flags": list(self.flags), "files": self.files, "sha256": self.sha256,
                 "weights": [[n, list(s), d] for n, s, d in zip(self.weight_names, self.weight_shapes, self.dtypes())],
                 "weight_dtype": self.weight_dtype, "packed": list(self.packed),
-                "cache_shape": list(self.cache_shape), "cache_dtype": self.cache_dtype}
+                "cache_shape": list(self.cache_shape), "cache_dtype": self.cache_dtype,
+                "device_sampling": self.device_sampling}
 
     @classmethod
     def from_json(cls, target: str, d: dict) -> "TargetBuild":
@@ -88,7 +92,7 @@ class TargetBuild:
         return cls(target, d["key"], tuple(d["flags"]), dict(d["files"]), dict(d["sha256"]),
                    tuple(e[0] for e in w), tuple(tuple(e[1]) for e in w), d["weight_dtype"],
                    tuple(d["cache_shape"]), d["cache_dtype"], tuple(d.get("packed", ())),
-                   tuple(e[2] if len(e) > 2 else d["weight_dtype"] for e in w))
+                   tuple(e[2] if len(e) > 2 else d["weight_dtype"] for e in w), bool(d.get("device_sampling", False)))
 
 
 @dataclass(frozen=True)

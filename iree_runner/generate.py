@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .bundle import check_compatible, read_manifest
-from .sampling import SamplingParams, make_sampler
+from .sampling import SamplingParams, device_seed, draw_at, make_sampler, samples_on_device
 from .resident import gather_weights, packed_arguments
 from .session import Session, check_device
 from .tokenizer import Tokenizer, find_stop, stop_holdback
@@ -78,13 +78,18 @@ def _compile_for(model_dir: Path, target: str, max_context: int | None, packed: 
 def generate_step(session: Session, prompt: list[int], params: SamplingParams, max_tokens: int) -> Iterator[int]:
     """Yields sampled token ids until max_tokens or the compiled context is full.
 
-    Plain greedy takes the argmax computed on the device: one int crosses back per step, and
-    the next step is queued before that int is read, so the device never waits for the host
-    (the session rewinds the steps queued ahead when the caller stops early). Other
-    sampling reads the logits row and samples on the host."""
+    Plain greedy takes the argmax computed on the device, and so does sampling where the
+    bundle's steps draw tokens themselves (CUDA; sampling.samples_on_device says with which
+    settings): one [token, status] pair crosses back per step, and the next step is queued on
+    the token before that pair is read, so the device never waits for the host (the session
+    rewinds the steps queued ahead when the caller stops early). Other sampling reads the
+    logits row and samples on the host."""
     session.reset()
     if params.temperature == 0 and params.repetition_penalty == 1.0:
-        yield from _greedy_on_device(session, prompt, max_tokens)
+        yield from _tokens_on_device(session, prompt, max_tokens, None)
+        return
+    if session.samples_on_device and samples_on_device(params):
+        yield from _tokens_on_device(session, prompt, max_tokens, params)
         return
     sampler = make_sampler(params)
     out = session.prefill(prompt)
@@ -98,21 +103,47 @@ def generate_step(session: Session, prompt: list[int], params: SamplingParams, m
         out = session.decode(token)
 
 
-def _greedy_on_device(session: Session, prompt: list[int], max_tokens: int) -> Iterator[int]:
-    first = session.prefill(prompt, greedy=True)
-    queued = []  # decode steps queued whose tokens are not yet yielded
+def _tokens_on_device(session: Session, prompt: list[int], max_tokens: int,
+                      params: SamplingParams | None) -> Iterator[int]:
+    """Each step's token chosen on the device (the argmax where params is None), each step
+    queued before the token of the one before is read. A draw the device leaves to the host
+    (PendingToken.left_to_host) is made here with the same uniform number."""
+    seed = device_seed(params) if params is not None else 0
+    session.set_sampling(params, seed)
+    queued = [session.queue_prefill(prompt)]  # steps queued whose tokens are not yet yielded
     ahead = session.SETS["decode"] - 1  # steps queued beyond the one whose token is read next
+    previous = from_host = None  # the last token yielded; it if the host chose it
     try:
-        yield first
-        for produced in range(1, max_tokens):
-            while len(queued) < min(1 + ahead, max_tokens - produced) and session.pos < session.max_context:
-                queued.append(session.decode_next())
+        for produced in range(max_tokens):
+            while produced and len(queued) < min(1 + ahead, max_tokens - produced) and session.pos < session.max_context:
+                queued.append(session.decode_next(from_host))
+                from_host = None
             if not queued:
                 return
-            yield queued.pop(0).result()
+            pending = queued.pop(0)
+            token = pending.result()
+            if pending.left_to_host:
+                token = from_host = _draw_on_host(session, len(queued), prompt, previous, params, seed)
+                queued = []
+            previous = token
+            yield token
     finally:
         if queued:
             session.rewind(len(queued))
+
+
+def _draw_on_host(session: Session, queued: int, prompt: list[int], previous: int | None, params: SamplingParams,
+                  seed: int) -> int:
+    """The token of the step the device left to the host: the steps queued on its stand-in
+    dropped, the step run again for its logits, the draw made from them (sampling.draw_at)."""
+    if previous is None:  # the prompt's step
+        session.reset()
+        session.set_sampling(params, seed)  # (reset went back to greedy)
+        logits = session.prefill(prompt)
+    else:
+        session.rewind(queued + 1)
+        logits = session.decode(previous)
+    return draw_at(logits, params, seed, session.pos - 1)
 
 
 @dataclass

@@ -252,15 +252,65 @@ def make_sampler(params: SamplingParams) -> Sampler:
 
     def sample(logits: np.ndarray, tokens: Sequence[int] = ()) -> int:
         logits = _scaled(_as_logits(logits), tokens, params)
-        return _draw(*_survivors(logits, params), logits.shape[0], rng)
+        return _draw(*_survivors(logits, params), logits.shape[0], rng.random())
 
     return sample
 
 
-def _draw(ids, values: np.ndarray, vocab: int, rng: np.random.Generator) -> int:
+# ---------------------------------------------------------------------------------------------
+# Sampling on the device (compile/kernels/sample.cu): the same filters and inverse-CDF draw, in
+# the same order, with one uniform number per position from a counter-based generator, so a
+# token drawn there feeds the next step without a trip to the host. Where the kernel cannot
+# decide a draw it leaves it to draw_at, which takes the same uniform number.
+
+DEVICE_MAX_TOP_K = 64  # compile/extern.py SAMPLE_MAX_K
+_MASK64 = (1 << 64) - 1
+
+
+def samples_on_device(params: SamplingParams) -> bool:
+    """Whether the device's kernel draws with these settings: a temperature, top-k between 1 and
+    DEVICE_MAX_TOP_K (the candidates it keeps), no repetition penalty (it has no history)."""
+    return (params.temperature > 0 and 1 <= params.top_k <= DEVICE_MAX_TOP_K
+            and params.repetition_penalty == 1.0)
+
+
+def uniform(seed: int, position: int) -> float:
+    """The uniform number in [0, 1) of the token drawn from position's logits: the top 24
+    bits of splitmix64(seed + (position + 1) * golden ratio), as the kernel computes it."""
+    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return (z >> 40) / 16777216.0
+
+
+def device_seed(params: SamplingParams) -> int:
+    """The 64-bit seed of a generation: params.seed, or fresh entropy."""
+    return params.seed if params.seed is not None else int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
+
+
+def device_params(params: SamplingParams | None, seed: int = 0) -> np.ndarray:
+    """The step's sampling argument, [8] int32: temperature, top_k, top_p, min_p (floats as
+    their bits), the seed's low and high words, 0, 0. None or a temperature of 0: greedy (the
+    step's argmax)."""
+    out = np.zeros(8, np.uint32)
+    if params is not None and not params.greedy:
+        out[[0, 2, 3]] = np.array([params.temperature, params.top_p, params.min_p], np.float32).view(np.uint32)
+        out[1], out[4], out[5] = params.top_k, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    return out.view(np.int32)
+
+
+def draw_at(logits: np.ndarray, params: SamplingParams, seed: int, position: int) -> int:
+    """The draw the device makes from position's logits (without the repetition penalty it
+    does not apply), on the host: where the kernel left it to the host."""
+    logits = _scaled(_as_logits(logits), (), params)
+    return _draw(*_survivors(logits, params), logits.shape[0], uniform(seed, position))
+
+
+def _draw(ids, values: np.ndarray, vocab: int, u: float) -> int:
     """Inverse-CDF draw from softmax of the survivors (ids, values: as the filters keep them),
-    in token-id order: one uniform number per token drawn, so a seed gives a reproducible
-    sequence. -inf tokens have zero width and are never drawn."""
+    in token-id order, at uniform number u in [0, 1): one per token drawn, so a seeded
+    generator gives a reproducible sequence. -inf tokens have zero width and are never drawn."""
     top = values.max()
     if top == -np.inf:
         raise ValueError("every token was filtered out")
@@ -280,7 +330,7 @@ def _draw(ids, values: np.ndarray, vocab: int, rng: np.random.Generator) -> int:
     sums = np.zeros(n_blocks, np.float64)
     sums[held] = rows.sum(axis=1, dtype=np.float64)
     block_cumulative = np.cumsum(sums)
-    target = rng.random() * block_cumulative[-1]
+    target = u * block_cumulative[-1]
     block = min(int(np.searchsorted(block_cumulative, target, side="right")), n_blocks - 1)
     while block_cumulative[block] == (block_cumulative[block - 1] if block else 0.0):
         block -= 1  # float edge (target == total) landed past the last block with weight

@@ -2,7 +2,8 @@
 
 Weights are uploaded once and stay on the device; the KV cache lives on the device and is
 donated to each call (updated in place). Per step only the token ids and two scalars go in,
-and the logits of one position come back.
+and the next token (chosen on the device: argmax, or a draw) or the logits of one position come
+back.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import TargetBuild
+from .sampling import SamplingParams, device_params
 
 DRIVERS = {"cpu": "local-task", "cuda": "cuda"}
 
@@ -53,29 +55,32 @@ def _device_config(target: str):
 
 
 class PendingToken:
-    """A greedy step's argmax, on its way to the host: result() waits for it."""
+    """A step's token (the argmax, or drawn on the device: Session.set_sampling), on its way to
+    the host: result() waits for it. left_to_host (once read): the device could not decide the
+    draw, and the token is a stand-in (generate.py draws it on the host)."""
 
     def __init__(self, view, read, pos: int, vocab_size: int):
-        self.view = view  # the int32 scalar on the device, which a next step can take as its token
+        self.view = view  # [token, status] int32 on the device; a next step can take the token
         self._read, self._pos, self._vocab_size, self._value = read, pos, vocab_size, None
+        self.left_to_host = False
 
     def done_as(self, token: int) -> bool:
         """Whether this was read already and came out as `token`."""
-        return self._value is not None and self._value == token
+        return self._value is not None and self._value == token and not self.left_to_host
 
     def result(self) -> int:
         if self._value is None:
-            value = self._read()
+            value, status = self._read()
             if not 0 <= value < self._vocab_size:  # the argmax of NaN logits is out of range
                 raise FloatingPointError(f"the model produced non-finite logits at position {self._pos}")
-            self._value = value
+            self._value, self.left_to_host = value, status != 0
         return self._value
 
 
 class Session:
     """Steps run in order on one device timeline. Each call returns once its work is queued
     (IREE's async-external model, iree_compile.STEP_FLAGS), so the host can queue the next
-    greedy step, whose input token never leaves the device, while the device runs this one.
+    step on the token the device chose, which never leaves it, while the device runs this one.
 
     The steps write their results and transients into buffers passed in (compile/export.py
     CALLER_STORAGE), sets used in turn: a set is reused only once the step that last used it is
@@ -110,14 +115,18 @@ class Session:
         # during generation is a synchronous copy that the queued steps wait behind.
         self._scalars = [rt.asdevicearray(device, np.array(i, np.int32))._buffer_view
                          for i in range(max(max_context, prefill_chunk) + 1)]
-        self._storage = {}  # step -> [(logits, argmax, transients) buffers, done-by tick]
+        self._storage = {}  # step -> [(logits, token, transients) buffers, done-by tick]
         for step, fn in self._steps.items():
             transients = int(fn.reflection["iree.abi.transients.size.constant"])
-            self._storage[step] = [[tuple(self._device_buffer(n) for n in (self.vocab_size * 4, 4, transients)), 0]
+            self._storage[step] = [[tuple(self._device_buffer(n) for n in (self.vocab_size * 4, 8, transients)), 0]
                                    for _ in range(self.SETS[step])]
+        # The steps' sampling settings (sampling.device_params): greedy, or the generation's own.
+        self.samples_on_device = build.device_sampling
+        self._greedy_params = rt.asdevicearray(device, device_params(None))._buffer_view
+        self._sampling = self._greedy_params
         # Every step and readback copy waits for the one before it on this timeline.
         self._timeline, self._tick = device.create_semaphore(0), 0
-        self._host_ints: list = []  # free 4-byte host buffers for reading one int each
+        self._host_ints: list = []  # free 8-byte host buffers for reading one [token, status] each
         self._host_logits = self._host_buffer(self.vocab_size * 4)  # where a logits row is read into
         # The KV cache, zeroed once and kept from sequence to sequence (reset says why).
         zeros = np.zeros(build.cache_shape, np.dtype(build.cache_dtype))
@@ -138,8 +147,23 @@ class Session:
         finite values: zeros or an earlier sequence's keys). Uploading fresh zeros took ~60 ms of
         each request's time to first token for Qwen3-0.6B on an H100 (88 MB of cache)."""
         self.wait()
-        self._last_greedy: PendingToken | None = None  # the last step's argmax, if it was greedy
+        self._last_token: PendingToken | None = None  # the last step's token, if it was read as one
+        self._sampling = self._greedy_params
         self.pos = 0
+
+    def set_sampling(self, params: SamplingParams | None, seed: int = 0) -> None:
+        """How the steps choose their token until the next reset: the argmax (None, or a
+        temperature of 0), or a draw on the device with these settings and seed (a bundle
+        whose steps sample: samples_on_device; sampling.samples_on_device says which settings)."""
+        import iree.runtime as rt
+
+        if params is None or params.greedy:
+            self._sampling = self._greedy_params
+            return
+        if not self.samples_on_device:
+            raise ValueError("this bundle's steps do not sample on the device (compiled without the CUDA kernels)")
+        self.wait()  # the upload below must not overtake queued steps that read the settings
+        self._sampling = rt.asdevicearray(self._device, device_params(params, seed))._buffer_view
 
     def rewind(self, steps: int) -> None:
         """Drop the last `steps` positions (decode steps queued ahead whose tokens went unused).
@@ -147,7 +171,7 @@ class Session:
         if not 0 <= steps <= self.pos:
             raise ValueError(f"cannot rewind {steps} of {self.pos} positions")
         self.pos -= steps
-        self._last_greedy = None
+        self._last_token = None
 
     def wait(self) -> None:
         """Until everything queued so far is done."""
@@ -159,18 +183,18 @@ class Session:
         return rt.HalFence.create_at(self._timeline, value)
 
     def _tokens(self, tokens: np.ndarray):
-        """The tokens as a device array. A greedy step's own argmax, fed back as the next token,
-        stays on the device (its buffer viewed as [1])."""
+        """The tokens as a device array. A step's own token, fed back as the next one, stays on
+        the device (its buffer viewed as [1])."""
         import iree.runtime as rt
 
-        if self._last_greedy is not None and tokens.shape == (1,) and self._last_greedy.done_as(int(tokens[0])):
-            return self._argmax_as_tokens()
+        if self._last_token is not None and tokens.shape == (1,) and self._last_token.done_as(int(tokens[0])):
+            return self._token_as_input()
         return rt.asdevicearray(self._device, tokens)._buffer_view
 
-    def _argmax_as_tokens(self):
+    def _token_as_input(self):
         import iree.runtime as rt
 
-        view = self._last_greedy.view
+        view = self._last_token.view
         return rt.HalBufferView(view.get_buffer(), [1], view.element_type)
 
     def _host_buffer(self, size: int):
@@ -196,23 +220,23 @@ class Session:
         self._fence(self._queue_copy(view.get_buffer(), self._host_logits)).wait()
         return np.array(self._host_logits.map().asarray([self.vocab_size], np.dtype(np.float32)), copy=True)
 
-    def _read_int(self, view):
-        """A function reading one int32 from the device: copied by the queue, after the step,
-        into a host buffer of its own (kept for reuse; a fresh host allocation per read cost
-        ~0.3 ms on CUDA). Copied at once, not when read: the step's storage is reused two steps
-        on."""
-        host = self._host_ints.pop() if self._host_ints else self._host_buffer(4)
+    def _read_token(self, view):
+        """A function reading a step's [token, status] from the device: copied by the queue,
+        after the step, into a host buffer of its own (kept for reuse; a fresh host allocation
+        per read cost ~0.3 ms on CUDA). Copied at once, not when read: the step's storage is
+        reused two steps on."""
+        host = self._host_ints.pop() if self._host_ints else self._host_buffer(8)
         copied = self._queue_copy(view.get_buffer(), host)
 
         def read_copied():
             self._fence(copied).wait()
-            value = int(host.map().asarray([1], np.dtype(np.int32))[0])
+            token, status = (int(x) for x in host.map().asarray([2], np.dtype(np.int32)))
             self._host_ints.append(host)
-            return value
+            return token, status
         return read_copied
 
     def _run(self, step: str, tokens, last: int, read: str | None):
-        """Queue one step. read "logits": returns them (waiting); "argmax": a PendingToken;
+        """Queue one step. read "logits": returns them (waiting); "token": a PendingToken;
         None: nothing (a prompt chunk before the last)."""
         import iree.runtime as rt
 
@@ -221,7 +245,7 @@ class Session:
         self._fence(done).wait()  # the step that last used this set is done
         args = rt.VmVariantList(len(self._weight_views) + 10)
         for ref in (*self._weight_views, self._k, self._v, tokens, self._scalars[self.pos], self._scalars[last],
-                    *buffers, self._fence(self._tick), self._fence(self._tick + 1)):
+                    self._sampling, *buffers, self._fence(self._tick), self._fence(self._tick + 1)):
             args.push_ref(ref)
         self._tick += 1
         sets.append([buffers, self._tick])
@@ -229,20 +253,30 @@ class Session:
         results = rt.VmVariantList(4)
         self._ctx.vm_context.invoke(self._steps[step], args, results)
         logits, token, self._k, self._v = (results.get_as_object(i, rt.HalBufferView) for i in range(4))
-        # Only what is asked for crosses back: one int for greedy, else the logits row.
-        if read != "argmax":
-            self._last_greedy = None
+        # Only what is asked for crosses back: the token (two ints), or the logits row.
+        if read != "token":
+            self._last_token = None
         if read is None:
             return None
         if read == "logits":
             return self._read_logits(logits)
-        self._last_greedy = PendingToken(token, self._read_int(token), self.pos, self.vocab_size)
-        return self._last_greedy
+        self._last_token = PendingToken(token, self._read_token(token), self.pos, self.vocab_size)
+        return self._last_token
 
     def prefill(self, tokens: list[int], greedy: bool = False):
         """Run the prompt (continuing the current sequence) chunk by chunk.
 
-        Returns the logits of its last token, or with greedy=True their argmax (an int)."""
+        Returns the logits of its last token, or with greedy=True the step's token (an int:
+        their argmax, unless set_sampling has the device draw it)."""
+        if greedy:
+            return self.queue_prefill(tokens).result()
+        return self._prefill(tokens, "logits")
+
+    def queue_prefill(self, tokens: list[int]) -> PendingToken:
+        """prefill, returning its token without waiting for it (decode_next may follow)."""
+        return self._prefill(tokens, "token")
+
+    def _prefill(self, tokens: list[int], read: str):
         n = len(tokens)
         if n == 0:
             raise ValueError("prefill needs at least one token")
@@ -253,25 +287,26 @@ class Session:
             part = ids[start:start + self.chunk]
             padded = np.zeros(self.chunk, np.int32)
             padded[:len(part)] = part
-            read = ("argmax" if greedy else "logits") if start + self.chunk >= n else None  # the last chunk's
-            out = self._run("prefill", self._tokens(padded), len(part) - 1, read)
+            out = self._run("prefill", self._tokens(padded), len(part) - 1, read if start + self.chunk >= n else None)
             self.pos += len(part)
-        return out.result() if greedy else out
+        return out
 
     def decode(self, token: int, greedy: bool = False):
-        """Append one token; logits for the next (or their argmax with greedy=True)."""
+        """Append one token; logits for the next (or with greedy=True the step's token, as prefill)."""
         self._check_room()
-        out = self._run("decode", self._tokens(np.array([token], np.int32)), 0, "argmax" if greedy else "logits")
+        out = self._run("decode", self._tokens(np.array([token], np.int32)), 0, "token" if greedy else "logits")
         self.pos += 1
         return out.result() if greedy else out
 
-    def decode_next(self) -> PendingToken:
-        """Queue a greedy step on the last greedy step's argmax without waiting for it: the token
-        stays on the device, and the host may queue the step after this one before reading it."""
-        if self._last_greedy is None:
-            raise RuntimeError("decode_next follows a greedy prefill or decode step")
+    def decode_next(self, token: int | None = None) -> PendingToken:
+        """Queue a step on the last step's token without waiting for it: the token stays on the
+        device, and the host may queue the step after this one before reading it. With `token`
+        (one the host chose), on that token instead."""
+        if token is None and self._last_token is None:
+            raise RuntimeError("decode_next follows a prefill or decode step read as a token")
         self._check_room()
-        out = self._run("decode", self._argmax_as_tokens(), 0, "argmax")
+        inputs = self._token_as_input() if token is None else self._tokens(np.array([token], np.int32))
+        out = self._run("decode", inputs, 0, "token")
         self.pos += 1
         return out
 

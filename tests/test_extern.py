@@ -400,3 +400,36 @@ def test_in_place_cache_writes_copy_no_cache(tmp_path):
         calls = re.findall(r"vm\.call @hal\.command_buffer\.copy_buffer\(([^)]*)\)", _vm_program(text, tmp_path))
         lengths = [int(re.match(r"%c(\d+)", c.split(", ")[7])[1]) for c in calls]
         assert lengths and max(lengths) < cache_bytes, (tokens, lengths, cache_bytes)
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_cuda_steps_choose_their_token_with_the_sampling_kernel(family_name):
+    """With the CUDA kernels, prefill and decode (dense and packed) end in one sample_token
+    dispatch (kernels/sample.cu) over the vocabulary, whose [token, status] is the step's
+    second result; the CPU and --no-kernels steps return [argmax, 0] from the graph."""
+    from test_packed import _packed_spec
+
+    for fam, cfg, spec in (_spec(family_name, "float16"), _packed_spec(family_name, "float16", "cuda")):
+        for tokens in (1, 8):
+            text = export.export_step(fam, cfg, spec, tokens, "step", **iree_compile.export_options("cuda"))
+            assert _constants(text, "sample_token") == [[cfg.vocab_size]], (tokens, spec.packed != ())
+            grid = re.search(r"%ext(\d+)_grid = arith.constant (\d+) : index(?=[\s\S]*@sample_token\[%ext\1_grid\])", text)
+            assert int(grid[2]) == -(-cfg.vocab_size // extern.SAMPLE_PER_BLOCK)
+        assert export.samples_on_device("cuda", cfg.vocab_size)
+    fam, cfg, spec = _spec(family_name, "float32", "cpu")
+    assert "@sample_token" not in export.export_step(fam, cfg, spec, 1, "step", **iree_compile.export_options("cpu"))
+    fam, cfg, spec = _spec(family_name, "float16")
+    text = export.export_step(fam, cfg, spec, 1, "step", **iree_compile.export_options("cuda", kernels=False))
+    assert "@sample_token" not in text
+    assert not export.samples_on_device("cpu", cfg.vocab_size) and not export.samples_on_device(None, cfg.vocab_size)
+
+
+def test_the_sampling_kernel_takes_vocabularies_up_to_its_candidates():
+    """128 blocks of 2048 logits, 16 candidates each (kernels/sample.cu MAX_BLOCKS): Gemma3's
+    262144 tokens fit, one more does not (its steps then leave sampling to the host)."""
+    assert extern.sample_fits(262_144) and not extern.sample_fits(262_145)
+    assert not export.samples_on_device("cuda", 262_145)
+    src = (extern.KERNEL_DIR / "sample.cu").read_text()
+    defines = dict(re.findall(r"^#define (\w+) \(?(\w+)", src, re.M))
+    assert int(defines["PER_BLOCK"]) == extern.SAMPLE_PER_BLOCK
+    assert int(defines["MAXC"]) // int(defines["TOP"]) == extern.SAMPLE_MAX_BLOCKS

@@ -20,6 +20,7 @@ import pytest
 
 from checkpoints import FAMILIES, mlx_checkpoint
 from iree_runner.compile import export, family, iree_compile
+from iree_runner.sampling import device_params
 from iree_runner.weights import read_config
 
 CAPACITY = 64
@@ -85,9 +86,10 @@ def test_scatter_and_slice_cache_writes_agree_on_cpu(tmp_path):
         iree_compile.compile_mlir(export.export_step(fam, cfg, spec, 8, "step", write), vmfb, "cpu", write,
                                   flags=iree_compile.step_flags("cpu"))
         results[write] = run_step(vmfb, "step", [*weights, cache.copy(), cache.copy(), np.arange(3, 11, dtype=np.int32),
-                                                 np.int32(20), np.int32(5)], vocab_size=cfg.vocab_size)
-    logits, argmax, k, v = results["scatter"]
+                                                 np.int32(20), np.int32(5), device_params(None)], vocab_size=cfg.vocab_size)
+    logits, token, k, v = results["scatter"]
     assert not np.array_equal(k, cache), "the chunk was not written"
+    assert token.tolist() == [int(np.argmax(logits)), 0]  # [token, status]: the argmax, from the graph
     for a, b in zip(results["scatter"], results["slice"]):
         np.testing.assert_array_equal(a, b)
 
@@ -95,7 +97,7 @@ def test_scatter_and_slice_cache_writes_agree_on_cpu(tmp_path):
 def run_step(vmfb, module: str, inputs: list, vocab_size: int) -> list[np.ndarray]:
     """One call of a compiled step on the CPU, as iree_runner.session makes it: the inputs, then
     storage for the results and transients (export.CALLER_STORAGE), then a wait and a signal
-    fence. Returns logits, argmax, and the two caches."""
+    fence. Returns logits, [token, status], and the two caches."""
     import iree.runtime as rt
 
     config = rt.Config("local-task")
@@ -106,7 +108,7 @@ def run_step(vmfb, module: str, inputs: list, vocab_size: int) -> list[np.ndarra
     args = rt.VmVariantList(len(inputs) + 5)
     for x in inputs:
         args.push_ref(rt.asdevicearray(device, np.asarray(x))._buffer_view)
-    for size in (vocab_size * 4, 4, max(transients, 4)):
+    for size in (vocab_size * 4, 8, max(transients, 4)):
         args.push_ref(device.allocator.allocate_buffer(memory_type=int(rt.MemoryType.DEVICE_LOCAL),
                                                        allowed_usage=int(rt.BufferUsage.DEFAULT), allocation_size=size))
     timeline = device.create_semaphore(0)

@@ -107,7 +107,9 @@ def test_one_token_steps_read_packed_weights_with_a_kernel(family_name):
         assert (gemm, dequant) == ((expect - (lm_head in four_bit), 0) if target == "cpu"
                                    else (0, expect - (lm_head in four_bit))), target
         attention = prefill.count("flow.dispatch @prefill_attention::@prefill_attn[")
-        assert prefill.count("flow.dispatch") == (lm_head in four_bit) + gemm + dequant + attention
+        sample = prefill.count("flow.dispatch @sample::@sample_token[")  # the step's token (CUDA)
+        assert sample == (target == "cuda")
+        assert prefill.count("flow.dispatch") == (lm_head in four_bit) + gemm + dequant + attention + sample
         text = export.export_step(fam, cfg, spec, 1, "step", **iree_compile.export_options(target, kernels=False))
         assert "flow.dispatch" not in text, target
 

@@ -1,0 +1,181 @@
+"""Sampling on the device (compile/kernels/sample.cu, checked against the host's draw on a GPU
+by bench/cuda_kernels.py): here, what the host shares with it (the uniform numbers, the
+settings' layout, the draw it falls back to) and generate.py's pipelined loop, with a stand-in
+session whose device draws what the host would and leaves chosen steps to the host."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from iree_runner.generate import generate_step
+from iree_runner.sampling import (DEVICE_MAX_TOP_K, SamplingParams, device_params, draw_at, make_sampler,
+                                  samples_on_device, uniform)
+
+VOCAB = 300
+
+
+def test_uniform_numbers_are_24_bit_and_spread_evenly():
+    u = np.array([uniform(seed, pos) for seed in (0, 1, 2**63 + 5) for pos in range(4000)])
+    assert ((u >= 0) & (u < 1)).all() and (u * 2**24 == np.round(u * 2**24)).all()
+    assert len(set(u.tolist())) > 0.999 * len(u)
+    # 12000 draws: each decile's count is Binomial(12000, 0.1), sd 33; 6 sd is far past chance.
+    counts = np.bincount((u * 10).astype(int), minlength=10)
+    assert np.abs(counts - 1200).max() < 200, counts
+    assert uniform(7, 3) == uniform(7, 3) != uniform(7, 4) != uniform(8, 3)
+
+
+def test_device_params_layout():
+    p = SamplingParams(temperature=0.6, top_k=20, top_p=0.95, min_p=0.05, seed=3)
+    seed = (123 << 32) | 456
+    got = device_params(p, seed)
+    assert got.dtype == np.int32 and got.shape == (8,)
+    f = got.view(np.float32)
+    assert (f[0], got[1], f[2], f[3]) == (np.float32(0.6), 20, np.float32(0.95), np.float32(0.05))
+    assert (got[4], got[5], got[6], got[7]) == (456, 123, 0, 0)
+    assert not device_params(None).any() and not device_params(SamplingParams()).any()  # greedy
+
+
+@pytest.mark.parametrize("params, on_device", [
+    (SamplingParams(temperature=0.6, top_k=20, top_p=0.95), True),
+    (SamplingParams(temperature=1.0, top_k=DEVICE_MAX_TOP_K), True),
+    (SamplingParams(temperature=1.0, top_k=DEVICE_MAX_TOP_K + 1), False),
+    (SamplingParams(temperature=0.7, top_p=0.9), False),  # top-k off: the whole vocabulary
+    (SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.1), False),
+    (SamplingParams(), False),  # greedy: the argmax, not a draw
+])
+def test_which_settings_the_device_draws_with(params, on_device):
+    assert samples_on_device(params) == on_device
+
+
+def test_draw_at_is_the_samplers_draw_at_that_uniform_number(monkeypatch):
+    """draw_at(logits, params, seed, position) draws as make_sampler does when the generator's
+    next number is uniform(seed, position)."""
+    params = SamplingParams(temperature=0.8, top_k=30, top_p=0.9, min_p=0.02, seed=11)
+    rng = np.random.default_rng(0)
+    for pos in range(50):
+        logits = (rng.standard_normal(VOCAB) * 2).astype(np.float32)
+        u = uniform(11, pos)
+        monkeypatch.setattr(np.random, "default_rng", lambda seed, u=u: type("Fixed", (), {"random": lambda self: u})())
+        want = make_sampler(params)(logits, [])
+        monkeypatch.undo()
+        assert draw_at(logits, params, 11, pos) == want
+
+
+# ---------------------------------------------------------------------------------------------
+# generate.py's loop against a stand-in session
+
+
+def _logits(pos: int, token: int) -> np.ndarray:
+    """The stand-in model: the logits at position pos after `token`."""
+    return (np.random.default_rng(pos * 1000 + token).standard_normal(VOCAB) * 2).astype(np.float32)
+
+
+class _Pending:
+    def __init__(self, token: int, left_to_host: bool):
+        self._token, self.left_to_host = token, left_to_host
+
+    def result(self) -> int:
+        return self._token
+
+
+class StandInSession:
+    """Positions, rewinds and queued steps as Session has them; each step's token drawn as the
+    kernel draws it (draw_at), or left to the host at positions in `leave` (a stand-in token 0)."""
+
+    SETS = {"prefill": 1, "decode": 2}
+    samples_on_device = True
+
+    def __init__(self, leave=(), max_context: int = 64):
+        self.leave, self.max_context, self.pos = set(leave), max_context, 0
+        self.params = self.seed = None
+        self.runs = []  # (kind, position of the sampled row)
+
+    def reset(self):
+        self.pos, self.params = 0, None
+
+    def set_sampling(self, params, seed=0):
+        self.params, self.seed = params, seed
+
+    def rewind(self, steps):
+        assert 0 <= steps <= self.pos
+        self.pos -= steps
+
+    def _step(self, token: int, read: str):
+        row = self.pos - 1
+        self.runs.append((read, row))
+        logits = _logits(row, token)
+        if read == "logits":
+            return logits
+        if row in self.leave:
+            self.leave.discard(row)  # the host's rerun of the step reads its logits instead
+            return _Pending(0, True)
+        return _Pending(draw_at(logits, self.params, self.seed, row), False)
+
+    def queue_prefill(self, prompt):
+        self.pos += len(prompt)
+        self._input = prompt[-1]
+        return self._step(prompt[-1], "token")
+
+    def prefill(self, prompt):
+        self.pos += len(prompt)
+        return self._step(prompt[-1], "logits")
+
+    def decode_next(self, token=None):
+        self.pos += 1
+        # The device's own token is the last pending one's; a host token is given.
+        return self._step(self._device_token if token is None else token, "token")
+
+    def decode(self, token):
+        self.pos += 1
+        return self._step(token, "logits")
+
+
+def _reference(prompt, params, seed, n):
+    """Each token drawn on the host from the stand-in model, one after the other."""
+    tokens, token = [], prompt[-1]
+    for i in range(n):
+        token = draw_at(_logits(len(prompt) - 1 + i, token), params, seed, len(prompt) - 1 + i)
+        tokens.append(token)
+    return tokens
+
+
+@pytest.mark.parametrize("leave", [(), (5,), (6, 7), (5, 9, 12), (8,)])
+def test_pipelined_sampling_equals_drawing_each_step_on_the_host(leave):
+    """Wherever the device leaves a draw to the host (position 5 is the prompt's own step), the
+    tokens are those of the host drawing every step, and the session ends where it would."""
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=1234)
+    prompt = [1, 2, 3, 4, 5, 6]
+    s = StandInSession(leave)
+    # The stand-in's "device token" of decode_next: the token the step before it yields.
+    got = []
+    for token in _tracking(s, generate_step(s, prompt, params, 12)):
+        got.append(token)
+    assert got == _reference(prompt, params, 1234, 12)
+    assert s.pos == len(prompt) + 11
+    assert not s.leave  # every step left to the host was drawn there
+
+
+def _tracking(s, gen):
+    """Feeds the stand-in session each step's device token as decode_next reads it: the
+    token of the step queued last (its draw, or the stand-in 0 when left to the host)."""
+    real_step = s._step
+
+    def step(token, read):
+        out = real_step(token, read)
+        if read == "token":
+            s._device_token = out.result()
+        return out
+    s._step = step
+    yield from gen
+
+
+def test_an_early_stop_rewinds_the_steps_queued_ahead():
+    params = SamplingParams(temperature=0.9, top_k=40, seed=5)
+    prompt = [1, 2, 3]
+    s = StandInSession()
+    gen = _tracking(s, generate_step(s, prompt, params, 20))
+    got = [next(gen) for _ in range(4)]
+    gen.close()
+    assert got == _reference(prompt, params, 5, 4)
+    assert s.pos == len(prompt) + 3
