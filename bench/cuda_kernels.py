@@ -72,7 +72,12 @@ SAMPLE = {"v151936_t0.6_k20_p0.95": (151936, 3.0, 0.6, 20, 0.95, 0.0, None),
           "v151936_cluster_k30": (151936, 3.0, 1.0, 30, 1.0, 0.0, "cluster"),
           "v151936_ties_k10_p0.9": (151936, 1.0, 1.0, 10, 0.9, 0.0, "ties"),
           "v151936_nan": (151936, 3.0, 1.0, 20, 1.0, 0.0, "nan"),
-          "v151936_greedy": (151936, 3.0, 0.0, 0, 1.0, 0.0, None)}
+          "v151936_greedy": (151936, 3.0, 0.0, 0, 1.0, 0.0, None),
+          # top-k off: the nucleus or min-p over the whole vocabulary
+          "v151936_t0.6_p0.9": (151936, 3.0, 0.6, 0, 0.9, 0.0, None),
+          "v151936_t0.8_p0.8_minp0.05": (151936, 3.0, 0.8, 0, 0.8, 0.05, None),
+          "v128256_t0.7_minp0.1": (128256, 4.0, 0.7, 0, 1.0, 0.1, None),
+          "v151936_t1_p0.95_flat": (151936, 1.0, 1.0, 0, 0.95, 0.0, None)}  # a nucleus past the candidates: status 1
 SAMPLE_POSITIONS, SAMPLE_SEED = 200, 2026
 
 
@@ -249,13 +254,28 @@ def sample_reference(logits, params, position):
     blocks = np.concatenate([scaled, np.full(-V % 2048, -np.inf, np.float32)]).reshape(-1, 2048)
     m = np.sort(blocks, axis=1)[:, -16].max()
     cand = np.sort(np.sort(blocks, axis=1)[:, -16:].reshape(-1))[::-1]
-    if not cand[params.top_k - 1] > m:
-        return int(np.argmax(logits)), 1, False
+    near = False  # a filter's border within float error of a token (the host sums in float32)
+    if params.top_k:
+        if not cand[params.top_k - 1] > m:
+            return int(np.argmax(logits)), 1, False
+    else:  # the candidates above m must decide the nucleus, or min-p's cut
+        above = cand[cand > m].astype(np.float64)
+        M = float(scaled.max())
+        q = np.exp(above - M) / np.exp(scaled.astype(np.float64) - M).sum()
+        if params.top_p < 1:
+            heads = np.concatenate([[0.0], np.cumsum(q)])
+            if heads[-1] < params.top_p:
+                return int(np.argmax(logits)), 1, False
+            near = bool(np.abs(heads - params.top_p).min() < 1e-5)
+        elif not np.exp(np.float64(m) - M) < params.min_p:
+            return int(np.argmax(logits)), 1, False
+        if params.min_p > 0:
+            near |= bool(np.abs(np.exp(above - M) / params.min_p - 1).min() < 1e-5)
     ids, values = S._survivors(scaled, params)
     u = S.uniform(SAMPLE_SEED, position)
     w = np.exp(values.astype(np.float64) - values.max())
     edges = np.cumsum(w) / w.sum()
-    return S._draw(ids, values, V, u), 0, bool(np.abs(edges - u).min() < 1e-5)
+    return S._draw(ids, values, V, u), 0, near or bool(np.abs(edges - u).min() < 1e-5)
 
 
 def _export(fn, args) -> str:

@@ -113,6 +113,7 @@ def _tokens_on_device(session: Session, prompt: list[int], max_tokens: int,
     queued = [session.queue_prefill(prompt)]  # steps queued whose tokens are not yet yielded
     ahead = session.SETS["decode"] - 1  # steps queued beyond the one whose token is read next
     previous = from_host = None  # the last token yielded; it if the host chose it
+    left = 0  # draws the device left to the host
     try:
         for produced in range(max_tokens):
             while produced and len(queued) < min(1 + ahead, max_tokens - produced) and session.pos < session.max_context:
@@ -124,12 +125,32 @@ def _tokens_on_device(session: Session, prompt: list[int], max_tokens: int,
             token = pending.result()
             if pending.left_to_host:
                 token = from_host = _draw_on_host(session, len(queued), prompt, previous, params, seed)
-                queued = []
+                queued, left = [], left + 1
             previous = token
             yield token
+            if left >= HOST_AFTER and HOST_SHARE * left > produced + 1:
+                # The device keeps leaving the draw to the host (a flat distribution, top-k off):
+                # each such step runs twice. The host draws the rest, at the same uniform numbers.
+                session.set_sampling(None)
+                yield from _drawn_on_host(session, token, max_tokens - produced - 1, params, seed)
+                return
     finally:
         if queued:
             session.rewind(len(queued))
+
+
+HOST_AFTER, HOST_SHARE = 3, 4  # the host takes over after 3 draws left to it, over a quarter of them
+
+
+def _drawn_on_host(session: Session, token: int, n: int, params: SamplingParams, seed: int) -> Iterator[int]:
+    """Up to n more tokens after `token`, each step's logits read back and drawn from by the
+    host as the device would (sampling.draw_at)."""
+    for _ in range(n):
+        if session.pos >= session.max_context:
+            return
+        logits = session.decode(token)
+        token = draw_at(logits, params, seed, session.pos - 1)  # the row of the token decoded
+        yield token
 
 
 def _draw_on_host(session: Session, queued: int, prompt: list[int], previous: int | None, params: SamplingParams,

@@ -40,7 +40,10 @@ def test_device_params_layout():
     (SamplingParams(temperature=0.6, top_k=20, top_p=0.95), True),
     (SamplingParams(temperature=1.0, top_k=DEVICE_MAX_TOP_K), True),
     (SamplingParams(temperature=1.0, top_k=DEVICE_MAX_TOP_K + 1), False),
-    (SamplingParams(temperature=0.7, top_p=0.9), False),  # top-k off: the whole vocabulary
+    (SamplingParams(temperature=0.7, top_p=0.9), True),  # top-k off: the nucleus of the whole vocabulary
+    (SamplingParams(temperature=0.7, min_p=0.05), True),
+    (SamplingParams(temperature=0.7), False),  # a plain temperature draws from every token
+    (SamplingParams(temperature=0.7, top_k=151_936, top_p=0.9), False),  # top-k at the vocabulary: on the host
     (SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.1), False),
     (SamplingParams(), False),  # greedy: the argmax, not a draw
 ])
@@ -179,3 +182,24 @@ def test_an_early_stop_rewinds_the_steps_queued_ahead():
     gen.close()
     assert got == _reference(prompt, params, 5, 4)
     assert s.pos == len(prompt) + 3
+
+
+def test_the_host_takes_over_when_the_device_keeps_leaving_the_draw_to_it():
+    """A flat distribution with top-k off: every step left to the host runs twice. After
+    generate.HOST_AFTER such steps (over a quarter of those so far), the host draws the rest,
+    at the same uniform numbers: the same tokens, and no more steps read as tokens."""
+    import iree_runner.generate as generate
+
+    params = SamplingParams(temperature=0.7, top_p=0.9, seed=9)
+    prompt = [1, 2, 3, 4]
+    s = StandInSession(leave=range(3, 60))
+    got = list(_tracking(s, generate_step(s, prompt, params, 20)))
+    assert got == _reference(prompt, params, 9, 20)
+    assert s.pos == len(prompt) + 19
+    # Steps read as tokens stop within the first rows (HOST_AFTER left to the host, and steps
+    # queued ahead of them); from there on each row is run once, read back as logits.
+    last = max(i for i, (read, _) in enumerate(s.runs) if read == "token")
+    assert s.runs[last][1] <= len(prompt) - 1 + 2 * generate.HOST_AFTER
+    rest = [row for _, row in s.runs[last + 1:]]
+    assert rest[-1] == len(prompt) - 2 + 20 and rest[1:] == list(range(rest[1], rest[-1] + 1))
+    assert s.params is None  # the device went back to the argmax (its cheapest path)

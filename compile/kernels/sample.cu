@@ -1,25 +1,28 @@
 // The next token, drawn on the device from a step's logits as iree_runner/sampling.py draws it
-// on the host: temperature, then top-k (1 <= k <= MAX_K), top-p and min-p, then an
-// inverse-CDF draw over the survivors in token-id order, with the uniform number of
-// (seed, position) (sampling.uniform). So a sampled token feeds the next step on the device, as
-// greedy's argmax does, and generation stays pipelined.
+// on the host: temperature, then top-k (0 = off), top-p and min-p, then an inverse-CDF draw
+// over the survivors in token-id order, with the uniform number of (seed, position)
+// (sampling.uniform). With top-k off, top-p or min-p must be on (the survivors are then the
+// candidates whose share of the whole vocabulary's softmax passes them). So a sampled token
+// feeds the next step on the device, as greedy's argmax does, and generation stays pipelined.
 //
 // Phase 1, every block: its PER_BLOCK logits / temperature, its TOP best (value down, id up)
 // as candidates. Phase 2, the last block to finish (an atomic count): the filters and the draw.
 // Every token outside the candidates is <= the largest of the blocks' TOP-th values (m), so
 // when at least k candidates lie above m, the top-k set is theirs (ties included) and the rest
-// is exact arithmetic on it. When not (some block holds more than TOP of the top k, or ties
-// reach m), or the logits hold a NaN, the kernel does not guess: it writes status 1 and the
-// host samples that step from its logits. Each phase sorts only what can matter (a few dozen
-// pairs): sorting all of a block's 2048, then all the candidates, took the kernel 65 us per
-// Qwen3-0.6B token on an H100.
+// is exact arithmetic on it. With top-k off, the same holds when the candidates above m carry
+// the nucleus' mass (top-p), or when m falls below min-p's cut. When not (some block holds more
+// than TOP of the top k, ties reach m, a flat distribution's nucleus), or the logits hold a
+// NaN, the kernel does not guess: it writes status 1 and the host samples that step from its
+// logits. Each phase sorts only what can matter (a few dozen pairs): sorting all of a block's
+// 2048, then all the candidates, took the kernel 65 us per Qwen3-0.6B token on an H100.
 //
 // Bindings: logits [V] f32, argmax [1] int32 (the step's, N on NaN), params [8] u32 (sampling.
 // device_params: temperature f32 bits, top_k, top_p bits, min_p bits, seed low, seed high),
 // start [1], last [1] int32 (the sampled row's position is start + last), count [1] int32
 // (zero; written), then the results: out [2] int32: token, status (0: drawn here; 1: the host
 // must sample; temperature 0 gives the argmax, 0), candidates [blocks * TOP] float2 (value, id
-// bits; scratch).
+// bits; scratch), sums [blocks] float2 (with top-k off: each block's best and its sum of
+// exp(x - best); scratch).
 // Push constant: V. Grid: ceil(V / PER_BLOCK) <= MAX_BLOCKS.
 // Regenerate the PTX with `make ptx` (needs nvcc).
 #include "common.cuh"
@@ -84,15 +87,18 @@ __device__ float block_max(float x, float* red) {
 extern "C" __global__ void __launch_bounds__(NT) sample_token(
     const float* __restrict__ logits, const int* __restrict__ argmax, const uint32_t* __restrict__ params,
     const int* __restrict__ start, const int* __restrict__ last, int* count, int* __restrict__ out,
-    float2* candidates, int V) {
+    float2* candidates, float2* sums, int V) {
   __shared__ float v[MAXC];  // pairs kept for sorting: (value, id)
   __shared__ int id[MAXC];
   __shared__ float sw[MAXC];  // the survivors' weights, in id order
   __shared__ int sid[MAXC];
   __shared__ int is_last, kept;
   __shared__ float red[NT / 32], red2[NT / 32], floor_v;  // floor_v: phase 1's bound for keeping a logit
+  __shared__ float red_sum[NT / 32];
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   const float temperature = __uint_as_float(params[0]);
+  // Top-k off: top-p or min-p over the whole vocabulary, which need its softmax's denominator.
+  const bool whole = params[1] == 0;
   if (temperature == 0.f) {  // greedy: the argmax, as it is
     if (blockIdx.x == 0 && t == 0) out[0] = argmax[0], out[1] = 0;
     return;
@@ -128,7 +134,18 @@ extern "C" __global__ void __launch_bounds__(NT) sample_token(
       if (above < TOP && at_least >= TOP) floor_v = mine[u];  // lanes that write, write the same value
     }
   }
+  float block_best = red[0];
+  if (whole) {  // this block's sum of exp(x - its best)
+    for (int w = 1; w < NT / 32; ++w) block_best = fmaxf(block_best, red[w]);
+    const float e = warp_reduce<false>(expf(x[0] - block_best) + expf(x[1] - block_best));
+    if (lane == 0) red_sum[warp] = e;
+  }
   __syncthreads();
+  if (whole && t == 0) {
+    float e = 0.f;
+    for (int w = 0; w < NT / 32; ++w) e += red_sum[w];
+    sums[blockIdx.x] = make_float2(block_best, e);
+  }
 #pragma unroll
   for (int j = 0; j < PER_BLOCK / NT; ++j) {
     const int g = base + t + j * NT;
@@ -161,16 +178,38 @@ extern "C" __global__ void __launch_bounds__(NT) sample_token(
   }
   __syncthreads();
   const int above = kept;
+  // Top-k off: the vocabulary's best M and sum of exp(x - M), from the blocks'.
+  const float M = whole ? block_max(t < gridDim.x ? __ldcg(&sums[t].x) : -INFINITY, red) : 0.f;
   sort_first(v, id, above, 2);
   __shared__ int ns_s, status_s;
   if (t == 0) {
-    const int k = max((int)params[1], 1);
-    int status = above < k || argmax[0] >= V;
-    const float kth = v[min(k, max(above, 1)) - 1];
-    int ns = min(k, above);  // the top-k survivors: v[0 .. ns), ties with the k-th included
-    while (ns < above && v[ns] >= kth) ++ns;
+    const int k = params[1];
     const float top_p = __uint_as_float(params[2]), min_p = __uint_as_float(params[3]);
-    if (!status && top_p < 1.f) {  // sampling._top_p: the ascending prefix of cumulative mass <= 1 - top_p goes
+    int status = argmax[0] >= V, ns;  // the survivors: v[0 .. ns)
+    if (!whole) {  // top-k, ties with the k-th included
+      status |= above < k;
+      const float kth = v[min(k, max(above, 1)) - 1];
+      ns = min(k, above);
+      while (ns < above && v[ns] >= kth) ++ns;
+    } else {
+      double z = 0.0;
+      for (int b = 0; b < gridDim.x; ++b) {
+        const float2 sb = __ldcg(sums + b);
+        z += (double)sb.y * exp((double)sb.x - M);
+      }
+      ns = 0;
+      if (top_p < 1.f) {  // the nucleus: kept while the mass above it is below top_p
+        double head = 0.0;
+        while (ns < above && head < top_p) head += exp((double)v[ns] - M) / z, ++ns;
+        status |= head < top_p;  // it reaches past the candidates
+        while (ns > 0 && ns < above && v[ns] == v[ns - 1]) ++ns;  // ties with the last kept
+      } else {  // min-p alone: every token outside the candidates must fall below the cut
+        status |= !(expf(m - M) < min_p);
+        while (ns < above && expf(v[ns] - M) >= min_p) ++ns;
+      }
+      status |= ns == 0;
+    }
+    if (!status && !whole && top_p < 1.f) {  // sampling._top_p: the ascending prefix of cumulative mass <= 1 - top_p goes
       float z = 0.f;
       for (int i = 0; i < ns; ++i) z += expf(v[i] - v[0]);
       float cum = 0.f;
@@ -183,7 +222,7 @@ extern "C" __global__ void __launch_bounds__(NT) sample_token(
       const float threshold = v[ns - 1 - min(removed, ns - 1)];
       while (ns > 1 && v[ns - 1] < threshold) --ns;
     }
-    if (!status && min_p > 0.f) {  // sampling._min_p: probability >= min_p * the top one's
+    if (!status && min_p > 0.f && !(whole && top_p >= 1.f)) {  // sampling._min_p: probability >= min_p * the top one's
       float z = 0.f;
       for (int i = 0; i < ns; ++i) z += expf(v[i] - v[0]);
       const float cut = min_p * (1.f / z);
