@@ -112,7 +112,7 @@ def _tokens_on_device(session: Session, prompt: list[int], max_tokens: int,
     session.set_sampling(params, seed)
     queued = [session.queue_prefill(prompt)]  # steps queued whose tokens are not yet yielded
     ahead = session.SETS["decode"] - 1  # steps queued beyond the one whose token is read next
-    previous = from_host = None  # the last token yielded; it if the host chose it
+    previous = from_host = None  # the last token yielded; from_host: it, where the host chose it
     left = 0  # draws the device left to the host
     try:
         for produced in range(max_tokens):

@@ -350,6 +350,23 @@ def test_stale_ptx_is_refused(tmp_path, monkeypatch):
         extern.checked_ptx("gemv")
 
 
+def test_make_ptx_keeps_a_ptx_made_from_the_current_source(tmp_path, monkeypatch):
+    """nvcc may number registers differently from run to run: a PTX whose header names the
+    current source's digest is kept, not made again (nvcc is not run)."""
+    kernels = tmp_path / "kernels"
+    shutil.copytree(extern.KERNEL_DIR, kernels)
+    monkeypatch.setattr(extern, "KERNEL_DIR", kernels)
+    before = (kernels / "sample.ptx").read_text()
+
+    def no_nvcc(*args, **kwargs):
+        raise AssertionError(f"nvcc run for an up-to-date PTX: {args[0]}")
+    monkeypatch.setattr(extern.subprocess, "run", no_nvcc)
+    assert extern.make_ptx("sample").read_text() == before
+    (kernels / "sample.cu").write_text((kernels / "sample.cu").read_text() + "\n// edited\n")
+    with pytest.raises(AssertionError, match="nvcc run"):  # a stale one is made again
+        extern.make_ptx("sample")
+
+
 @pytest.mark.parametrize("rows, k, norm, kernel", [
     (151936, 1024, False, "lm_head_q4_k1024"), (40000, 2048, True, "lm_head_q4_k2048"),
     (40000, 1536, True, "gemv_q4"), (4096, 1024, False, "gemv_q4")])
