@@ -238,6 +238,13 @@ def _sample_inputs(V, scale, temperature, top_k, top_p, min_p, special):
     return logits, argmax, device_params(params, SAMPLE_SEED), params
 
 
+def cdf_gap(values: np.ndarray, u: float) -> float:
+    """How far uniform number u lies from the nearest boundary of the inverse CDF over the
+    survivors' logits (in token-id order, as sampling._draw walks them), in float64."""
+    w = np.exp(values.astype(np.float64) - values.max())
+    return float(np.abs(np.cumsum(w) / w.sum() - u).min())
+
+
 def sample_reference(logits, params, position):
     """(token, status) the kernel must give, and whether a different token is excusable: the
     uniform number within 1e-5 of a boundary of the host's inverse CDF (float sums in another
@@ -273,9 +280,7 @@ def sample_reference(logits, params, position):
             near |= bool(np.abs(np.exp(above - M) / params.min_p - 1).min() < 1e-5)
     ids, values = S._survivors(scaled, params)
     u = S.uniform(SAMPLE_SEED, position)
-    w = np.exp(values.astype(np.float64) - values.max())
-    edges = np.cumsum(w) / w.sum()
-    return S._draw(ids, values, V, u), 0, near or bool(np.abs(edges - u).min() < 1e-5)
+    return S._draw(ids, values, V, u), 0, near or cdf_gap(values, u) < 1e-5
 
 
 def _export(fn, args) -> str:

@@ -34,9 +34,10 @@ PROMPT, TOKENS = list(range(100, 612)), 96
 
 def edge_gap(logits: np.ndarray, params: SamplingParams, position: int) -> float:
     """How far the draw's uniform number lies from the nearest boundary of the host's CDF."""
-    ids, values = _survivors(_scaled(logits, (), params), params)
-    w = np.exp(values.astype(np.float64) - values.max())
-    return float(np.abs(np.cumsum(w) / w.sum() - uniform(params.seed, position)).min())
+    from cuda_kernels import cdf_gap
+
+    _, values = _survivors(_scaled(logits, (), params), params)
+    return cdf_gap(values, uniform(params.seed, position))
 
 
 def check(bundle: Path) -> int:

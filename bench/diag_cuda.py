@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from iree_runner.bundle import TargetBuild
+from iree_runner.sampling import device_params
 from iree_runner.session import Session
 
 DTYPES = {"f16": "float16", "f32": "float32"}
@@ -128,7 +129,7 @@ def run_probe(variant: Path, target: str) -> list[np.ndarray]:
     cache = np.zeros(meta["cache_shape"], meta["cd"])
     outs = ctx.modules.probe["main"](*(w[n] for n in meta["names"]), cache, cache,
                                      np.arange(5, 5 + CHUNK, dtype=np.int32), np.int32(0), np.int32(CHUNK - 1),
-                                     np.zeros(8, np.int32))
+                                     device_params(None))
     return [np.asarray(o.to_host()) for o in outs]
 
 

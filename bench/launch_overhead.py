@@ -68,19 +68,17 @@ def child(variant: Path, steps: int, flags: list[str], prompt: int, device: str 
     # Sampled as bench/run.py samples: as generation does (on the device where the bundle's
     # steps do), then with the host drawing from each step's logits row: per token, and its two
     # parts, the step with the row's read (waited) and the host's draw.
-    from run import SAMPLED
+    from run import SAMPLED, drawn_on
     from iree_runner.sampling import make_sampler
 
-    on_device = getattr(s, "samples_on_device", False)
     sampled = {}
-    for key, device in (("sampled", on_device), ("sampled_host", False)):
-        s.samples_on_device = device
-        stamps = []
-        for _ in generate_step(s, list(range(5, 5 + prompt)), SamplingParams(**SAMPLED), n + 1):
-            stamps.append(time.perf_counter())
+    for key, device in (("sampled", True), ("sampled_host", False)):
+        with drawn_on(s, device):
+            stamps = []
+            for _ in generate_step(s, list(range(5, 5 + prompt)), SamplingParams(**SAMPLED), n + 1):
+                stamps.append(time.perf_counter())
         gaps = np.diff(stamps)[3:]
         sampled |= {f"{key}_ms_per_token": 1e3 * float(np.median(gaps)), f"{key}_mean_ms": 1e3 * float(gaps.mean())}
-    s.samples_on_device = on_device
     sampler, history, reads, draws = make_sampler(SamplingParams(**SAMPLED)), list(range(5, 5 + prompt)), [], []
     s.reset()
     logits = s.prefill(history)
@@ -91,7 +89,7 @@ def child(variant: Path, steps: int, flags: list[str], prompt: int, device: str 
         logits = s.decode(history[-1])
         reads.append(time.perf_counter() - t1)
         draws.append(t1 - t0)
-    res |= sampled | {"sampled_on_device": on_device, "host_step_and_read_ms": 1e3 * float(np.median(reads[3:])),
+    res |= sampled | {"sampled_on_device": getattr(s, "samples_on_device", False), "host_step_and_read_ms": 1e3 * float(np.median(reads[3:])),
                       "host_draw_ms": 1e3 * float(np.median(draws[3:]))}
     print(json.dumps(res))
 

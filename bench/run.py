@@ -20,6 +20,7 @@ bench/make_checkpoints.py). Prints a markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -149,6 +150,18 @@ def _one_timed_stream(stream, prompt, sync):
 SAMPLED = dict(temperature=0.6, top_k=20, top_p=0.95, seed=0)
 
 
+@contextlib.contextmanager
+def drawn_on(session, device: bool):
+    """generate_step on this session samples on the device (where its steps can), or with
+    device=False on the host from each step's logits row, as a bundle without the kernel does."""
+    saved = getattr(session, "samples_on_device", False)  # (a session of an older package has none)
+    session.samples_on_device = saved and device
+    try:
+        yield
+    finally:
+        session.samples_on_device = saved
+
+
 def leading_agreement(a: list[int], b: list[int]) -> int:
     """Greedy tokens equal before the first divergence (a correctness check beside the timing)."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -179,14 +192,12 @@ def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tupl
 
     _timed_stream(stream, prompt[:64], trials=1)  # warm-up
     r = _timed_stream(stream, prompt)
-    device_sampling = s.samples_on_device
-    for key, on_device in (("decode_sampled", device_sampling), ("decode_sampled_host", False)):
-        s.samples_on_device = on_device  # False: the host draws from each step's logits row
-        _timed_stream(sampled, prompt[:64], trials=1)
-        one = _timed_stream(sampled, prompt)
+    for key, device in (("decode_sampled", True), ("decode_sampled_host", False)):
+        with drawn_on(s, device):
+            _timed_stream(sampled, prompt[:64], trials=1)
+            one = _timed_stream(sampled, prompt)
         r |= {f"{key}_tps": one["decode_tps"], f"{key}_tps_trials": one["decode_tps_trials"]}
-    s.samples_on_device = device_sampling
-    r["sampled_on_device"] = device_sampling
+    r["sampled_on_device"] = s.samples_on_device
     r |= {"load_s": load_s, "host_dequant_s": t_host, "device_mb": device_used_mb(device) - before}
     s.reset()
     r["prompt_logits"] = np.asarray(s.prefill(prompt), np.float32)  # to compare with the JAX peer
@@ -201,6 +212,7 @@ def bench_jax(ckpt: Path, device: str, prompt: list[int], weights: dict, chunk: 
     import jax.numpy as jnp
 
     from iree_runner.compile import export, family
+    from iree_runner.sampling import device_params
     from iree_runner.weights import read_config
 
     cc = read_config(ckpt)
@@ -211,7 +223,7 @@ def bench_jax(ckpt: Path, device: str, prompt: list[int], weights: dict, chunk: 
     dev = jax.devices("gpu" if device == "cuda" else "cpu")[0]
     w = {n: jax.device_put(weights[n], dev) for n in spec.weight_names}
     step = jax.jit(export.make_step(fam, cfg), donate_argnums=(1, 2))
-    greedy = np.zeros(export.SAMPLING_PARAMS, np.int32)  # no kernels under jax.jit: the argmax
+    greedy = device_params(None)  # no kernels under jax.jit: the argmax
     state = {}
 
     def reset():

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..sampling import DEVICE_PARAMS
 from . import extern, layers, packed
 
 
@@ -37,7 +38,7 @@ class StepSpec:
     cache_layout: str  # the order of cache_shape's axes (layers.CACHE_LAYOUT)
 
 
-SAMPLING_PARAMS = 8  # the step's sampling argument (iree_runner/sampling.py device_params)
+SAMPLING_PARAMS = DEVICE_PARAMS  # the step's sampling argument: [8] int32 (sampling.device_params)
 
 
 def first_argmax(x):
@@ -68,7 +69,7 @@ def make_step(family, cfg, packed_weights: tuple[packed.PackedSpec, ...] = (), d
 def next_token(logits, argmax, sampling, start, last):
     """[token, status] int32: with the CUDA kernels, the sampling kernel's (the argmax at
     temperature 0); else the argmax, status 0 (the host samples from the logits)."""
-    if layers.DECODE_KERNEL == "cuda" and extern.sample_fits(logits.shape[0]):
+    if samples_on_device(layers.DECODE_KERNEL, logits.shape[0]):
         return extern.sample_token(logits, argmax, sampling, start, last)
     return jnp.stack([argmax, jnp.int32(0)])
 

@@ -415,7 +415,7 @@ def make_ptx(source: str) -> Path:
     for the same source: gemv.cu's came out in two register numberings. What was measured
     stays what is committed.)"""
     ptx = KERNEL_DIR / f"{source}.ptx"
-    if ptx.exists() and _source_digest(source) in ptx.read_text().split("\n", 1)[0]:
+    if ptx.exists() and _made_from_current(ptx, source):
         return ptx
     proc = subprocess.run([*NVCC, str(KERNEL_DIR / f"{source}.cu"), "-o", "-"], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -431,12 +431,16 @@ def make_ptx(source: str) -> Path:
     return ptx
 
 
+def _made_from_current(ptx: Path, source: str) -> bool:
+    """Whether the PTX's header names the digest of <source>.cu as it is now."""
+    return _source_digest(source) in ptx.read_text().split("\n", 1)[0]
+
+
 def checked_ptx(source: str) -> Path:
     ptx = KERNEL_DIR / f"{source}.ptx"
     if not ptx.exists():
         raise FileNotFoundError(f"{ptx}: the kernel's PTX is missing (make ptx)")
-    head = ptx.read_text().split("\n", 1)[0]
-    if _source_digest(source) not in head:
+    if not _made_from_current(ptx, source):
         raise RuntimeError(f"{ptx} was not made from the current {source}.cu (make ptx)")
     return ptx
 
@@ -675,7 +679,7 @@ def embed_rope(table: Packed, tokens, positions, inv_freq: np.ndarray):
     return x[None], cos[None], sin[None]
 
 
-SAMPLE_PER_BLOCK, SAMPLE_MAX_BLOCKS = 2048, 128  # kernels/sample.cu PER_BLOCK, MAX_BLOCKS
+SAMPLE_PER_BLOCK, SAMPLE_TOP, SAMPLE_MAX_BLOCKS = 2048, 16, 128  # kernels/sample.cu PER_BLOCK, TOP, MAX_BLOCKS
 
 
 def sample_fits(vocab: int) -> bool:
@@ -685,14 +689,14 @@ def sample_fits(vocab: int) -> bool:
 
 def sample_token(logits, argmax, sampling, start, last):
     """[token, status] int32 on CUDA (kernels/sample.cu): the argmax where sampling (the
-    [8] uint32 of sampling.device_params) has temperature 0, else a token drawn from the
+    [8] int32 of sampling.device_params) has temperature 0, else a token drawn from the
     logits [V] f32 as the host's sampler draws it, with the uniform number of (seed,
     start + last); status 1 where the kernel leaves the draw to the host."""
     v = logits.shape[0]
     grid = -(-v // SAMPLE_PER_BLOCK)
     i32 = jnp.int32
     out, _, _, _ = call("sample_token", (jax.ShapeDtypeStruct((2,), i32), jax.ShapeDtypeStruct((1,), i32),
-                                         jax.ShapeDtypeStruct((grid * 16, 2), jnp.float32),
+                                         jax.ShapeDtypeStruct((grid * SAMPLE_TOP, 2), jnp.float32),
                                          jax.ShapeDtypeStruct((grid, 2), jnp.float32)),
                      [logits, jnp.reshape(argmax, (1,)).astype(i32), sampling, jnp.reshape(start, (1,)),
                       jnp.reshape(last, (1,)), jnp.zeros((1,), i32)], grid=grid, constants=[v], aliases={5: 1})

@@ -263,7 +263,10 @@ def make_sampler(params: SamplingParams) -> Sampler:
 # token drawn there feeds the next step without a trip to the host. Where the kernel cannot
 # decide a draw it leaves it to draw_at, which takes the same uniform number.
 
-DEVICE_MAX_TOP_K = 64  # compile/extern.py SAMPLE_MAX_K
+# The largest top-k the device draws with: the kernel decides a top-k set when no block of its
+# 2048 logits holds more than 16 of it, which a larger k would miss more often.
+DEVICE_MAX_TOP_K = 64
+DEVICE_PARAMS = 8  # the length of device_params' array: the steps' sampling argument
 _MASK64 = (1 << 64) - 1
 
 
@@ -295,7 +298,7 @@ def device_params(params: SamplingParams | None, seed: int = 0) -> np.ndarray:
     """The step's sampling argument, [8] int32: temperature, top_k, top_p, min_p (floats as
     their bits), the seed's low and high words, 0, 0. None or a temperature of 0: greedy (the
     step's argmax)."""
-    out = np.zeros(8, np.uint32)
+    out = np.zeros(DEVICE_PARAMS, np.uint32)
     if params is not None and not params.greedy:
         out[[0, 2, 3]] = np.array([params.temperature, params.top_p, params.min_p], np.float32).view(np.uint32)
         out[1], out[4], out[5] = params.top_k, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF

@@ -293,10 +293,9 @@ class Session:
 
     def decode(self, token: int, greedy: bool = False):
         """Append one token; logits for the next (or with greedy=True the step's token, as prefill)."""
-        self._check_room()
-        out = self._run("decode", self._tokens(np.array([token], np.int32)), 0, "token" if greedy else "logits")
-        self.pos += 1
-        return out.result() if greedy else out
+        if greedy:
+            return self.decode_next(token).result()
+        return self._decode(token, "logits")
 
     def decode_next(self, token: int | None = None) -> PendingToken:
         """Queue a step on the last step's token without waiting for it: the token stays on the
@@ -304,9 +303,13 @@ class Session:
         (one the host chose), on that token instead."""
         if token is None and self._last_token is None:
             raise RuntimeError("decode_next follows a prefill or decode step read as a token")
+        return self._decode(token, "token")
+
+    def _decode(self, token: int | None, read: str):
+        """One decode step on `token`, or on the last step's token left on the device (None)."""
         self._check_room()
         inputs = self._token_as_input() if token is None else self._tokens(np.array([token], np.int32))
-        out = self._run("decode", inputs, 0, "token")
+        out = self._run("decode", inputs, 0, read)
         self.pos += 1
         return out
 

@@ -448,5 +448,5 @@ def test_the_sampling_kernel_takes_vocabularies_up_to_its_candidates():
     assert not export.samples_on_device("cuda", 262_145)
     src = (extern.KERNEL_DIR / "sample.cu").read_text()
     defines = dict(re.findall(r"^#define (\w+) \(?(\w+)", src, re.M))
-    assert int(defines["PER_BLOCK"]) == extern.SAMPLE_PER_BLOCK
+    assert int(defines["PER_BLOCK"]) == extern.SAMPLE_PER_BLOCK and int(defines["TOP"]) == extern.SAMPLE_TOP
     assert int(defines["MAXC"]) // int(defines["TOP"]) == extern.SAMPLE_MAX_BLOCKS

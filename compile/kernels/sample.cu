@@ -65,13 +65,12 @@ __device__ __forceinline__ double uniform(uint64_t seed, uint64_t position) {
 }
 
 // Pads v[c .. np) with (-inf, INT_MAX) and sorts v[0 .. np) (np: the power of two >= c and
-// >= at_least); returns np.
-__device__ int sort_first(float* v, int* id, int c, int at_least) {
+// >= at_least).
+__device__ void sort_first(float* v, int* id, int c, int at_least) {
   int np = 2;
   while (np < c || np < at_least) np <<= 1;
   for (int i = c + threadIdx.x; i < np; i += NT) v[i] = -INFINITY, id[i] = 0x7fffffff;
   sort_pairs(v, id, np);  // (its first barrier publishes the pads)
-  return np;
 }
 
 // The largest over the block of each thread's x (every thread gets it); red: NT / 32 floats.
