@@ -77,7 +77,13 @@ SAMPLE = {"v151936_t0.6_k20_p0.95": (151936, 3.0, 0.6, 20, 0.95, 0.0, None),
           "v151936_t0.6_p0.9": (151936, 3.0, 0.6, 0, 0.9, 0.0, None),
           "v151936_t0.8_p0.8_minp0.05": (151936, 3.0, 0.8, 0, 0.8, 0.05, None),
           "v128256_t0.7_minp0.1": (128256, 4.0, 0.7, 0, 1.0, 0.1, None),
-          "v151936_t1_p0.95_flat": (151936, 1.0, 1.0, 0, 0.95, 0.0, None)}  # a nucleus past the candidates: status 1
+          "v151936_t1_p0.95_flat": (151936, 1.0, 1.0, 0, 0.95, 0.0, None),  # a nucleus past the candidates: status 1
+          # a plain temperature: the whole vocabulary (the tokens' CDF edges ~1e-5 apart)
+          "v151936_t0.8_plain": (151936, 3.0, 0.8, 0, 1.0, 0.0, None),
+          "v151936_t1_plain": (151936, 1.0, 1.0, 0, 1.0, 0.0, None),
+          "v2050_t1.3_plain": (2050, 1.0, 1.3, 0, 1.0, 0.0, None),
+          "v151936_flat_plain": (151936, 0.0, 1.0, 0, 1.0, 0.0, None),  # every weight 1: exact sums
+          "v151936_nan_plain": (151936, 3.0, 1.0, 0, 1.0, 0.0, "nan")}
 SAMPLE_POSITIONS, SAMPLE_SEED = 200, 2026
 
 
@@ -262,6 +268,11 @@ def sample_reference(logits, params, position):
     m = np.sort(blocks, axis=1)[:, -16].max()
     cand = np.sort(np.sort(blocks, axis=1)[:, -16:].reshape(-1))[::-1]
     near = False  # a filter's border within float error of a token (the host sums in float32)
+    plain = not params.top_k and params.top_p >= 1 and params.min_p <= 0
+    if plain:  # every token survives; the kernel sums each f32 weight in double as the host does
+        ids, values = S._survivors(scaled, params)
+        u = S.uniform(SAMPLE_SEED, position)
+        return S._draw(ids, values, V, u), 0, cdf_gap(values, u) < 2e-7
     if params.top_k:
         if not cand[params.top_k - 1] > m:
             return int(np.argmax(logits)), 1, False

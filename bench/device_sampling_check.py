@@ -28,7 +28,8 @@ SETTINGS = [SamplingParams(temperature=0.6, top_k=20, top_p=0.95, seed=1),
             SamplingParams(temperature=1.0, top_k=64, seed=2),
             SamplingParams(temperature=1.5, top_k=50, top_p=0.9, min_p=0.05, seed=3),
             SamplingParams(temperature=0.6, top_p=0.9, seed=4),  # top-k off (Llama 3's settings)
-            SamplingParams(temperature=1.0, min_p=0.1, seed=5)]
+            SamplingParams(temperature=1.0, min_p=0.1, seed=5),
+            SamplingParams(temperature=0.8, seed=6)]  # a plain temperature: the whole vocabulary
 PROMPT, TOKENS = list(range(100, 612)), 96
 
 

@@ -67,15 +67,17 @@ def child(variant: Path, steps: int, flags: list[str], prompt: int, device: str 
             "pipelined_max_ms": 1e3 * float(gaps.max())}
     # Sampled as bench/run.py samples: as generation does (on the device where the bundle's
     # steps do), then with the host drawing from each step's logits row: per token, and its two
-    # parts, the step with the row's read (waited) and the host's draw.
+    # parts, the step with the row's read (waited) and the host's draw. "plain": a plain
+    # temperature (the whole vocabulary), as generation draws it.
     from run import SAMPLED, drawn_on
     from iree_runner.sampling import make_sampler
 
     sampled = {}
-    for key, device in (("sampled", True), ("sampled_host", False)):
+    for key, settings, device in (("sampled", SAMPLED, True), ("sampled_host", SAMPLED, False),
+                                  ("plain", dict(temperature=0.8, seed=0), True)):
         with drawn_on(s, device):
             stamps = []
-            for _ in generate_step(s, list(range(5, 5 + prompt)), SamplingParams(**SAMPLED), n + 1):
+            for _ in generate_step(s, list(range(5, 5 + prompt)), SamplingParams(**settings), n + 1):
                 stamps.append(time.perf_counter())
         gaps = np.diff(stamps)[3:]
         sampled |= {f"{key}_ms_per_token": 1e3 * float(np.median(gaps)), f"{key}_mean_ms": 1e3 * float(gaps.mean())}

@@ -697,7 +697,7 @@ def sample_token(logits, argmax, sampling, start, last):
     i32 = jnp.int32
     out, _, _, _ = call("sample_token", (jax.ShapeDtypeStruct((2,), i32), jax.ShapeDtypeStruct((1,), i32),
                                          jax.ShapeDtypeStruct((grid * SAMPLE_TOP, 2), jnp.float32),
-                                         jax.ShapeDtypeStruct((grid, 2), jnp.float32)),
+                                         jax.ShapeDtypeStruct((grid, 4), jnp.float32)),  # 2 doubles a block
                      [logits, jnp.reshape(argmax, (1,)).astype(i32), sampling, jnp.reshape(start, (1,)),
                       jnp.reshape(last, (1,)), jnp.zeros((1,), i32)], grid=grid, constants=[v], aliases={5: 1})
     return out

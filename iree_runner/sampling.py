@@ -271,11 +271,10 @@ _MASK64 = (1 << 64) - 1
 
 
 def samples_on_device(params: SamplingParams) -> bool:
-    """Whether the device's kernel draws with these settings: a temperature; top-k between 1 and
-    DEVICE_MAX_TOP_K (the candidates it keeps), or off with top-p or min-p on (a plain
-    temperature draws from the whole vocabulary: on the host); no repetition penalty (it has no
+    """Whether the device's kernel draws with these settings: a temperature; top-k off, or
+    between 1 and DEVICE_MAX_TOP_K (the candidates it keeps); no repetition penalty (it has no
     history)."""
-    top_k = 1 <= params.top_k <= DEVICE_MAX_TOP_K or (params.top_k == 0 and (params.top_p < 1 or params.min_p > 0))
+    top_k = params.top_k <= DEVICE_MAX_TOP_K
     return params.temperature > 0 and top_k and params.repetition_penalty == 1.0
 
 

@@ -42,7 +42,8 @@ def test_device_params_layout():
     (SamplingParams(temperature=1.0, top_k=DEVICE_MAX_TOP_K + 1), False),
     (SamplingParams(temperature=0.7, top_p=0.9), True),  # top-k off: the nucleus of the whole vocabulary
     (SamplingParams(temperature=0.7, min_p=0.05), True),
-    (SamplingParams(temperature=0.7), False),  # a plain temperature draws from every token
+    (SamplingParams(temperature=0.7), True),  # a plain temperature: the whole vocabulary
+    (SamplingParams(temperature=1.0, top_k=DEVICE_MAX_TOP_K + 1, top_p=0.9), False),
     (SamplingParams(temperature=0.7, top_k=151_936, top_p=0.9), False),  # top-k at the vocabulary: on the host
     (SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.1), False),
     (SamplingParams(), False),  # greedy: the argmax, not a draw
@@ -51,10 +52,11 @@ def test_which_settings_the_device_draws_with(params, on_device):
     assert samples_on_device(params) == on_device
 
 
-def test_draw_at_is_the_samplers_draw_at_that_uniform_number(monkeypatch):
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.8, top_k=30, top_p=0.9, min_p=0.02, seed=11),
+                                    SamplingParams(temperature=0.8, seed=11)])
+def test_draw_at_is_the_samplers_draw_at_that_uniform_number(monkeypatch, params):
     """draw_at(logits, params, seed, position) draws as make_sampler does when the generator's
     next number is uniform(seed, position)."""
-    params = SamplingParams(temperature=0.8, top_k=30, top_p=0.9, min_p=0.02, seed=11)
     rng = np.random.default_rng(0)
     for pos in range(50):
         logits = (rng.standard_normal(VOCAB) * 2).astype(np.float32)

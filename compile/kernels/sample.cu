@@ -1,8 +1,9 @@
 // The next token, drawn on the device from a step's logits as iree_runner/sampling.py draws it
 // on the host: temperature, then top-k (0 = off), top-p and min-p, then an inverse-CDF draw
 // over the survivors in token-id order, with the uniform number of (seed, position)
-// (sampling.uniform). With top-k off, top-p or min-p must be on (the survivors are then the
-// candidates whose share of the whole vocabulary's softmax passes them). So a sampled token
+// (sampling.uniform). With top-k off, the survivors are the candidates whose share of the whole
+// vocabulary's softmax passes top-p or min-p, or with neither (a plain temperature) the whole
+// vocabulary, drawn from as sampling._draw draws (draw_whole). So a sampled token
 // feeds the next step on the device, as greedy's argmax does, and generation stays pipelined.
 //
 // Phase 1, every block: its PER_BLOCK logits / temperature, its TOP best (value down, id up)
@@ -21,8 +22,8 @@
 // start [1], last [1] int32 (the sampled row's position is start + last), count [1] int32
 // (zero; written), then the results: out [2] int32: token, status (0: drawn here; 1: the host
 // must sample; temperature 0 gives the argmax, 0), candidates [blocks * TOP] float2 (value, id
-// bits; scratch), sums [blocks] float2 (with top-k off: each block's best and its sum of
-// exp(x - best); scratch).
+// bits; scratch), sums [blocks * 2] double (with top-k off: each block's best and its sum of
+// exp(x - best), the f32 weights summed in double as the host sums them; scratch).
 // Push constant: V. Grid: ceil(V / PER_BLOCK) <= MAX_BLOCKS.
 // Regenerate the PTX with `make ptx` (needs nvcc).
 #include "common.cuh"
@@ -83,21 +84,84 @@ __device__ float block_max(float x, float* red) {
   return x;
 }
 
+__device__ __forceinline__ double warp_sum_double(double x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Plain temperature (top-k, top-p and min-p off): sampling._draw's inverse CDF over the whole
+// vocabulary, in token-id order, at the uniform number u. M: the largest scaled logit. The
+// blocks' sums (phase 1, relative to each block's best, in double) locate the block where the
+// CDF crosses u * total; that block's weights, exp(x - M) in f32 as the host computes them,
+// summed in double in id order, locate the token. (The host sums the same weights in blocks of
+// 1024: the sums agree to double rounding, the block sums to the f32 rounding of weights
+// taken relative to another maximum; a draw can differ only within ~1e-7 of a CDF boundary.)
+__device__ void draw_whole(const float* __restrict__ logits, float temperature, float M, const double* sums, double u,
+                           int V, int* __restrict__ out) {
+  __shared__ double z[MAX_BLOCKS], warp_total[NT / 32];
+  __shared__ double within_s;
+  __shared__ int block_s, first_s, last_s;
+  const int t = threadIdx.x, lane = t % 32, warp = t / 32, grid = gridDim.x;
+  if (t < grid) z[t] = __ldcg(sums + 2 * t + 1) * exp(__ldcg(sums + 2 * t) - (double)M);
+  if (t == 0) first_s = PER_BLOCK, last_s = -1;
+  __syncthreads();
+  if (t == 0) {  // the block where the CDF crosses the target
+    double total = 0.0;
+    for (int b = 0; b < grid; ++b) total += z[b];
+    const double target = u * total;
+    double before = 0.0;
+    int b = 0;
+    while (b < grid - 1 && !(before + z[b] > target)) before += z[b++];
+    while (b > 0 && z[b] == 0.0) before -= z[--b];  // a float edge past the last block with weight
+    block_s = b, within_s = target - before;
+  }
+  __syncthreads();
+  const int base = block_s * PER_BLOCK + 2 * t;  // this thread's two tokens, in id order
+  float w[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) w[j] = base + j < V ? expf(logits[base + j] / temperature - M) : 0.f;
+  // A scan of the threads' pair sums over the warp, in double, then the warps before.
+  double c = (double)w[0] + (double)w[1];
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const double y = __shfl_up_sync(0xffffffffu, c, o);
+    if (lane >= o) c += y;
+  }
+  if (lane == 31) warp_total[warp] = c;
+  const double up = __shfl_up_sync(0xffffffffu, c, 1), lanes_before = lane ? up : 0.0;  // (every lane shuffles)
+  __syncthreads();
+  double before = 0.0;
+  for (int i = 0; i < warp; ++i) before += warp_total[i];
+  const double c0 = before + lanes_before + w[0], c1 = c0 + w[1];  // the CDF after each of the two tokens
+  const double within = within_s;
+  if (c0 > within) atomicMin(&first_s, 2 * t);
+  else if (c1 > within) atomicMin(&first_s, 2 * t + 1);
+  if (w[1] > 0.f) atomicMax(&last_s, 2 * t + 1);
+  else if (w[0] > 0.f) atomicMax(&last_s, 2 * t);
+  __syncthreads();
+  if (t == 0) {  // none above: a float edge at the block's end, the last token with weight
+    out[0] = block_s * PER_BLOCK + (first_s < PER_BLOCK ? first_s : last_s), out[1] = 0;
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(NT) sample_token(
     const float* __restrict__ logits, const int* __restrict__ argmax, const uint32_t* __restrict__ params,
     const int* __restrict__ start, const int* __restrict__ last, int* count, int* __restrict__ out,
-    float2* candidates, float2* sums, int V) {
+    float2* candidates, double* sums, int V) {
   __shared__ float v[MAXC];  // pairs kept for sorting: (value, id)
   __shared__ int id[MAXC];
   __shared__ float sw[MAXC];  // the survivors' weights, in id order
   __shared__ int sid[MAXC];
   __shared__ int is_last, kept;
   __shared__ float red[NT / 32], red2[NT / 32], floor_v;  // floor_v: phase 1's bound for keeping a logit
-  __shared__ float red_sum[NT / 32];
+  __shared__ double red_sum[NT / 32];
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   const float temperature = __uint_as_float(params[0]);
-  // Top-k off: top-p or min-p over the whole vocabulary, which need its softmax's denominator.
+  // Top-k off: top-p or min-p over the whole vocabulary, which need its softmax's denominator,
+  // or neither (plain: the whole vocabulary survives, draw_whole).
   const bool whole = params[1] == 0;
+  const bool plain = whole && !(__uint_as_float(params[2]) < 1.f) && !(__uint_as_float(params[3]) > 0.f);
   if (temperature == 0.f) {  // greedy: the argmax, as it is
     if (blockIdx.x == 0 && t == 0) out[0] = argmax[0], out[1] = 0;
     return;
@@ -136,32 +200,46 @@ extern "C" __global__ void __launch_bounds__(NT) sample_token(
   float block_best = red[0];
   if (whole) {  // this block's sum of exp(x - its best)
     for (int w = 1; w < NT / 32; ++w) block_best = fmaxf(block_best, red[w]);
-    const float e = warp_reduce<false>(expf(x[0] - block_best) + expf(x[1] - block_best));
+    const double e = block_best == -INFINITY  // (exp(-inf - -inf) would be NaN)
+                         ? 0.0 : warp_sum_double((double)expf(x[0] - block_best) + (double)expf(x[1] - block_best));
     if (lane == 0) red_sum[warp] = e;
   }
   __syncthreads();
   if (whole && t == 0) {
-    float e = 0.f;
+    double e = 0.0;
     for (int w = 0; w < NT / 32; ++w) e += red_sum[w];
-    sums[blockIdx.x] = make_float2(block_best, e);
+    sums[2 * blockIdx.x] = block_best, sums[2 * blockIdx.x + 1] = e;
   }
+  if (!plain) {  // (a plain draw needs no candidates)
 #pragma unroll
-  for (int j = 0; j < PER_BLOCK / NT; ++j) {
-    const int g = base + t + j * NT;
-    if (g < V && x[j] >= floor_v) {
-      const int at = atomicAdd(&kept, 1);
-      v[at] = x[j], id[at] = g;
+    for (int j = 0; j < PER_BLOCK / NT; ++j) {
+      const int g = base + t + j * NT;
+      if (g < V && x[j] >= floor_v) {
+        const int at = atomicAdd(&kept, 1);
+        v[at] = x[j], id[at] = g;
+      }
     }
+    __syncthreads();
+    sort_first(v, id, kept, TOP);  // (a block with fewer than TOP tokens: pads)
+    if (t < TOP) candidates[blockIdx.x * TOP + t] = make_float2(v[t], __int_as_float(id[t]));
   }
-  __syncthreads();
-  sort_first(v, id, kept, TOP);  // (a block with fewer than TOP tokens: pads)
-  if (t < TOP) candidates[blockIdx.x * TOP + t] = make_float2(v[t], __int_as_float(id[t]));
   __threadfence();  // the candidates, visible before the block is counted
   __syncthreads();
   if (t == 0) is_last = atomicAdd(count, 1) == gridDim.x - 1, kept = 0;
   __syncthreads();
   if (!is_last) return;
   __threadfence();
+  const uint64_t seed = (uint64_t)params[4] | ((uint64_t)params[5] << 32);
+  const double u = uniform(seed, (uint64_t)(start[0] + last[0]));
+  if (plain) {  // NaN (argmax), or no finite best (-inf everywhere, or +inf): the host decides
+    const float M = block_max(t < gridDim.x ? (float)__ldcg(sums + 2 * t) : -INFINITY, red);
+    if (argmax[0] >= V || !(M > -INFINITY && M < INFINITY)) {
+      if (t == 0) out[0] = argmax[0], out[1] = 1;
+    } else {
+      draw_whole(logits, temperature, M, sums, u, V, out);
+    }
+    return;
+  }
 
   // Phase 2: m, the largest of the blocks' TOP-th values, bounds every token outside the
   // candidates; the candidates above it, sorted. The top-k set is theirs when there are at
@@ -178,7 +256,7 @@ extern "C" __global__ void __launch_bounds__(NT) sample_token(
   __syncthreads();
   const int above = kept;
   // Top-k off: the vocabulary's best M and sum of exp(x - M), from the blocks'.
-  const float M = whole ? block_max(t < gridDim.x ? __ldcg(&sums[t].x) : -INFINITY, red) : 0.f;
+  const float M = whole ? block_max(t < gridDim.x ? (float)__ldcg(sums + 2 * t) : -INFINITY, red) : 0.f;
   sort_first(v, id, above, 2);
   __shared__ int ns_s, status_s;
   if (t == 0) {
@@ -193,8 +271,7 @@ extern "C" __global__ void __launch_bounds__(NT) sample_token(
     } else {
       double z = 0.0;
       for (int b = 0; b < gridDim.x; ++b) {
-        const float2 sb = __ldcg(sums + b);
-        z += (double)sb.y * exp((double)sb.x - M);
+        z += __ldcg(sums + 2 * b + 1) * exp(__ldcg(sums + 2 * b) - (double)M);
       }
       ns = 0;
       if (top_p < 1.f) {  // the nucleus: kept while the mass above it is below top_p
@@ -245,8 +322,7 @@ extern "C" __global__ void __launch_bounds__(NT) sample_token(
   if (t == 0) {  // inverse CDF, in double as the host's
     double total = 0.0;
     for (int r = 0; r < ns; ++r) total += sw[r];
-    const uint64_t seed = (uint64_t)params[4] | ((uint64_t)params[5] << 32);
-    const double target = uniform(seed, (uint64_t)(start[0] + last[0])) * total;
+    const double target = u * total;
     double cum = 0.0;
     int r = 0;
     while (r < ns - 1 && !((cum += sw[r]) > target)) ++r;
