@@ -471,7 +471,6 @@ __device__ __forceinline__ void fold_partials(const float* qs, const float* kv_o
     __shared__ float ps[MAX_P]; /* unused by the per-head partial: the token's own keys and values */        \
     __shared__ __align__(16) __half ks[MAX_KVS], vs[MAX_KVS];                                                 \
     __shared__ float wqs[256], cs[256], sn[256], wks[256];                                                    \
-    __shared__ int is_last;                                                                                   \
     const int pos = pos_p[0], groups = KVH / KB, b = blockIdx.x / groups, grp = blockIdx.x % groups;          \
     int b0, b1;                                                                                               \
     active_blocks(CH, pos, window, &b0, &b1);                                                                 \
@@ -485,12 +484,7 @@ __device__ __forceinline__ void fold_partials(const float* qs, const float* kv_o
     const int warp = threadIdx.x / 32;                                                                        \
     if (HB + KB <= NT / 32 && warp >= HB && warp < HB + KB)                                                   \
       norm_rope_head(ps + (warp - HB) * (DH + 1), wks, cs, sn, DH, rot, qk, eps);                             \
-    __threadfence(); /* this block's partial, visible before it is counted */                                \
-    __syncthreads();                                                                                          \
-    if (threadIdx.x == 0) is_last = atomicAdd(sync + layer * groups + grp, 1) == nb - 1;                      \
-    __syncthreads();                                                                                          \
-    if (!is_last) return;                                                                                     \
-    __threadfence();                                                                                          \
+    if (!last_block_done(sync + layer * groups + grp, nb)) return; /* the partials, then the last one folds */  \
     if (HB + KB > NT / 32) {                                                                                  \
       if (warp < KB) norm_rope_head(ps + warp * (DH + 1), wks, cs, sn, DH, rot, qk, eps);                     \
       __syncthreads();                                                                                        \

@@ -411,7 +411,6 @@ __device__ __forceinline__ Best gemv_q4_many(const float* __restrict__ x, const 
 __device__ __forceinline__ void argmax_of_blocks(const Best& warp_best, float2* blocks, int* sync, int* argmax,
                                                  int N) {
   __shared__ Best warps[WARPS];
-  __shared__ int is_last;
   const int t = threadIdx.x, lane = t % 32;
   if (lane == 0) warps[t / 32] = warp_best;
   __syncthreads();
@@ -420,12 +419,8 @@ __device__ __forceinline__ void argmax_of_blocks(const Best& warp_best, float2* 
 #pragma unroll
     for (int w = 1; w < WARPS; ++w) b.take(warps[w]);
     blocks[blockIdx.x] = make_float2(b.v, __int_as_float(b.i));
-    __threadfence();  // the block's best, visible before it is counted
-    is_last = atomicAdd(sync, 1) == gridDim.x - 1;
   }
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
+  if (!last_block_done(sync, gridDim.x)) return;
   // Every thread requests its blocks' entries at once (written by other blocks during this
   // kernel: read past L1), then a warp and a block reduction. (One warp looping over them
   // waited for each load in turn.)

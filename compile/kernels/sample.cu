@@ -153,7 +153,7 @@ extern "C" __global__ void __launch_bounds__(NT) sample_token(
   __shared__ int id[MAXC];
   __shared__ float sw[MAXC];  // the survivors' weights, in id order
   __shared__ int sid[MAXC];
-  __shared__ int is_last, kept;
+  __shared__ int kept;
   __shared__ float red[NT / 32], red2[NT / 32], floor_v;  // floor_v: phase 1's bound for keeping a logit
   __shared__ double red_sum[NT / 32];
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
@@ -223,12 +223,8 @@ extern "C" __global__ void __launch_bounds__(NT) sample_token(
     sort_first(v, id, kept, TOP);  // (a block with fewer than TOP tokens: pads)
     if (t < TOP) candidates[blockIdx.x * TOP + t] = make_float2(v[t], __int_as_float(id[t]));
   }
-  __threadfence();  // the candidates, visible before the block is counted
-  __syncthreads();
-  if (t == 0) is_last = atomicAdd(count, 1) == gridDim.x - 1, kept = 0;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
+  if (t == 0) kept = 0;  // (every thread read it before sort_first's barriers)
+  if (!last_block_done(count, gridDim.x)) return;  // the candidates and sums, then phase 2
   const uint64_t seed = (uint64_t)params[4] | ((uint64_t)params[5] << 32);
   const double u = uniform(seed, (uint64_t)(start[0] + last[0]));
   if (plain) {  // NaN (argmax), or no finite best (-inf everywhere, or +inf): the host decides
