@@ -24,7 +24,7 @@ import numpy as np
 def main() -> None:
     from iree_runner.bundle import read_manifest
     from iree_runner.compile import build, export, family, iree_compile
-    from iree_runner.resident import gather_weights
+    from iree_runner.generate import gather_for
     from iree_runner.session import Session
     from iree_runner.weights import open_checkpoint
     from iree_runner.weights.config import read_config
@@ -42,14 +42,14 @@ def main() -> None:
     cc = read_config(a.ckpt)
     fam = family.family_module(cc.model_type)
     cfg = fam.Config.from_checkpoint(cc)
-    packed = build._packed_weights(a.ckpt, fam.weight_shapes(cfg), "cpu", None)
+    packed = build.packed_weights_for(a.ckpt, fam.weight_shapes(cfg), "cpu", None)
     spec = export.step_spec(fam, cfg, capacity=m.max_context + m.prefill_chunk, weight_dtype=b.weight_dtype,
                             cache_dtype=b.cache_dtype, packed_weights=packed,
                             cache_layout=iree_compile.CACHE_LAYOUT["cpu"])
     mlir = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cpu"))
     iree_compile.compile_mlir(mlir, out / b.files["decode"], "cpu", "decode", flags=iree_compile.step_flags("cpu"))
     b = dataclasses.replace(b, cache_shape=spec.cache_shape)
-    s = Session(out, b, gather_weights(open_checkpoint(a.ckpt), list(b.weight_names), b.weight_dtype, b.packed),
+    s = Session(out, b, gather_for(open_checkpoint(a.ckpt), b),
                 max_context=m.max_context, prefill_chunk=m.prefill_chunk)
     res = []
     for _ in range(a.reps):

@@ -95,10 +95,10 @@ PROLOGUE = {"qwen3_pos517": (1000, 1024, 64, 128, 777, 517, None),
                                          ("original_max_position_embeddings", 8192), ("rope_type", "llama3")))}
 
 
-def _prologue_inputs(V, D, group, rot, token, pos, scaling):
+def _prologue_inputs(V, D, group, rot, token, pos, scaling, pairs):
     from iree_runner.compile.layers import rope_inv_freq
 
-    words, scales, biases = _dequant_inputs(V, D, group)
+    words, scales, biases = _dequant_inputs(V, D, group, pairs)
     inv = rope_inv_freq(rot, 500000.0, scaling)
     return [np.array([token], np.int32), np.array([pos], np.int32), inv, words, scales, biases]
 
@@ -107,7 +107,7 @@ def prologue_reference(token, pos, inv, words, scales, biases, group):
     """(the embedding row, cos, sin) in float64 (the angle is f32(pos) * inv_freq in f32, as JAX)."""
     t = int(token[0])
     q = ((words[t].view(np.uint32)[:, None] >> (4 * np.arange(8, dtype=np.uint32))) & 15).reshape(-1)
-    row = q.astype(np.float64) * np.repeat(scales[t], group) + np.repeat(biases[t], group)
+    row = q.astype(np.float64) * np.repeat(scales[t].astype(np.float64), group) + np.repeat(biases[t].astype(np.float64), group)
     angle = (np.float32(pos[0]) * inv).astype(np.float64)
     return row, np.tile(np.cos(angle), 2), np.tile(np.sin(angle), 2)
 
@@ -185,29 +185,41 @@ def decode_reference(qkv, cos, sin, kc, vc, positions, wq=None, wk=None, *, H, w
     return np.einsum("hs,shd->hd", p, np.repeat(vals, G, axis=1)).reshape(-1), k, v
 
 
-def _dequant_inputs(N, K, group):
+# The 4-bit cases' scales and biases are BF16 as the CUDA steps take them (the checkpoint's),
+# these cases' F16 (compile/packed.py: the kernels widen either).
+F16_PAIRS = {"dequant_q4_96x256_g32", "gemv_q4_1024x3072", "lm_head_q4_32771x2048_norm", "prologue_llama3_scaled_pos40000"}
+
+
+def _pairs(case: str) -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(np.float16) if case in F16_PAIRS else np.dtype(ml_dtypes.bfloat16)
+
+
+def _dequant_inputs(N, K, group, pairs):
     rng = np.random.default_rng(1)
     words = rng.integers(0, 2**32, (N, K // 8), dtype=np.uint32).view(np.int32)
-    scales = rng.standard_normal((N, K // group), dtype=np.float32) * 0.01
-    biases = rng.standard_normal((N, K // group), dtype=np.float32) * 0.05
+    scales = (rng.standard_normal((N, K // group), dtype=np.float32) * 0.01).astype(pairs)
+    biases = (rng.standard_normal((N, K // group), dtype=np.float32) * 0.05).astype(pairs)
     return [words, scales, biases]
 
 
 def dequant_reference(words, scales, biases, group):
     w = words.view(np.uint32)
     q = ((w[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 15).reshape(w.shape[0], -1).astype(np.float32)
-    return (q * np.repeat(scales, group, axis=1) + np.repeat(biases, group, axis=1)).astype(np.float16)
+    s, b = (np.repeat(a.astype(np.float32), group, axis=1) for a in (scales, biases))
+    return (q * s + b).astype(np.float16)
 
 
-def _gemv_inputs(N, K, norm):
+def _gemv_inputs(N, K, norm, pairs):
     rng = np.random.default_rng(2)
     x = rng.standard_normal(K, dtype=np.float32)
     w = rng.standard_normal(K, dtype=np.float32).astype(np.float16) if norm else None
-    return [x, *_dequant_inputs(N, K, 64)] + ([w] if norm else [])
+    return [x, *_dequant_inputs(N, K, 64, pairs)] + ([w] if norm else [])
 
 
-def _lm_head_inputs(N, K, norm, special):
-    x, words, scales, biases, *norm_w = _gemv_inputs(N, K, norm)
+def _lm_head_inputs(N, K, norm, special, pairs):
+    x, words, scales, biases, *norm_w = _gemv_inputs(N, K, norm, pairs)
     if special == "tie":  # row N - 5 much the largest, and copied to rows 9 and N // 2
         scales[N - 5], biases[N - 5] = 0.0, np.sign(x.sum()) * 1e3
         for r in (9, N // 2):
@@ -221,7 +233,7 @@ def gemv_reference(x, words, scales, biases, norm_w=None):
     """dequant(w) x in float64, x RMS-normed (times norm_w) first when given."""
     w = words.view(np.uint32)
     q = ((w[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 15).reshape(w.shape[0], -1).astype(np.float64)
-    dense = q * np.repeat(scales, 64, axis=1) + np.repeat(biases, 64, axis=1)
+    dense = q * np.repeat(scales.astype(np.float64), 64, axis=1) + np.repeat(biases.astype(np.float64), 64, axis=1)
     x = x.astype(np.float64)
     if norm_w is not None:
         x = x / np.sqrt(np.mean(x * x) + EPS) * norm_w.astype(np.float64)
@@ -312,7 +324,7 @@ def cases() -> dict:
     from iree_runner.compile.packed import Packed
 
     def packed(words, scales, biases, group=64):
-        """The cases' 4-bit weight (int32 words, f32 scales and biases) as the kernels take it."""
+        """The cases' 4-bit weight (int32 words, F16 or BF16 scales and biases) as the kernels take it."""
         return Packed.of(jnp.asarray(words).view(jnp.uint32), scales, biases, 4, group, np.dtype("float16"))
 
     out = {}
@@ -332,28 +344,28 @@ def cases() -> dict:
                                            qk_norm=(*norm, EPS, False) if norm else None)[:3]
         out[f"decode_attn_{name}"] = _export(fn, args)
     for name, (N, K, group) in DEQUANT.items():
-        args = _dequant_inputs(N, K, group)
+        args = _dequant_inputs(N, K, group, _pairs(f"dequant_{name}"))
 
         def fn(words, scales, biases, group=group):
             w = packed(words, scales, biases, group)
             return extern.dequant_q4(w)
         out[f"dequant_{name}"] = _export(fn, args)
     for name, (N, K, norm) in GEMV.items():
-        args = _gemv_inputs(N, K, norm)
+        args = _gemv_inputs(N, K, norm, _pairs(f"gemv_{name}"))
 
         def fn(x, words, scales, biases, *norm_w):
             w = packed(words, scales, biases)
             return extern.gemv(x, w, norm=(norm_w[0], EPS, False) if norm_w else None)
         out[f"gemv_{name}"] = _export(fn, args)
     for name, (V, D, group, rot, token, pos, scaling) in PROLOGUE.items():
-        args = _prologue_inputs(V, D, group, rot, token, pos, scaling)
+        args = _prologue_inputs(V, D, group, rot, token, pos, scaling, _pairs(f"prologue_{name}"))
 
         def fn(token, pos, words, scales, biases, group=group, inv=args[2]):  # inv_freq: a constant, as in a step
             w = packed(words, scales, biases, group)
             return extern.embed_rope(w, token, pos, inv)
         out[f"prologue_{name}"] = _export(fn, args[:2] + args[3:])
     for name, (N, K, norm, special) in LM_HEAD.items():
-        args = _lm_head_inputs(N, K, norm, special)
+        args = _lm_head_inputs(N, K, norm, special, _pairs(f"lm_head_{name}"))
 
         def fn(x, words, scales, biases, *norm_w):
             w = packed(words, scales, biases)
@@ -375,7 +387,7 @@ def make(root: Path, prefix: str = "") -> None:
         iree_compile.compile_mlir(text, root / f"{name}.vmfb", "cuda", label=name)
     for name, (V, D, group, rot, token, pos, scaling) in PROLOGUE.items():
         if f"prologue_{name}" in made:  # the inv_freq baked into the case, for check's reference
-            np.save(root / f"prologue_{name}_inv.npy", _prologue_inputs(V, D, group, rot, token, pos, scaling)[2])
+            np.save(root / f"prologue_{name}_inv.npy", _prologue_inputs(V, D, group, rot, token, pos, scaling, np.float32)[2])
     listed = root / "cases.json"
     old = json.loads(listed.read_text()) if listed.exists() else []
     listed.write_text(json.dumps(sorted(set(old) | set(made))))
@@ -399,16 +411,16 @@ def check(root: Path) -> int:
         a = _attention_inputs(C, H, KVH, Dh, S, start)
         inputs[f"prefill_attn_{name}"] = (a, attention_reference(*a, window, softcap), 1e-4)
     for name, (N, K, group) in DEQUANT.items():
-        a = _dequant_inputs(N, K, group)
+        a = _dequant_inputs(N, K, group, _pairs(f"dequant_{name}"))
         inputs[f"dequant_{name}"] = (a, dequant_reference(*a, group), None)
     for name, (N, K, norm) in GEMV.items():
-        a = _gemv_inputs(N, K, norm)
+        a = _gemv_inputs(N, K, norm, _pairs(f"gemv_{name}"))
         inputs[f"gemv_{name}"] = (a, gemv_reference(*a), 1e-5)
     for name, (N, K, norm, special) in LM_HEAD.items():
-        a = _lm_head_inputs(N, K, norm, special)
+        a = _lm_head_inputs(N, K, norm, special, _pairs(f"lm_head_{name}"))
         inputs[f"lm_head_{name}"] = (a, gemv_reference(*a), 1e-5)
     for name, (V, D, group, rot, token, pos, scaling) in PROLOGUE.items():
-        a = _prologue_inputs(V, D, group, rot, token, pos, scaling)
+        a = _prologue_inputs(V, D, group, rot, token, pos, scaling, _pairs(f"prologue_{name}"))
         # The case's own inv_freq: float32 pow differs in the last bit between machines' numpy
         # (SIMD paths), and at position 40000 one ulp of inv_freq moves cos by 1e-3.
         baked = root / f"prologue_{name}_inv.npy"

@@ -18,6 +18,7 @@ import time
 import zlib
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from iree_runner.bundle import read_manifest
@@ -47,7 +48,10 @@ def random_weight(name: str, shape: tuple, dtype: str) -> np.ndarray:
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     if dtype == "uint32":  # packed words
         return rng.integers(0, 2**32, shape, dtype=np.uint32)
-    return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(dtype)
+    w = rng.standard_normal(shape, dtype=np.float32) * 0.02
+    if name.endswith((".scales", ".biases")):  # BF16 values, as in an MLX checkpoint, whatever the pairs' dtype
+        w = w.astype(ml_dtypes.bfloat16)
+    return w.astype(dtype)
 
 
 def main(bundle: Path, target: str = "cuda", steps: int = 1) -> None:

@@ -60,6 +60,7 @@ def copy_bandwidth_gbs(device: str) -> float:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         del a, b
+        torch.cuda.empty_cache()  # (2 GB held by torch's cache would sit in every row's "before")
         return 2 * (1 << 30) / statistics.median(times[2:]) / 1e9
     a = np.ones(1 << 28, np.uint8)
     b = np.empty_like(a)
@@ -72,12 +73,14 @@ def copy_bandwidth_gbs(device: str) -> float:
 
 
 def device_used_mb(device: str) -> float | None:
+    import gc
+
+    # The rows before may leave a session in a reference cycle (a suspended generator's frame):
+    # collected now, not while this row runs (stop 18's first run read -466 MB for a packed row).
+    gc.collect()
     if device != "cuda":
         # The CPU device's memory is the process's: its resident set now. (Its peak, ru_maxrss,
         # only grows, so every row after the largest showed about 0.)
-        import gc
-
-        gc.collect()
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
     import torch
@@ -148,6 +151,7 @@ def _one_timed_stream(stream, prompt, sync):
 # Sampled decode, ours only: Qwen3's generation_config.json values (temperature 0.6, top-k 20,
 # top-p 0.95), seeded.
 SAMPLED = dict(temperature=0.6, top_k=20, top_p=0.95, seed=0)
+PLAIN = dict(temperature=0.8, seed=0)  # a plain temperature: a draw from the whole vocabulary
 
 
 @contextlib.contextmanager
@@ -169,9 +173,8 @@ def leading_agreement(a: list[int], b: list[int]) -> int:
 
 def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tuple[dict, dict]:
     from iree_runner.bundle import check_compatible, read_manifest
-    from iree_runner.generate import generate_step
+    from iree_runner.generate import check_weights, gather_for, generate_step
     from iree_runner.sampling import SamplingParams
-    from iree_runner.resident import gather_weights
     from iree_runner.session import Session
     from iree_runner.weights import open_checkpoint
 
@@ -179,7 +182,8 @@ def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tupl
     t0 = time.perf_counter()
     manifest = read_manifest(bundle)
     build = check_compatible(manifest, bundle, json.loads((ckpt / "config.json").read_text()), device)
-    weights = gather_weights(open_checkpoint(ckpt), list(build.weight_names), build.weight_dtype, build.packed)
+    weights = gather_for(open_checkpoint(ckpt), build)
+    check_weights(ckpt, build, weights)
     t_host = time.perf_counter() - t0
     s = Session(bundle, build, weights, max_context=manifest.max_context, prefill_chunk=manifest.prefill_chunk)
     load_s = time.perf_counter() - t0
@@ -187,8 +191,8 @@ def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tupl
     def stream(p):  # as iree-generate runs it: the next step queued before a token is read
         return generate_step(s, p, SamplingParams(), NEW_TOKENS)
 
-    def sampled(p):  # as iree-generate samples: on the device where the bundle's steps do
-        return generate_step(s, p, SamplingParams(**SAMPLED), NEW_TOKENS)
+    def sampled(p, settings=SAMPLED):  # as iree-generate samples: on the device where the bundle's steps do
+        return generate_step(s, p, SamplingParams(**settings), NEW_TOKENS)
 
     _timed_stream(stream, prompt[:64], trials=1)  # warm-up
     r = _timed_stream(stream, prompt)
@@ -197,8 +201,14 @@ def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tupl
             _timed_stream(sampled, prompt[:64], trials=1)
             one = _timed_stream(sampled, prompt)
         r |= {f"{key}_tps": one["decode_tps"], f"{key}_tps_trials": one["decode_tps_trials"]}
+    one = _timed_stream(lambda p: sampled(p, PLAIN), prompt)
+    r |= {"decode_plain_tps": one["decode_tps"], "decode_plain_tps_trials": one["decode_tps_trials"]}
     r["sampled_on_device"] = s.samples_on_device
-    r |= {"load_s": load_s, "host_dequant_s": t_host, "device_mb": device_used_mb(device) - before}
+    # resident: the weights and KV caches the session holds on the device, as allocated (exact);
+    # device: what the device reports in use, minus before this row (transients included).
+    cache = 2 * int(np.prod(build.cache_shape)) * np.dtype(build.cache_dtype).itemsize
+    r |= {"load_s": load_s, "host_dequant_s": t_host, "device_mb": device_used_mb(device) - before,
+          "resident_mb": (s.stats.weight_bytes + cache) / 2**20}
     s.reset()
     r["prompt_logits"] = np.asarray(s.prefill(prompt), np.float32)  # to compare with the JAX peer
     return r, weights
@@ -438,7 +448,7 @@ def main() -> None:
               "iree_compiler": sorted({json.loads((args.bundles / m / "manifest.json").read_text())["compiler_version"]
                                        for m in args.models.split(",")}),
               "prompt_tokens": PROMPT_LEN,
-              "new_tokens": NEW_TOKENS, "sampled": SAMPLED, "command": " ".join(sys.argv), "rows": rows,
+              "new_tokens": NEW_TOKENS, "sampled": SAMPLED, "plain": PLAIN, "command": " ".join(sys.argv), "rows": rows,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
@@ -456,18 +466,19 @@ def _agreement(r: dict) -> str:
 
 def table(result: dict) -> str:
     head = ("| model | weights | runtime | load s | prefill tok/s | TTFT ms | decode tok/s | sampled decode tok/s "
-            "(host draws) | roofline % | device MB | same greedy tokens as iree-runner |")
+            "(host draws) | plain temperature | roofline % | resident MB (device MB) | same greedy tokens as iree-runner |")
     lines = [f"{result['device']}, copy bandwidth {result['copy_bandwidth_gbs']:.0f} GB/s, "
-             f"IREE {result['iree_runtime']}; sampled: {result.get('sampled', '—')}", "", head, "|" + "---|" * 11]
+             f"IREE {result['iree_runtime']}; sampled: {result.get('sampled', '—')}, plain: {result.get('plain', '—')}",
+             "", head, "|" + "---|" * 12]
     f = lambda r, k, fmt: format(r[k], fmt) if r.get(k) is not None else "—"  # noqa: E731
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | failed: {r['error'][:80]} |||||||||")
+            lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | failed: {r['error'][:80]} ||||||||||")
             continue
         frac = f"{100 * r['roofline_frac']:.0f}%" if r.get("roofline_frac") else "—"
         lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | {f(r, 'load_s', '.2f')} | "
                      f"{f(r, 'prefill_tps', '.0f')} | {f(r, 'ttft_ms', '.1f')} | {f(r, 'decode_tps', '.1f')} | "
-                     f"{f(r, 'decode_sampled_tps', '.1f')} ({f(r, 'decode_sampled_host_tps', '.1f')}) | {frac} | {f(r, 'device_mb', '.0f')} | "
+                     f"{f(r, 'decode_sampled_tps', '.1f')} ({f(r, 'decode_sampled_host_tps', '.1f')}) | {f(r, 'decode_plain_tps', '.1f')} | {frac} | {f(r, 'resident_mb', '.0f')} ({f(r, 'device_mb', '.0f')}) | "
                      f"{_agreement(r)} |")
     return "\n".join(lines)
 

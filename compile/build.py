@@ -20,6 +20,7 @@ from ..bundle import (MANIFEST, BundleError, Manifest, TargetBuild, check_compat
 from ..weights.config import read_config
 from . import export, family, iree_compile
 from .iree_compile import cache_dir
+from .packed import stored_pairs
 
 DEFAULT_MAX_CONTEXT = 512
 # Prompt tokens per prefill call, one value per bundle. On the CPU a short prompt pays for the
@@ -68,7 +69,7 @@ def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: in
         "max_context": max_context, "prefill_chunk": prefill_chunk,
         "host": iree_compile.host_cpu() if target == "cpu" else None,
         "kernels": iree_compile.export_options(target, kernels)["decode_kernel"],
-        "packed": [[p.name, p.bits, p.group_size] for p in packed_weights],
+        "packed": [[p.name, p.bits, p.group_size, p.pairs] for p in packed_weights],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -89,7 +90,7 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
     prefill_chunk = prefill_chunk or default_prefill_chunk([target])
     wdt = weight_dtype_for(target, weight_dtype)
     cfg = fam.Config.from_checkpoint(cc)
-    packed_weights = _packed_weights(model_dir, fam.weight_shapes(cfg), target, packed)
+    packed_weights = packed_weights_for(model_dir, fam.weight_shapes(cfg), target, packed)
     key = build_key(cc.raw, target, max_context, prefill_chunk, wdt, kernels, packed_weights)
     entry = cache_dir() / key
     if (entry / MANIFEST).exists():
@@ -140,12 +141,17 @@ def packed_weights_of(model_dir: Path, shapes: dict, bits: tuple[int, ...] | Non
         return choose(shapes, lambda name: quant_spec(ckpt, name), PACKED_BITS if bits is None else bits)
 
 
-def _packed_weights(model_dir: Path, shapes: dict, target: str, packed: bool | None) -> tuple:
+def packed_weights_for(model_dir: Path, shapes: dict, target: str, packed: bool | None = True) -> tuple:
+    """The weights kept packed for a target: packed None is the target's default, True all that
+    can be, False none; with their scale/bias pairs as the target's kernels read them."""
     if packed is None:  # the target's default; a config without weights (compiling ahead of them) packs none
         bits = iree_compile.PACKED_BITS_DEFAULT[target]
         has_weights = any(Path(model_dir).glob("*.safetensors"))
-        return packed_weights_of(model_dir, shapes, bits) if bits and has_weights else ()
-    return packed_weights_of(model_dir, shapes) if packed else ()
+        specs = packed_weights_of(model_dir, shapes, bits) if bits and has_weights else ()
+    else:
+        specs = packed_weights_of(model_dir, shapes) if packed else ()
+    # CUDA's kernels read the pairs as stored (half the bytes of f32); the CPU's take f32.
+    return stored_pairs(specs) if target == "cuda" else specs
 
 
 def _manifest(cc, fam, cfg, max_context, prefill_chunk, targets) -> Manifest:

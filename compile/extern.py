@@ -86,8 +86,21 @@ def f32_bits(x: float) -> int:
 
 def packed_operands(w: Packed) -> list:
     """A packed weight as a kernel's operands: words, scales_biases. The words go as int32, the
-    same bits: IREE does not legalize a dispatch operand of unsigned type."""
+    same bits: IREE does not legalize a dispatch operand of unsigned type. The pairs go as they
+    are (a CUDA kernel reads a 16-bit pair as one 32-bit word, scale in the low half): a
+    bitcast of [..., 2] bf16 to int32 became an IREE dispatch per weight and step (2.8 us each,
+    ~310 us of a Qwen3-0.6B decode step on an H100)."""
     return [jax.lax.bitcast_convert_type(w.words, jnp.int32), w.scales_biases]
+
+
+def pairs_16bit(w: Packed) -> bool:
+    """Whether w's scale/bias pairs are as CUDA's kernels read them: F16 or BF16."""
+    return w.scales_biases.dtype in (jnp.float16, jnp.bfloat16)
+
+
+def pairs_bf16(w: Packed) -> int:
+    """1 where w's pairs are BF16 (the CUDA kernels' flag), 0 for F16."""
+    return int(w.scales_biases.dtype == jnp.bfloat16)
 
 
 def _like(*arrays) -> tuple:
@@ -603,7 +616,7 @@ def cpu_decode_attention(q, k, v, k_cache, v_cache, positions, *, layer: int, sc
 
 GEMV_WARPS = 8  # per block: one output each
 GEMV_MAX_K = 8192
-NORM, ONE_PLUS, BIAS, RESIDUAL, GATE, GELU = 1, 2, 4, 8, 16, 32  # the kernel's flags
+NORM, ONE_PLUS, BIAS, RESIDUAL, GATE, GELU, PAIRS_BF16 = 1, 2, 4, 8, 16, 32, 64  # the kernel's flags
 # A packed lm_head (many rows, K = 1024 or 2048): lm_head_q4_k<K>, its blocks looping over
 # chunks of rows. Its grid: one wave of 2 blocks per SM on an H100 / H200 (132 SMs); any grid is correct.
 LM_HEAD_ROWS, LM_HEAD_K, LM_HEAD_GRID = 32768, (1024, 2048), 264  # grid <= 1024: the kernel's argmax
@@ -617,10 +630,10 @@ def _q4_fits(w, max_k: int) -> bool:
 
 
 def gemv_fits(w) -> bool:
-    """Whether the CUDA kernel takes weight w ([N, K] f16, or Packed 4-bit in groups of 64);
-    else the linear stays in JAX."""
+    """Whether the CUDA kernel takes weight w ([N, K] f16, or Packed 4-bit in groups of 64 with
+    F16 or BF16 pairs); else the linear stays in JAX."""
     if isinstance(w, Packed):
-        return _q4_fits(w, GEMV_MAX_K)
+        return _q4_fits(w, GEMV_MAX_K) and pairs_16bit(w)
     return w.ndim == 2 and w.dtype == jnp.float16 and w.shape[1] % 8 == 0 and w.shape[1] <= GEMV_MAX_K
 
 
@@ -637,6 +650,7 @@ def gemv(x, w, *, bias=None, norm=None, residual=None, gate: str | None = None):
     operands = [x.astype(jnp.float32), *(packed_operands(w) if isinstance(w, Packed) else [w])]
     flags, folded = _folded(norm, bias, residual, jnp.float16)
     flags |= (GATE if gate else 0) | (GELU if gate == "gelu_tanh" else 0)
+    flags |= PAIRS_BF16 if isinstance(w, Packed) and pairs_bf16(w) else 0
     name = ("gemv_q4" if isinstance(w, Packed) else "gemv") + ("_gate" if gate else "")
     grid = -(-n // GEMV_WARPS)
     # The prefetch slots: placeholders that link() fills with the next matvec's weights.
@@ -645,8 +659,10 @@ def gemv(x, w, *, bias=None, norm=None, residual=None, gate: str | None = None):
 
 
 def lm_head_fits(w) -> bool:
-    """Whether the CUDA lm_head kernel takes w: Packed 4-bit in groups of 64, many rows, K = 1024 or 2048."""
-    return _q4_fits(w, max(LM_HEAD_K)) and w.shape[0] >= LM_HEAD_ROWS and w.shape[1] in LM_HEAD_K
+    """Whether the CUDA lm_head kernel takes w: Packed 4-bit in groups of 64 with F16 or BF16
+    pairs, many rows, K = 1024 or 2048."""
+    return (_q4_fits(w, max(LM_HEAD_K)) and pairs_16bit(w) and w.shape[0] >= LM_HEAD_ROWS
+            and w.shape[1] in LM_HEAD_K)
 
 
 def lm_head(x, w: Packed, *, norm=None):
@@ -655,6 +671,7 @@ def lm_head(x, w: Packed, *, norm=None):
     eps, one_plus), in one kernel (kernels/gemv.cu lm_head_q4_k<K>)."""
     n, k = w.shape
     flags, (norm_w, _, _) = _folded(norm, None, None, jnp.float16)
+    flags |= PAIRS_BF16 if pairs_bf16(w) else 0
     f32 = jnp.float32
     logits, argmax, _, _ = call(
         f"lm_head_q4_k{k}", (jax.ShapeDtypeStruct((n,), f32), jax.ShapeDtypeStruct((1,), jnp.int32),
@@ -665,8 +682,10 @@ def lm_head(x, w: Packed, *, norm=None):
 
 
 def embed_rope_fits(table) -> bool:
-    """Whether the CUDA prologue kernel reads this embedding table: Packed 2-D 4-bit, groups a multiple of 8."""
-    return isinstance(table, Packed) and table.ndim == 2 and table.bits == 4 and table.group_size % 8 == 0
+    """Whether the CUDA prologue kernel reads this embedding table: Packed 2-D 4-bit, groups a
+    multiple of 8, F16 or BF16 pairs."""
+    return (isinstance(table, Packed) and table.ndim == 2 and table.bits == 4 and table.group_size % 8 == 0
+            and pairs_16bit(table))
 
 
 def embed_rope(table: Packed, tokens, positions, inv_freq: np.ndarray):
@@ -675,7 +694,7 @@ def embed_rope(table: Packed, tokens, positions, inv_freq: np.ndarray):
     D, half, f32 = table.shape[1], inv_freq.shape[0], jnp.float32
     x, cos, sin = call("embed_rope_q4", (jax.ShapeDtypeStruct((D,), f32), *[jax.ShapeDtypeStruct((2 * half,), f32)] * 2),
                        [tokens, positions, jnp.asarray(inv_freq, f32), *packed_operands(table)], grid=1,
-                       constants=[D, half, table.group_size])
+                       constants=[D, half, table.group_size, pairs_bf16(table)])
     return x[None], cos[None], sin[None]
 
 
@@ -705,16 +724,16 @@ def sample_token(logits, argmax, sampling, start, last):
 
 def dequant_q4_fits(w) -> bool:
     """Whether the CUDA dequantizing kernel takes w: Packed 2-D 4-bit, groups a multiple of 8,
-    dequantized to f16 (with f32 weights the graph dequantizes it, in f32)."""
+    F16 or BF16 pairs, dequantized to f16 (with f32 weights the graph dequantizes it, in f32)."""
     return (isinstance(w, Packed) and w.ndim == 2 and w.bits == 4 and w.group_size % 8 == 0
-            and w.dtype == jnp.float16)
+            and w.dtype == jnp.float16 and pairs_16bit(w))
 
 
 def dequant_q4(w: Packed):
     """w dequantized to f16 [N, K] on CUDA (kernels/gemv.cu), for a several-token matmul."""
     n, k = w.shape
     return call("dequant_q4", jax.ShapeDtypeStruct((n, k), jnp.float16), packed_operands(w),
-                grid=-(-(n * k // 8) // KERNELS["dequant_q4"].threads), constants=[n, k, w.group_size])
+                grid=-(-(n * k // 8) // KERNELS["dequant_q4"].threads), constants=[n, k, w.group_size, pairs_bf16(w)])
 
 
 def _folded(norm, bias, residual, dtype) -> tuple[int, list]:
@@ -733,16 +752,16 @@ Q4_MAX_K = 8192
 
 
 def q4_gemv_fits(w) -> bool:
-    """Whether the CPU kernel takes w: Packed 4-bit, groups of 64, K % 128 == 0, K <= 8192."""
-    return _q4_fits(w, Q4_MAX_K) and w.shape[1] % 128 == 0
+    """Whether the CPU kernel takes w: Packed 4-bit, groups of 64, f32 pairs, K % 128 == 0, K <= 8192."""
+    return _q4_fits(w, Q4_MAX_K) and w.shape[1] % 128 == 0 and w.scales_biases.dtype == jnp.float32
 
 
 Q4_GEMM_TILE, Q4_GEMM_MAX_K = 32, 4096  # kernels/q4_gemv.c GEMM_TILE, GEMM_KMAX
 
 
 def q4_gemm_fits(w) -> bool:
-    """Whether the CPU's several-token kernel takes w: Packed 4-bit, groups of 64, K <= 4096."""
-    return _q4_fits(w, Q4_GEMM_MAX_K)
+    """Whether the CPU's several-token kernel takes w: Packed 4-bit, groups of 64, f32 pairs, K <= 4096."""
+    return _q4_fits(w, Q4_GEMM_MAX_K) and w.scales_biases.dtype == jnp.float32
 
 
 def q4_gemm(x, w: Packed):

@@ -2,8 +2,10 @@
 
 A packed weight `x.weight` enters the step as two arguments: `x.weight` (uint32 words
 [out, in * bits / 32], as the checkpoint stores them) and `x.scales_biases` ([out, in / group, 2]:
-the checkpoint's `x.scales` and `x.biases` widened to f32 when loaded, which is exact, and put
-side by side, so a kernel reads a group's two in one load). The model code sees one `Packed` in
+the checkpoint's `x.scales` and `x.biases` side by side, so a kernel reads a group's two in one
+load). The pairs stay in the checkpoint's F16 or BF16 on CUDA, whose kernels widen them as
+they read (4 bytes a group: the device holds what the file holds); the CPU's take them
+widened to f32 when loaded (exact; PackedSpec.pairs). The model code sees one `Packed` in
 their place: `layers.linear` gives it to a kernel that dequantizes as it reads
 (compile/extern.py: CUDA and CPU one-token steps), anything else dequantizes it in the graph
 (w = scales * q + biases per group along `in`, value i of a row in bits [i * bits, (i + 1) * bits)
@@ -15,7 +17,7 @@ loaded, as without --packed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax.numpy as jnp
 
@@ -32,19 +34,21 @@ class PackedSpec:
     shape: tuple[int, int]  # logical [out, in]
     bits: int
     group_size: int
+    stored: str = "float32"  # the checkpoint's scales and biases: "float16" or "bfloat16"
+    pairs: str = "float32"  # the step's scales_biases: stored, or "float32" (widened when loaded)
 
     def arguments(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """The step's arguments for it: name -> (shape, dtype)."""
         (n, k), groups = self.shape, (self.shape[0], self.shape[1] // self.group_size)
         words, scales_biases = packed_arguments(self.name)
-        return {words: ((n, k * self.bits // 32), "uint32"), scales_biases: ((*groups, 2), "float32")}
+        return {words: ((n, k * self.bits // 32), "uint32"), scales_biases: ((*groups, 2), self.pairs)}
 
 
 def choose(shapes: dict[str, tuple[int, ...]], quant_spec, bits: tuple[int, ...] = PACKED_BITS) -> tuple[PackedSpec, ...]:
     """The weights among `shapes` to keep packed: those quantized with one of `bits`.
-    quant_spec(name) is the checkpoint's (bits, group_size) for a logical weight, or None where
-    it is not quantized (a stacked weight such as qkv_proj: its parts' common spec, or None if
-    they differ)."""
+    quant_spec(name) is the checkpoint's (bits, group_size, scales' dtype) for a logical weight,
+    or None where it is not quantized (a stacked weight such as qkv_proj: its parts' common spec,
+    or None if they differ). The pairs are left in f32: stored_pairs() keeps them as stored."""
     out = []
     for name, shape in sorted(shapes.items()):
         if len(shape) != 2 or not name.endswith(".weight"):
@@ -55,10 +59,15 @@ def choose(shapes: dict[str, tuple[int, ...]], quant_spec, bits: tuple[int, ...]
     return tuple(out)
 
 
+def stored_pairs(specs: tuple[PackedSpec, ...]) -> tuple[PackedSpec, ...]:
+    """specs with each weight's scales_biases as the checkpoint stores them (CUDA's kernels)."""
+    return tuple(replace(s, pairs=s.stored) for s in specs)
+
+
 class Packed:
     """A packed weight inside the traced step: words, scales_biases ([..., out, in / group, 2]:
-    each group's scale and bias), bits and group size. `dtype` is the float dtype the graph
-    dequantizes to (the other weights' dtype)."""
+    each group's scale and bias, f32, f16 or bf16), bits and group size. `dtype` is the float
+    dtype the graph dequantizes to (the other weights' dtype)."""
 
     def __init__(self, words, scales_biases, bits: int, group_size: int, dtype):
         self.words, self.scales_biases = words, scales_biases
@@ -73,11 +82,12 @@ class Packed:
 
     @property
     def scales(self):
-        return self.scales_biases[..., 0]
+        """f32 (exact from f16 or bf16)."""
+        return self.scales_biases[..., 0].astype(jnp.float32)
 
     @property
     def biases(self):
-        return self.scales_biases[..., 1]
+        return self.scales_biases[..., 1].astype(jnp.float32)
 
     def rows(self, idx) -> "Packed":
         """The rows `idx` (an embedding lookup), still packed."""

@@ -20,7 +20,8 @@ from pathlib import Path
 # storage for its results and transients from the caller (compile/export.py CALLER_STORAGE).
 # 3: packed weights take scales_biases (compile/packed.py), not scales and biases.
 # 4: the steps take the sampling settings and return [token, status] (compile/export.py).
-FORMAT = 4
+# 5: on CUDA, packed weights' scales_biases as the checkpoint stores them (F16 or BF16), not f32.
+FORMAT = 5
 MANIFEST = "manifest.json"
 # config.json keys that do not change the compiled graph: dtype and quantization only change
 # how the host prepares weights (the graph gets dequantized weights, or with --packed the

@@ -52,18 +52,30 @@ def load_model(model_dir: Path, *, device: str = "cpu", bundle: Path | None = No
         bundle = _compile_for(model_dir, device, max_context, packed)
     manifest = read_manifest(bundle)
     build = check_compatible(manifest, bundle, cc.raw, device)
-    weights = gather_weights(open_checkpoint(model_dir), list(build.weight_names), build.weight_dtype, build.packed)
+    weights = gather_for(open_checkpoint(model_dir), build)
+    check_weights(model_dir, build, weights)
+    session = Session(bundle, build, weights, max_context=manifest.max_context,
+                      prefill_chunk=manifest.prefill_chunk)
+    del weights  # the device holds them now
+    return Model(session, Tokenizer.from_dir(model_dir), model_dir)
+
+
+def check_weights(model_dir: Path, build, weights: dict) -> None:
+    """A ModelError naming the first weight whose shape or dtype is not what the bundle's
+    target (TargetBuild) was compiled for."""
     packed_args = {a for n in build.packed for a in packed_arguments(n)}
     for name, shape, dtype in zip(build.weight_names, build.weight_shapes, build.dtypes()):
         if tuple(weights[name].shape) != tuple(shape) or weights[name].dtype != dtype:
             raise ModelError(f"{model_dir}: tensor {name} is {weights[name].dtype} {list(weights[name].shape)}, "
                              f"the compiled model expects {dtype} {list(shape)}"
-                             + (" (packed as in the bundle's checkpoint: same bits and group size?)"
-                                if name in packed_args else ""))
-    session = Session(bundle, build, weights, max_context=manifest.max_context,
-                      prefill_chunk=manifest.prefill_chunk)
-    del weights  # the device holds them now
-    return Model(session, Tokenizer.from_dir(model_dir), model_dir)
+                             + (" (packed as in the bundle's checkpoint: same bits, group size and scales' dtype?"
+                                " else compile a bundle from this checkpoint)" if name in packed_args else ""))
+
+
+def gather_for(ckpt, build) -> dict:
+    """The weights of a bundle's target (TargetBuild) from checkpoint ckpt, as its steps take them."""
+    widened = frozenset(n for n, d in zip(build.weight_names, build.dtypes()) if d == "float32")
+    return gather_weights(ckpt, list(build.weight_names), build.weight_dtype, build.packed, widened)
 
 
 def _compile_for(model_dir: Path, target: str, max_context: int | None, packed: bool | None) -> Path:

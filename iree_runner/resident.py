@@ -33,18 +33,21 @@ PACKED_PART = re.compile(r"^(?P<base>.+)\.(?P<part>weight|scales_biases)$")
 def packed_arguments(name: str) -> tuple[str, str]:
     """The step's two arguments for packed weight `<module>.weight` (compile/packed.py): the
     words under its own name, then `<module>.scales_biases`: each group's scale and bias side
-    by side, so a kernel reads both in one load."""
+    by side, so a kernel reads both in one load (as the checkpoint stores them, F16 or BF16, or
+    widened to f32 where the step takes f32)."""
     base = name.removesuffix(".weight")
     return (name, f"{base}.scales_biases")
 
 
-def gather_weights(ckpt, names: list[str], dtype, packed: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def gather_weights(ckpt, names: list[str], dtype, packed: tuple[str, ...] = (),
+                   widened: frozenset = frozenset()) -> dict[str, np.ndarray]:
     """{name: array in dtype} for every name; a clear error for one the checkpoint lacks.
 
     `packed` names weights (".weight") kept as the checkpoint stores them: for each, the step
-    takes the packed words (uint32) under its name and ".scales_biases" in f32."""
+    takes the packed words (uint32) under its name and ".scales_biases" as stored, or in f32
+    for the names in `widened`."""
     parts = {a for n in packed for a in packed_arguments(n)}
-    out = {n: packed_tensor(ckpt, n) for n in names if n in parts}
+    out = {n: packed_tensor(ckpt, n, widen=n in widened) for n in names if n in parts}
     direct = [n for n in names if n in ckpt and n not in parts]
     out |= ckpt.load_all(np.dtype(dtype), names=direct)
     for name in names:
@@ -62,10 +65,10 @@ def gather_weights(ckpt, names: list[str], dtype, packed: tuple[str, ...] = ()) 
     return out
 
 
-def packed_tensor(ckpt, name: str) -> np.ndarray:
+def packed_tensor(ckpt, name: str, widen: bool = False) -> np.ndarray:
     """`<module>.weight` or `.scales_biases` of a packed weight as the step takes it
-    (compile/packed.py): the words, or [..., out, in / group, 2] f32 (scale, bias); stacked
-    projections concatenated along the output axis."""
+    (compile/packed.py): the words, or [..., out, in / group, 2] (scale, bias) as stored, or
+    widened to f32; stacked projections concatenated along the output axis."""
     base, part = PACKED_PART.match(name).group("base", "part")
     m = STACKED.match(base + ".weight")
     sources = [base + ".weight"] if m is None else [f"{m['p']}.{p}.weight" for p in STACKED_PARTS[m["fused"]]]
@@ -73,18 +76,23 @@ def packed_tensor(ckpt, name: str) -> np.ndarray:
     def load(source):
         if part == "weight":
             return ckpt.load_packed(source, "weight")
-        return np.stack([ckpt.load_packed(source, "scales"), ckpt.load_packed(source, "biases")], axis=-1)
+        return np.stack([ckpt.load_packed(source, part, widen) for part in ("scales", "biases")], axis=-1)
     return load(sources[0]) if len(sources) == 1 else np.concatenate([load(s) for s in sources])
 
 
-def quant_spec(ckpt, name: str) -> tuple[int, int] | None:
-    """(bits, group size) of a logical weight as the checkpoint stores it; None if it is not
-    quantized, or is a stacked projection whose parts differ."""
+PAIR_DTYPES = {"F16": "float16", "BF16": "bfloat16"}  # stored scales/biases -> numpy dtype name
+
+
+def quant_spec(ckpt, name: str) -> tuple[int, int, str] | None:
+    """(bits, group size, scales' dtype: "float16" or "bfloat16") of a logical weight as the
+    checkpoint stores it; None if it is not quantized, or is a stacked projection whose parts
+    differ."""
     m = STACKED.match(name)
     names = [f"{m['p']}.{p}.{m['kind']}" for p in STACKED_PARTS[m["fused"]]] if m else [name]
     if not all(n in ckpt for n in names):
         return None
-    specs = {(s.bits, s.group_size) if (s := ckpt.quant_spec(n)) else None for n in names}
+    specs = {(s.bits, s.group_size, PAIR_DTYPES.get(ckpt.stored_dtype(n), ckpt.stored_dtype(n)))
+             if (s := ckpt.quant_spec(n)) else None for n in names}
     return specs.pop() if len(specs) == 1 else None
 
 

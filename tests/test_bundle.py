@@ -14,6 +14,7 @@ import textwrap
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from checkpoints import FAMILIES, mlx_checkpoint
@@ -139,6 +140,11 @@ def test_cache_reuses_rebuilds_and_rekeys(ckpt, monkeypatch, tmp_path, capsys):
     assert build.build_key(raw, "cpu", 64, 32, "float32", kernels=False) != key
     packed = build.packed_weights_of(ckpt, _shapes(ckpt))
     assert packed and build.build_key(raw, "cpu", 64, 32, "float32", packed_weights=packed) != key
+    # The scale/bias pairs' dtype (stored on CUDA, f32 on the CPU) is part of it.
+    stored = build.stored_pairs(packed)
+    assert {p.pairs for p in stored} == {"bfloat16"} and {p.pairs for p in packed} == {"float32"}
+    assert (build.build_key(raw, "cuda", 64, 32, "float16", packed_weights=stored)
+            != build.build_key(raw, "cuda", 64, 32, "float16", packed_weights=packed))
 
 
 def test_weight_dtype_override(ckpt, tmp_path):
@@ -183,3 +189,28 @@ def test_bundle_runs_without_jax(bundle, ckpt):
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(p.stdout)["tokens"] == json.loads(r.stdout)["tokens"]
+
+
+def test_cuda_keeps_the_checkpoints_scale_pairs_and_refuses_another_dtype(bundle, ckpt):
+    """A CUDA target's packed weights take their scales and biases as the checkpoint stores them
+    (BF16 here: the device holds what the file holds), the CPU's widened to f32; weights of a
+    checkpoint with F16 scales (same config) are refused for the BF16 bundle, naming the tensor."""
+    from iree_runner.generate import ModelError, check_weights, gather_for
+    from iree_runner.weights import open_checkpoint
+
+    manifest = read_manifest(bundle)
+    for target, pairs in (("cuda", "bfloat16"), ("cpu", "float32")):
+        t = manifest.targets[target]
+        dtypes = dict(zip(t.weight_names, t.dtypes()))
+        assert t.packed and {dtypes[n.removesuffix("weight") + "scales_biases"] for n in t.packed} == {pairs}
+        weights = gather_for(open_checkpoint(ckpt), t)
+        check_weights(ckpt, t, weights)
+        sb = weights["model.embed_tokens.scales_biases"]
+        with open_checkpoint(ckpt) as c:
+            want = c.load_packed("model.embed_tokens.weight", "scales", widen=False)
+        assert sb.dtype == pairs and np.array_equal(sb[..., 0].astype(np.float32), want.astype(np.float32))
+    other = mlx_checkpoint("qwen3", "float16", "q4", keys="v4")
+    t = manifest.targets["cuda"]
+    with pytest.raises(ModelError, match=r"tensor model\.\S+\.scales_biases is float16 .* expects bfloat16 .*"
+                                         r"scales' dtype"):
+        check_weights(other, t, gather_for(open_checkpoint(other), t))

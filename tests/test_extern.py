@@ -53,6 +53,25 @@ def test_cuda_decode_attention_is_the_kernel(family_name, tmp_path):
         assert "@decode_attention::" not in text, (tokens, target, dtype)
 
 
+@pytest.mark.parametrize("ckpt_dtype, pairs", [("bfloat16", "bfloat16"), ("float16", "float16")])
+def test_cuda_kernels_read_the_checkpoints_scale_pairs(ckpt_dtype, pairs):
+    """A packed CUDA step takes each weight's scales and biases as the checkpoint stores them
+    (mlx_lm convert gives a BF16 model BF16 ones, an F16 model F16 ones), and tells every
+    4-bit kernel which (gemv flag PAIRS_BF16, the prologue's last constant); the CPU's are f32."""
+    from test_packed import _packed_spec
+
+    fam, cfg, spec = _packed_spec("qwen3", "float16", "cuda", ckpt_dtype)
+    assert {p.pairs for p in spec.packed} == {pairs}
+    decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda"))
+    bf16 = extern.PAIRS_BF16 if pairs == "bfloat16" else 0
+    q4 = _constants(decode, "gemv_q4") + _constants(decode, "gemv_q4_gate") + _constants(decode, "lm_head_q4_k1024")
+    assert len(q4) >= 4 * cfg.num_hidden_layers and {c[2] & extern.PAIRS_BF16 for c in q4} == {bf16}
+    assert [c[-1] for c in _constants(decode, "embed_rope_q4")] == [int(bf16 > 0)]
+    assert ("xbf16>" in decode) == bool(bf16)  # the pairs' type, as the step takes them
+    fam, cfg, spec = _packed_spec("qwen3", "float32", "cpu", ckpt_dtype)
+    assert {p.pairs for p in spec.packed} == {"float32"}
+
+
 @pytest.mark.parametrize("family_name", FAMILIES)
 def test_packed_decode_starts_with_the_prologue_kernel(family_name):
     """A packed one-token CUDA step takes its embedding row and rotary cos/sin from one kernel
@@ -68,7 +87,7 @@ def test_packed_decode_starts_with_the_prologue_kernel(family_name):
     else:
         rot = cfg.rotary_dim if family_name == "stablelm" else cfg.head_dim
         group = next(p.group_size for p in spec.packed if p.name == "model.embed_tokens.weight")
-        assert consts == [[cfg.hidden_size, rot // 2, group]]
+        assert consts == [[cfg.hidden_size, rot // 2, group, 1]]  # 1: BF16 scale/bias pairs, as the checkpoint's
     text = export.export_step(fam, cfg, spec, 8, "prefill", **iree_compile.export_options("cuda"))
     assert "@step_prologue" not in text
     fam, cfg, spec = _packed_spec(family_name, "float32", "cpu")
@@ -387,9 +406,9 @@ def test_an_lm_head_takes_its_kernel(rows, k, norm, kernel, monkeypatch):
         logits, argmax = layers.lm_head(layers.Normed(x, norm_w, 1e-6, False) if norm else x, w)
         return logits, export.first_argmax(logits) if argmax is None else argmax
 
-    f32 = np.float32
-    specs = [jax.ShapeDtypeStruct(s, d) for s, d in (((k,), f32), ((rows, k // 8), np.uint32), ((rows, k // 64), f32),
-                                                     ((rows, k // 64), f32), ((k,), np.float16))]
+    f32, bf16 = np.float32, jnp.bfloat16  # BF16 scales and biases, as an MLX checkpoint's (CUDA takes them so)
+    specs = [jax.ShapeDtypeStruct(s, d) for s, d in (((k,), f32), ((rows, k // 8), np.uint32), ((rows, k // 64), bf16),
+                                                     ((rows, k // 64), bf16), ((k,), np.float16))]
     text = extern.link(jax.export.export(jax.jit(fn), disabled_checks=extern.disabled_checks())(*specs).mlir_module())
     grid = extern.LM_HEAD_GRID if kernel.startswith("lm_head") else -(-rows // extern.GEMV_WARPS)
     assert re.search(rf"flow\.dispatch @gemv::@{kernel}\[", text), kernel
@@ -397,7 +416,8 @@ def test_an_lm_head_takes_its_kernel(rows, k, norm, kernel, monkeypatch):
     # The argmax's and the norm's reductions are the graph's only where the kernel is gemv_q4.
     assert ("stablehlo.reduce" in text) == (kernel == "gemv_q4")
     if kernel.startswith("lm_head"):
-        assert _constants(text, kernel) == [[rows, k, extern.NORM if norm else 0, extern.f32_bits(1e-6 if norm else 0.0)]]
+        flags = (extern.NORM if norm else 0) | extern.PAIRS_BF16
+        assert _constants(text, kernel) == [[rows, k, flags, extern.f32_bits(1e-6 if norm else 0.0)]]
 
 
 def test_a_placeholder_it_cannot_read_is_an_error():

@@ -65,15 +65,15 @@ def test_in_graph_dequantize_matches_mx(bits, group_size):
     assert np.array_equal(np.asarray(rows(*args)), want[[3, 0]])
 
 
-def _packed_spec(family_name: str, weight_dtype: str, target: str = "cpu"):
+def _packed_spec(family_name: str, weight_dtype: str, target: str = "cpu", ckpt_dtype: str = "bfloat16"):
     from iree_runner.compile import build, export, family, iree_compile
     from iree_runner.weights import read_config
 
-    ckpt = mlx_checkpoint(family_name, "bfloat16", "q4", keys="v4", seed=SEEDS.get((family_name, "q4"), 0))
+    ckpt = mlx_checkpoint(family_name, ckpt_dtype, "q4", keys="v4", seed=SEEDS.get((family_name, "q4"), 0))
     cc = read_config(ckpt)
     fam = family.family_module(cc.model_type)
     cfg = fam.Config.from_checkpoint(cc)
-    packed = build.packed_weights_of(ckpt, fam.weight_shapes(cfg))
+    packed = build.packed_weights_for(ckpt, fam.weight_shapes(cfg), target)
     return fam, cfg, export.step_spec(fam, cfg, capacity=MAX_CONTEXT + 32, weight_dtype=weight_dtype,
                                       cache_dtype=weight_dtype, packed_weights=packed,
                                       cache_layout=iree_compile.CACHE_LAYOUT[target])
@@ -159,24 +159,28 @@ def test_packed_bundle_refuses_an_unquantized_checkpoint(tmp_path):
         load_model(plain, device="cpu", bundle=out)
 
 
-def test_scales_and_biases_go_side_by_side():
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_scales_and_biases_go_side_by_side(dtype):
     """A packed weight's second argument holds each group's scale and bias next to each other
-    ([out, in / group, 2], f32: the checkpoint's values, widened exactly), so a kernel reads both
-    in one load; a stacked projection's parts are concatenated along the output axis."""
+    ([out, in / group, 2]: the checkpoint's values as stored, F16 or BF16, or widened exactly to
+    f32), so a kernel reads both in one load; a stacked projection's parts are concatenated
+    along the output axis."""
     from iree_runner.resident import packed_arguments, packed_tensor
     from iree_runner.weights import open_checkpoint
 
-    with open_checkpoint(mlx_checkpoint("qwen3", "bfloat16", "q4", keys="v4")) as ckpt:
+    with open_checkpoint(mlx_checkpoint("qwen3", dtype, "q4", keys="v4")) as ckpt:
         for name, parts in (("model.layers.0.mlp.down_proj.weight", ["model.layers.0.mlp.down_proj.weight"]),
                             ("model.layers.1.self_attn.qkv_proj.weight",
                              [f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv"])):
             words, scales_biases = packed_arguments(name)
-            got = packed_tensor(ckpt, scales_biases)
+            stored, widened = packed_tensor(ckpt, scales_biases), packed_tensor(ckpt, scales_biases, widen=True)
             for k, part in enumerate(("scales", "biases")):
                 want = np.concatenate([ckpt.load_packed(p, part) for p in parts])
-                assert got.dtype == np.float32 and got.shape == (*want.shape, 2)
-                np.testing.assert_array_equal(got[..., k], want)
-            assert packed_tensor(ckpt, words).shape[0] == got.shape[0]
+                assert stored.dtype == dtype and widened.dtype == np.float32
+                assert stored.shape == widened.shape == (*want.shape, 2)
+                np.testing.assert_array_equal(widened[..., k], want)
+                np.testing.assert_array_equal(stored[..., k].astype(np.float32), want)
+            assert packed_tensor(ckpt, words).shape[0] == stored.shape[0]
 
 
 def test_load_packed_names_what_is_wrong():

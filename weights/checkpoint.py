@@ -115,10 +115,10 @@ class Checkpoint:
         fill(0, fill.num_rows)
         return out
 
-    def load_packed(self, name: str, part: str = "weight") -> np.ndarray:
+    def load_packed(self, name: str, part: str = "weight", widen: bool = True) -> np.ndarray:
         """One stored tensor of quantized weight `name`, for kernels that dequantize it
         themselves: part "weight" (the packed words, uint32 [..., out, in*bits/32]), or "scales"
-        or "biases" widened to f32 (exact)."""
+        or "biases" widened to f32 (exact), or with widen=False as stored (F16 or BF16)."""
         q = self._quantized.get(name)
         if q is None:
             self._info(name)  # an unknown name fails with the usual message
@@ -127,7 +127,8 @@ class Checkpoint:
             return np.array(self._array(q.weight), dtype=np.uint32)
         if part not in ("scales", "biases"):
             raise ValueError(f"part {part!r}: weight, scales or biases")
-        return self._array(getattr(q, part)).astype(np.float32)
+        a = self._array(getattr(q, part))
+        return a.astype(np.float32) if widen else np.array(a)
 
     def load_all(self, dtype=np.float32, names=None, max_workers: int | None = None) -> dict[str, np.ndarray]:
         """Many tensors at once (all by default), row ranges spread over a thread pool."""

@@ -17,6 +17,14 @@ __device__ __forceinline__ float warp_reduce(float x) {
 
 __device__ __forceinline__ float warp_sum(float v) { return warp_reduce<false>(v); }
 
+// A 4-bit group's scale and bias from their 16-bit pair (MLX affine: w = s * q + b), the
+// scale in the low half: F16, or with bf16 the BF16 bits. Exact in f32 either way.
+__device__ __forceinline__ float2 scale_bias(uint32_t pair, bool bf16) {
+  if (bf16) return make_float2(__uint_as_float(pair << 16), __uint_as_float(pair & 0xffff0000u));
+  const __half2 h = *reinterpret_cast<const __half2*>(&pair);
+  return __half22float2(h);
+}
+
 // Counts the calling block as done in *count (zero before the grid runs; all of the block's
 // threads call this): true in the last block to finish. The block's writes before the call are
 // visible to that last block's reads after it. One thread fences (release before its count,

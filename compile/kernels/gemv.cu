@@ -9,14 +9,15 @@
 // was slower on an H100: bench/results/2026-11-26-h100-hand-kernels.txt.) Two weight formats:
 // - gemv: f16 W [N, K], 16-byte loads;
 // - gemv_q4: MLX affine 4-bit W as the checkpoint stores it (compile/packed.py), packed words
-//   [N, K/8] u32 (value i of a row in bits 4i..4i+3 of word i/8), scales_biases [N, K/64, 2]
-//   f32 (each group's scale and bias, one 8-byte load), w = s * q + b. Per 16-byte piece of 4
+//   [N, K/8] u32 (value i of a row in bits 4i..4i+3 of word i/8), scales_biases [N, K/64]
+//   (each group's scale and bias as the checkpoint stores them, F16 or BF16 (flag 64), one
+//   4-byte load), w = s * q + b. Per 16-byte piece of 4
 //   words (32 inputs, half a group): sum(w x) = s * sum(q x) + b * sum(x).
 //
 // Bindings: x [K] f32, the weight (W; or words, scales_biases), norm weight [K] f16, bias
 // [N or 2N] f16, residual [N] f32, three prefetch bindings, out [N] f32 (absent ones are
 // one-element dummies). Push constants: N (outputs), K, flags (1 norm, 2 norm as 1 + w, 4 bias,
-// 8 residual, 16 gate mode, 32 GELU instead of SiLU), eps (f32 bits), the prefetch bindings'
+// 8 residual, 16 gate mode, 32 GELU instead of SiLU, 64 BF16 scale/bias pairs, else F16), eps (f32 bits), the prefetch bindings'
 // sizes in bytes. extern.link fills the prefetch bindings with the next matvec's weights, which
 // this kernel requests into L2 after its own work (prefetch_l2), so that kernel reads them from
 // L2, not DRAM; size 0 where none.
@@ -97,21 +98,20 @@ __device__ __forceinline__ float q4_dot8(uint32_t w, const float* xp, float acc)
 // every 32, so the lanes' 16-byte reads of their pieces' x (32 floats apart) hit distinct banks.
 struct Q4Piece {
   uint4 w;
-  float s, b;
+  uint32_t sb;  // its group's 16-bit scale and bias, widened where used (one register, not two)
 };
 
 struct Q4Row {
   using Piece = Q4Piece;
   static constexpr int VALUES = 32, PAD = 4;
   const uint4* w;
-  const float2* sb;
-  __device__ __forceinline__ Q4Row(const uint32_t* W, const float2* scales_biases, int row, int K)
-      : w(reinterpret_cast<const uint4*>(W) + (size_t)row * (K / 32)), sb(scales_biases + (size_t)row * (K / 64)) {}
+  const uint32_t* sb;
+  bool bf16;
+  __device__ __forceinline__ Q4Row(const uint32_t* W, const uint32_t* scales_biases, int row, int K, bool bf16)
+      : w(reinterpret_cast<const uint4*>(W) + (size_t)row * (K / 32)), sb(scales_biases + (size_t)row * (K / 64)),
+        bf16(bf16) {}
   __device__ __forceinline__ static int xoff(int p) { return p * (32 + PAD); }
-  __device__ __forceinline__ Piece load(int p) const {
-    const float2 g = sb[p / 2];
-    return {w[p], g.x, g.y};
-  }
+  __device__ __forceinline__ Piece load(int p) const { return {w[p], sb[p / 2]}; }
   __device__ __forceinline__ float dot(Piece p, const float* x) const {
     const uint32_t w4[4] = {p.w.x, p.w.y, p.w.z, p.w.w};
     float dq = 0.f, dx = 0.f;
@@ -123,7 +123,8 @@ struct Q4Row {
 #pragma unroll
       for (int j = 0; j < 8; ++j) dx += xv[j];
     }
-    return p.s * dq + p.b * dx;
+    const float2 g = scale_bias(p.sb, bf16);
+    return g.x * dq + g.y * dx;
   }
 };
 
@@ -264,12 +265,12 @@ __device__ __forceinline__ void gemv_kernel(MakeRow make_row, const float* __res
       const __half* __restrict__ bias, const float* __restrict__ residual, PF_ARGS, float* __restrict__ out,  \
       int N, int K, int flags, int eps_bits, PF_SIZES
 #define Q4_ARGS                                                                                              \
-  const float* __restrict__ x, const uint32_t* __restrict__ W, const float2* __restrict__ scales_biases,     \
+  const float* __restrict__ x, const uint32_t* __restrict__ W, const uint32_t* __restrict__ scales_biases,   \
       const __half* __restrict__ norm_w, const __half* __restrict__ bias,                                     \
       const float* __restrict__ residual, PF_ARGS, float* __restrict__ out, int N, int K, int flags,          \
       int eps_bits, PF_SIZES
 #define F16_ROW [&](int n) { return F16Row(W, n, K); }
-#define Q4_ROW [&](int n) { return Q4Row(W, scales_biases, n, K); }
+#define Q4_ROW [&](int n) { return Q4Row(W, scales_biases, n, K, flags & 64); }
 extern "C" __global__ void __launch_bounds__(NT, 4) gemv(F16_ARGS) {
   gemv_kernel<false, F16Row, PF>(F16_ROW, x, norm_w, bias, residual, out, N, K, flags, eps_bits, NEXT);
 }
@@ -319,8 +320,8 @@ struct Best {
 template <int KW, int R>
 struct Chunk {
   uint4 q[R][KW];
-  float sc[R][KW], bi[R][KW];
-  __device__ __forceinline__ void load(const uint32_t* __restrict__ W, const float2* __restrict__ scales_biases,
+  uint32_t sb[R][KW];  // 16-bit scale and bias, widened in sum
+  __device__ __forceinline__ void load(const uint32_t* __restrict__ W, const uint32_t* __restrict__ scales_biases,
                                        int c, int N) {
     constexpr int K4 = 32 * KW, G = 16 * KW;  // 16-byte pieces and groups per row
     const int lane = threadIdx.x % 32;
@@ -331,15 +332,14 @@ struct Chunk {
       for (int j = 0; j < KW; ++j) {
         const int piece = lane + 32 * j;
         q[i][j] = reinterpret_cast<const uint4*>(W)[n * K4 + piece];
-        const float2 sb = scales_biases[n * G + piece / 2];
-        sc[i][j] = sb.x, bi[i][j] = sb.y;
+        sb[i][j] = scales_biases[n * G + piece / 2];
       }
     }
   }
   // out[rows] = r * (rows . x): s sum(q x) + b sum(x) per piece, summed over the warp; lane 0
   // keeps the best row so far in `best` (the rows come in increasing order).
   __device__ __forceinline__ void sum(const float (&xr)[KW][32], const float (&xsum)[KW], float r, int c, int N,
-                                      float* __restrict__ out, Best& best) const {
+                                      float* __restrict__ out, Best& best, bool bf16) const {
     float acc[R];
 #pragma unroll
     for (int i = 0; i < R; ++i) {
@@ -350,7 +350,8 @@ struct Chunk {
         float dq = 0.f;
 #pragma unroll
         for (int u = 0; u < 4; ++u) dq = q4_dot8(w4[u], xr[j] + 8 * u, dq);
-        acc[i] += sc[i][j] * dq + bi[i][j] * xsum[j];
+        const float2 g = scale_bias(sb[i][j], bf16);
+        acc[i] += g.x * dq + g.y * xsum[j];
       }
       acc[i] = warp_sum(acc[i]);
     }
@@ -366,7 +367,7 @@ struct Chunk {
 
 template <int KW, int R>
 __device__ __forceinline__ Best gemv_q4_many(const float* __restrict__ x, const uint32_t* __restrict__ W,
-                                             const float2* __restrict__ scales_biases,
+                                             const uint32_t* __restrict__ scales_biases,
                                              const __half* __restrict__ norm_w, float* __restrict__ out, int N,
                                              int flags, int eps_bits) {
   constexpr int K = 1024 * KW;
@@ -388,6 +389,7 @@ __device__ __forceinline__ Best gemv_q4_many(const float* __restrict__ x, const 
     }
   }
   const int warps = gridDim.x * WARPS, chunks = (N + R - 1) / R;
+  const bool bf16 = flags & 64;
   // Two chunks in flight per warp: the next one's rows are requested before this one's sums.
   int c = blockIdx.x * WARPS + warp;
   Chunk<KW, R> a, b;
@@ -396,11 +398,11 @@ __device__ __forceinline__ Best gemv_q4_many(const float* __restrict__ x, const 
   while (c < chunks) {
     const int c1 = c + warps;
     b.load(W, scales_biases, c1, N);
-    a.sum(xr, xsum, r, c, N, out, best);
+    a.sum(xr, xsum, r, c, N, out, best, bf16);
     if (c1 >= chunks) break;
     c = c1 + warps;
     a.load(W, scales_biases, c, N);
-    b.sum(xr, xsum, r, c1, N, out, best);
+    b.sum(xr, xsum, r, c1, N, out, best, bf16);
   }
   return best;  // lane 0's
 }
@@ -449,7 +451,7 @@ __device__ __forceinline__ void argmax_of_blocks(const Best& warp_best, float2* 
 // written in place), then the results: logits [N] f32, argmax [1] int32, the blocks' best
 // [grid] (f32 value, int index bits). Push constants: N, K, flags (the norm only), eps bits.
 #define LM_ARGS                                                                                              \
-  const float* __restrict__ x, const uint32_t* __restrict__ W, const float2* __restrict__ scales_biases,     \
+  const float* __restrict__ x, const uint32_t* __restrict__ W, const uint32_t* __restrict__ scales_biases,   \
       const __half* __restrict__ norm_w, int* sync, float* __restrict__ out,                                  \
       int* __restrict__ argmax, float2* blocks, int N, int K, int flags, int eps_bits
 extern "C" __global__ void __launch_bounds__(NT, 2) lm_head_q4_k1024(LM_ARGS) {
@@ -469,15 +471,15 @@ extern "C" __global__ void __launch_bounds__(NT, 2) lm_head_q4_k2048(LM_ARGS) {
 // several-token steps (a prefill chunk), whose matmuls IREE generates from f16 weights. One
 // thread per packed word: 4 bytes in, 16 out. (In the graph, IREE made two dispatches of it
 // with an f32 intermediate: ~64 us for a 6144 x 1024 weight on an H100.)
-// Bindings: words [N, K/8] u32, scales_biases [N, K/group, 2] f32, out [N, K] f16. Push
-// constants: N, K, group (a multiple of 8).
+// Bindings: words [N, K/8] u32, scales_biases [N, K/group] (16-bit pairs), out [N, K] f16.
+// Push constants: N, K, group (a multiple of 8), bf16 (1: BF16 pairs, 0: F16).
 extern "C" __global__ void __launch_bounds__(NT) dequant_q4(
-    const uint32_t* __restrict__ W, const float2* __restrict__ scales_biases,
-    __half* __restrict__ out, int N, int K, int group) {
+    const uint32_t* __restrict__ W, const uint32_t* __restrict__ scales_biases,
+    __half* __restrict__ out, int N, int K, int group, int bf16) {
   const size_t w = (size_t)blockIdx.x * NT + threadIdx.x, K8 = K / 8;
   if (w >= (size_t)N * K8) return;
   const size_t row = w / K8, g = (w % K8) * 8 / group, groups = K / group;
-  const float2 sb = scales_biases[row * groups + g];
+  const float2 sb = scale_bias(scales_biases[row * groups + g], bf16);
   const float s = sb.x, b = sb.y;
   const uint32_t q = W[w];
   __half2 h[4];
