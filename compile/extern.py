@@ -61,8 +61,7 @@ KERNELS = {
     "gemv_gate": Kernel("gemv", 256),
     "gemv_q4": Kernel("gemv", 256),
     "gemv_q4_gate": Kernel("gemv", 256),
-    "lm_head_q4_k1024": Kernel("gemv", 256),
-    "lm_head_q4_k2048": Kernel("gemv", 256),
+    **{f"lm_head_q4_k{k}_{pairs}": Kernel("gemv", 256) for k in (1024, 2048) for pairs in ("f16", "bf16")},
     "dequant_q4": Kernel("gemv", 256),
     "embed_rope_q4": Kernel("step_prologue", 256),
     "sample_token": Kernel("sample", 1024),
@@ -617,7 +616,7 @@ def cpu_decode_attention(q, k, v, k_cache, v_cache, positions, *, layer: int, sc
 GEMV_WARPS = 8  # per block: one output each
 GEMV_MAX_K = 8192
 NORM, ONE_PLUS, BIAS, RESIDUAL, GATE, GELU, PAIRS_BF16 = 1, 2, 4, 8, 16, 32, 64  # the kernel's flags
-# A packed lm_head (many rows, K = 1024 or 2048): lm_head_q4_k<K>, its blocks looping over
+# A packed lm_head (many rows, K = 1024 or 2048): lm_head_q4_k<K>_<pairs>, its blocks looping over
 # chunks of rows. Its grid: one wave of 2 blocks per SM on an H100 / H200 (132 SMs); any grid is correct.
 LM_HEAD_ROWS, LM_HEAD_K, LM_HEAD_GRID = 32768, (1024, 2048), 264  # grid <= 1024: the kernel's argmax
 Q4_GROUP = 64  # the group size both 4-bit kernels read
@@ -668,13 +667,12 @@ def lm_head_fits(w) -> bool:
 def lm_head(x, w: Packed, *, norm=None):
     """(logits w · x [N] f32, their first argmax [] int32: N where one is NaN, as
     layers.max_and_first_index) on CUDA, x [K] f32 RMS-normed first with norm = (weight [K],
-    eps, one_plus), in one kernel (kernels/gemv.cu lm_head_q4_k<K>)."""
+    eps, one_plus), in one kernel (kernels/gemv.cu lm_head_q4_k<K>_<f16|bf16>: the pairs' dtype)."""
     n, k = w.shape
     flags, (norm_w, _, _) = _folded(norm, None, None, jnp.float16)
-    flags |= PAIRS_BF16 if pairs_bf16(w) else 0
     f32 = jnp.float32
     logits, argmax, _, _ = call(
-        f"lm_head_q4_k{k}", (jax.ShapeDtypeStruct((n,), f32), jax.ShapeDtypeStruct((1,), jnp.int32),
+        f"lm_head_q4_k{k}_{'bf16' if pairs_bf16(w) else 'f16'}", (jax.ShapeDtypeStruct((n,), f32), jax.ShapeDtypeStruct((1,), jnp.int32),
                              jax.ShapeDtypeStruct((LM_HEAD_GRID, 2), f32), jax.ShapeDtypeStruct((1,), jnp.int32)),
         [x.astype(f32), *packed_operands(w), norm_w, jnp.zeros((1,), jnp.int32)], grid=LM_HEAD_GRID,
         constants=[n, k, flags, f32_bits(0.0 if norm is None else norm[1])], aliases={4: 3})

@@ -64,7 +64,7 @@ def test_cuda_kernels_read_the_checkpoints_scale_pairs(ckpt_dtype, pairs):
     assert {p.pairs for p in spec.packed} == {pairs}
     decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda"))
     bf16 = extern.PAIRS_BF16 if pairs == "bfloat16" else 0
-    q4 = _constants(decode, "gemv_q4") + _constants(decode, "gemv_q4_gate") + _constants(decode, "lm_head_q4_k1024")
+    q4 = _constants(decode, "gemv_q4") + _constants(decode, "gemv_q4_gate")
     assert len(q4) >= 4 * cfg.num_hidden_layers and {c[2] & extern.PAIRS_BF16 for c in q4} == {bf16}
     assert [c[-1] for c in _constants(decode, "embed_rope_q4")] == [int(bf16 > 0)]
     assert ("xbf16>" in decode) == bool(bf16)  # the pairs' type, as the step takes them
@@ -387,11 +387,11 @@ def test_make_ptx_keeps_a_ptx_made_from_the_current_source(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("rows, k, norm, kernel", [
-    (151936, 1024, False, "lm_head_q4_k1024"), (40000, 2048, True, "lm_head_q4_k2048"),
+    (151936, 1024, False, "lm_head_q4_k1024_bf16"), (40000, 2048, True, "lm_head_q4_k2048_bf16"),
     (40000, 1536, True, "gemv_q4"), (4096, 1024, False, "gemv_q4")])
 def test_an_lm_head_takes_its_kernel(rows, k, norm, kernel, monkeypatch):
     """On a one-token CUDA step, a packed 4-bit lm_head with many rows and K = 1024 or 2048 runs
-    lm_head_q4_k<K> on one wave of blocks, its norm and argmax in the kernel; any other, the
+    lm_head_q4_k<K>_bf16 (BF16 pairs) on one wave of blocks, its norm and argmax in the kernel; any other, the
     norm, gemv_q4 and the step's argmax."""
     import jax
     import jax.numpy as jnp
@@ -416,8 +416,7 @@ def test_an_lm_head_takes_its_kernel(rows, k, norm, kernel, monkeypatch):
     # The argmax's and the norm's reductions are the graph's only where the kernel is gemv_q4.
     assert ("stablehlo.reduce" in text) == (kernel == "gemv_q4")
     if kernel.startswith("lm_head"):
-        flags = (extern.NORM if norm else 0) | extern.PAIRS_BF16
-        assert _constants(text, kernel) == [[rows, k, flags, extern.f32_bits(1e-6 if norm else 0.0)]]
+        assert _constants(text, kernel) == [[rows, k, extern.NORM if norm else 0, extern.f32_bits(1e-6 if norm else 0.0)]]
 
 
 def test_a_placeholder_it_cannot_read_is_an_error():

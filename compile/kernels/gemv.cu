@@ -365,7 +365,7 @@ struct Chunk {
   }
 };
 
-template <int KW, int R>
+template <int KW, int R, bool BF16>
 __device__ __forceinline__ Best gemv_q4_many(const float* __restrict__ x, const uint32_t* __restrict__ W,
                                              const uint32_t* __restrict__ scales_biases,
                                              const __half* __restrict__ norm_w, float* __restrict__ out, int N,
@@ -389,7 +389,7 @@ __device__ __forceinline__ Best gemv_q4_many(const float* __restrict__ x, const 
     }
   }
   const int warps = gridDim.x * WARPS, chunks = (N + R - 1) / R;
-  const bool bf16 = flags & 64;
+  constexpr bool bf16 = BF16;
   // Two chunks in flight per warp: the next one's rows are requested before this one's sums.
   int c = blockIdx.x * WARPS + warp;
   Chunk<KW, R> a, b;
@@ -454,12 +454,18 @@ __device__ __forceinline__ void argmax_of_blocks(const Best& warp_best, float2* 
   const float* __restrict__ x, const uint32_t* __restrict__ W, const uint32_t* __restrict__ scales_biases,   \
       const __half* __restrict__ norm_w, int* sync, float* __restrict__ out,                                  \
       int* __restrict__ argmax, float2* blocks, int N, int K, int flags, int eps_bits
-extern "C" __global__ void __launch_bounds__(NT, 2) lm_head_q4_k1024(LM_ARGS) {
-  argmax_of_blocks(gemv_q4_many<1, 4>(x, W, scales_biases, norm_w, out, N, flags, eps_bits), blocks, sync, argmax, N);
-}
-extern "C" __global__ void __launch_bounds__(NT, 2) lm_head_q4_k2048(LM_ARGS) {
-  argmax_of_blocks(gemv_q4_many<2, 2>(x, W, scales_biases, norm_w, out, N, flags, eps_bits), blocks, sync, argmax, N);
-}
+// The pairs' dtype is the kernel's own too (_f16, _bf16): as a runtime flag, Llama-3.2-1B's
+// lm_head took 70.0 us on an H100 instead of 65.4, Qwen3-0.6B's 47.8 instead of 46.5.
+#define LM_HEAD(name, KW, R, BF16)                                                                            \
+  extern "C" __global__ void __launch_bounds__(NT, 2) name(LM_ARGS) {                                         \
+    argmax_of_blocks(gemv_q4_many<KW, R, BF16>(x, W, scales_biases, norm_w, out, N, flags, eps_bits), blocks, \
+                     sync, argmax, N);                                                                        \
+  }
+LM_HEAD(lm_head_q4_k1024_f16, 1, 4, false)
+LM_HEAD(lm_head_q4_k1024_bf16, 1, 4, true)
+LM_HEAD(lm_head_q4_k2048_f16, 2, 2, false)
+LM_HEAD(lm_head_q4_k2048_bf16, 2, 2, true)
+#undef LM_HEAD
 #undef LM_ARGS
 
 #undef Q4_ARGS
