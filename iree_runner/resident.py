@@ -76,7 +76,7 @@ def packed_tensor(ckpt, name: str, widen: bool = False) -> np.ndarray:
     def load(source):
         if part == "weight":
             return ckpt.load_packed(source, "weight")
-        return np.stack([ckpt.load_packed(source, part, widen) for part in ("scales", "biases")], axis=-1)
+        return np.stack([ckpt.load_packed(source, half, widen) for half in ("scales", "biases")], axis=-1)
     return load(sources[0]) if len(sources) == 1 else np.concatenate([load(s) for s in sources])
 
 
