@@ -204,11 +204,10 @@ def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tupl
     one = _timed_stream(lambda p: sampled(p, PLAIN), prompt)
     r |= {"decode_plain_tps": one["decode_tps"], "decode_plain_tps_trials": one["decode_tps_trials"]}
     r["sampled_on_device"] = s.samples_on_device
-    # resident: the weights and KV caches the session holds on the device, as allocated (exact);
-    # device: what the device reports in use, minus before this row (transients included).
-    cache = 2 * int(np.prod(build.cache_shape)) * np.dtype(build.cache_dtype).itemsize
+    # resident: what the session allocates on the device (weights, KV caches, the steps' results
+    # and transients); device: what the device reports in use, minus before this row.
     r |= {"load_s": load_s, "host_dequant_s": t_host, "device_mb": device_used_mb(device) - before,
-          "resident_mb": (s.stats.weight_bytes + cache) / 2**20}
+          "resident_mb": s.stats.device_bytes / 2**20}
     s.reset()
     r["prompt_logits"] = np.asarray(s.prefill(prompt), np.float32)  # to compare with the JAX peer
     return r, weights

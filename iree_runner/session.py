@@ -28,6 +28,7 @@ class ContextFull(ValueError):
 class LoadStats:
     upload_s: float = 0.0
     weight_bytes: int = 0
+    device_bytes: int = 0  # all the session allocates on the device: weights, KV caches, results, transients
 
 
 def check_device(target: str) -> None:
@@ -120,6 +121,7 @@ class Session:
             transients = int(fn.reflection["iree.abi.transients.size.constant"])
             self._storage[step] = [[tuple(self._device_buffer(n) for n in (self.vocab_size * 4, 8, transients)), 0]
                                    for _ in range(self.SETS[step])]
+            self.stats.device_bytes += self.SETS[step] * (self.vocab_size * 4 + 8 + transients)
         # The steps' sampling settings (sampling.device_params): greedy, or the generation's own.
         self.samples_on_device = build.device_sampling
         self._greedy_params = rt.asdevicearray(device, device_params(None))._buffer_view
@@ -132,6 +134,7 @@ class Session:
         zeros = np.zeros(build.cache_shape, np.dtype(build.cache_dtype))
         self._k = rt.asdevicearray(device, zeros)._buffer_view
         self._v = rt.asdevicearray(device, zeros)._buffer_view
+        self.stats.device_bytes += self.stats.weight_bytes + 2 * zeros.nbytes
         self.reset()
 
     def _device_buffer(self, size: int):

@@ -139,6 +139,8 @@ def test_bundle_records_packed_weights_and_keeps_them_small(tmp_path):
     # f32 dense weights against 4-bit words plus f32 scales and biases per 64: about 1/6 for
     # the linear layers; norms stay f32 either way.
     assert packed.stats.weight_bytes < 0.25 * dense.stats.weight_bytes
+    cache = 2 * int(np.prod(b.cache_shape)) * np.dtype(b.cache_dtype).itemsize
+    assert packed.stats.weight_bytes + cache < packed.stats.device_bytes < packed.stats.weight_bytes + cache + (8 << 20)
     from iree_runner.compile import build as build_mod
 
     out = tmp_path / "bundle"
