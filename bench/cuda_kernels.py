@@ -276,34 +276,41 @@ def sample_reference(logits, params, position):
     if np.isnan(logits).any():
         return V, 1, False
     scaled = logits / np.float32(params.temperature)
-    blocks = np.concatenate([scaled, np.full(-V % 2048, -np.inf, np.float32)]).reshape(-1, 2048)
-    m = np.sort(blocks, axis=1)[:, -16].max()
-    cand = np.sort(np.sort(blocks, axis=1)[:, -16:].reshape(-1))[::-1]
-    near = False  # a filter's border within float error of a token (the host sums in float32)
+    # A plain temperature: every token survives, and the kernel sums each f32 weight in double
+    # as the host does, so only a draw within float rounding of a boundary may differ.
     plain = not params.top_k and params.top_p >= 1 and params.min_p <= 0
-    if plain:  # every token survives; the kernel sums each f32 weight in double as the host does
-        ids, values = S._survivors(scaled, params)
-        u = S.uniform(SAMPLE_SEED, position)
-        return S._draw(ids, values, V, u), 0, cdf_gap(values, u) < 2e-7
-    if params.top_k:
-        if not cand[params.top_k - 1] > m:
-            return int(np.argmax(logits)), 1, False
-    else:  # the candidates above m must decide the nucleus, or min-p's cut
-        above = cand[cand > m].astype(np.float64)
-        M = float(scaled.max())
-        q = np.exp(above - M) / np.exp(scaled.astype(np.float64) - M).sum()
-        if params.top_p < 1:
-            heads = np.concatenate([[0.0], np.cumsum(q)])
-            if heads[-1] < params.top_p:
-                return int(np.argmax(logits)), 1, False
-            near = bool(np.abs(heads - params.top_p).min() < 1e-5)
-        elif not np.exp(np.float64(m) - M) < params.min_p:
-            return int(np.argmax(logits)), 1, False
-        if params.min_p > 0:
-            near |= bool(np.abs(np.exp(above - M) / params.min_p - 1).min() < 1e-5)
+    undecided, near = (False, False) if plain else _candidates_undecided(scaled, params)
+    if undecided:
+        return int(np.argmax(logits)), 1, False
     ids, values = S._survivors(scaled, params)
     u = S.uniform(SAMPLE_SEED, position)
-    return S._draw(ids, values, V, u), 0, near or cdf_gap(values, u) < 1e-5
+    return S._draw(ids, values, V, u), 0, near or cdf_gap(values, u) < (2e-7 if plain else 1e-5)
+
+
+def _candidates_undecided(scaled, params) -> tuple[bool, bool]:
+    """Whether the kernel's candidates (the 16 best of each 2048) cannot decide the filters (it
+    leaves the draw to the host), and whether a filter's border lies within float error of a
+    token (the host sums in float32)."""
+    blocks = np.concatenate([scaled, np.full(-len(scaled) % 2048, -np.inf, np.float32)]).reshape(-1, 2048)
+    m = np.sort(blocks, axis=1)[:, -16].max()
+    cand = np.sort(np.sort(blocks, axis=1)[:, -16:].reshape(-1))[::-1]
+    if params.top_k:
+        return not cand[params.top_k - 1] > m, False
+    # The candidates above m must decide the nucleus, or min-p's cut.
+    above = cand[cand > m].astype(np.float64)
+    M = float(scaled.max())
+    q = np.exp(above - M) / np.exp(scaled.astype(np.float64) - M).sum()
+    near = False
+    if params.top_p < 1:
+        heads = np.concatenate([[0.0], np.cumsum(q)])
+        if heads[-1] < params.top_p:
+            return True, False
+        near = bool(np.abs(heads - params.top_p).min() < 1e-5)
+    elif not np.exp(np.float64(m) - M) < params.min_p:
+        return True, False
+    if params.min_p > 0:
+        near |= bool(np.abs(np.exp(above - M) / params.min_p - 1).min() < 1e-5)
+    return False, near
 
 
 def _export(fn, args) -> str:

@@ -3,7 +3,7 @@
 Run under Nsight Compute:  ncu --csv --metrics gpu__time_duration.sum python3 bench/profile_step.py BUNDLE
 or, for the decode step alone, `ncu --profile-from-start off ...` with PROFILE_DECODE=1 (the
 script brackets one decode step with cuProfilerStart/Stop; PROFILE_SAMPLED=1: its token drawn on the
-device with bench/run.py SAMPLED; PROFILE_SAMPLED=plain: a plain temperature 0.8). BUNDLE may also be a
+device with bench/run.py SAMPLED; PROFILE_SAMPLED=plain: with its PLAIN). BUNDLE may also be a
 `bench/diag_cuda.py make` variant directory.
 (IREE names each dispatch after its work, e.g. decode_dispatch_7_matmul_1x3072x1024_f16xf16xf32,
 so the slow ones show up by name.) Also prints wall times of the two steps without the profiler.
@@ -62,9 +62,9 @@ def main(bundle: Path, target: str = "cuda", steps: int = 1) -> None:
         s.reset()
         if os.environ.get("PROFILE_SAMPLED"):  # the step's token drawn on the device, as bench/run.py samples
             from iree_runner.sampling import SamplingParams
-            from run import SAMPLED
+            from run import PLAIN, SAMPLED
 
-            settings = dict(temperature=0.8, seed=0) if os.environ["PROFILE_SAMPLED"] == "plain" else SAMPLED
+            settings = PLAIN if os.environ["PROFILE_SAMPLED"] == "plain" else SAMPLED
             s.set_sampling(SamplingParams(**settings), settings["seed"])
         t0 = time.perf_counter()
         tok = s.prefill(prompt, greedy=True)

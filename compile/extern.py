@@ -622,17 +622,18 @@ LM_HEAD_ROWS, LM_HEAD_K, LM_HEAD_GRID = 32768, (1024, 2048), 264  # grid <= 1024
 Q4_GROUP = 64  # the group size both 4-bit kernels read
 
 
-def _q4_fits(w, max_k: int) -> bool:
-    """Whether w is what the 4-bit kernels read: Packed, 2-D, 4 bits in groups of 64, K <= max_k."""
+def _q4_fits(w, max_k: int, cuda: bool) -> bool:
+    """Whether w is what the 4-bit kernels read: Packed, 2-D, 4 bits in groups of 64, K <= max_k,
+    with the target's scale/bias pairs (CUDA's: F16 or BF16, as stored; the CPU's: f32)."""
     return (isinstance(w, Packed) and w.ndim == 2 and w.bits == 4 and w.group_size == Q4_GROUP
-            and w.shape[1] <= max_k)
+            and w.shape[1] <= max_k and (pairs_16bit(w) if cuda else w.scales_biases.dtype == jnp.float32))
 
 
 def gemv_fits(w) -> bool:
     """Whether the CUDA kernel takes weight w ([N, K] f16, or Packed 4-bit in groups of 64 with
     F16 or BF16 pairs); else the linear stays in JAX."""
     if isinstance(w, Packed):
-        return _q4_fits(w, GEMV_MAX_K) and pairs_16bit(w)
+        return _q4_fits(w, GEMV_MAX_K, cuda=True)
     return w.ndim == 2 and w.dtype == jnp.float16 and w.shape[1] % 8 == 0 and w.shape[1] <= GEMV_MAX_K
 
 
@@ -660,8 +661,7 @@ def gemv(x, w, *, bias=None, norm=None, residual=None, gate: str | None = None):
 def lm_head_fits(w) -> bool:
     """Whether the CUDA lm_head kernel takes w: Packed 4-bit in groups of 64 with F16 or BF16
     pairs, many rows, K = 1024 or 2048."""
-    return (_q4_fits(w, max(LM_HEAD_K)) and pairs_16bit(w) and w.shape[0] >= LM_HEAD_ROWS
-            and w.shape[1] in LM_HEAD_K)
+    return _q4_fits(w, max(LM_HEAD_K), cuda=True) and w.shape[0] >= LM_HEAD_ROWS and w.shape[1] in LM_HEAD_K
 
 
 def lm_head(x, w: Packed, *, norm=None):
@@ -751,7 +751,7 @@ Q4_MAX_K = 8192
 
 def q4_gemv_fits(w) -> bool:
     """Whether the CPU kernel takes w: Packed 4-bit, groups of 64, f32 pairs, K % 128 == 0, K <= 8192."""
-    return _q4_fits(w, Q4_MAX_K) and w.shape[1] % 128 == 0 and w.scales_biases.dtype == jnp.float32
+    return _q4_fits(w, Q4_MAX_K, cuda=False) and w.shape[1] % 128 == 0
 
 
 Q4_GEMM_TILE, Q4_GEMM_MAX_K = 32, 4096  # kernels/q4_gemv.c GEMM_TILE, GEMM_KMAX
@@ -759,7 +759,7 @@ Q4_GEMM_TILE, Q4_GEMM_MAX_K = 32, 4096  # kernels/q4_gemv.c GEMM_TILE, GEMM_KMAX
 
 def q4_gemm_fits(w) -> bool:
     """Whether the CPU's several-token kernel takes w: Packed 4-bit, groups of 64, f32 pairs, K <= 4096."""
-    return _q4_fits(w, Q4_GEMM_MAX_K) and w.scales_biases.dtype == jnp.float32
+    return _q4_fits(w, Q4_GEMM_MAX_K, cuda=False)
 
 
 def q4_gemm(x, w: Packed):
