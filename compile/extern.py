@@ -59,8 +59,7 @@ KERNELS = {
     **{"decode_attn_g{}_kb{}_ch{}_d{}".format(*shape): Kernel("decode_attention", 256) for shape in SPECIALIZED_ATTENTION},
     "gemv": Kernel("gemv", 256),
     "gemv_gate": Kernel("gemv", 256),
-    "gemv_q4": Kernel("gemv", 256),
-    "gemv_q4_gate": Kernel("gemv", 256),
+    **{f"gemv_q4{gate}_{pairs}": Kernel("gemv", 256) for gate in ("", "_gate") for pairs in ("f16", "bf16")},
     **{f"lm_head_q4_k{k}_{pairs}": Kernel("gemv", 256) for k in (1024, 2048) for pairs in ("f16", "bf16")},
     "dequant_q4": Kernel("gemv", 256),
     "embed_rope_q4": Kernel("step_prologue", 256),
@@ -98,8 +97,13 @@ def pairs_16bit(w: Packed) -> bool:
 
 
 def pairs_bf16(w: Packed) -> int:
-    """1 where w's pairs are BF16 (the CUDA kernels' flag), 0 for F16."""
+    """1 where w's pairs are BF16 (the CUDA kernels' constant), 0 for F16."""
     return int(w.scales_biases.dtype == jnp.bfloat16)
+
+
+def pairs_name(w: Packed) -> str:
+    """The suffix of the 4-bit matvec kernels made for w's pairs: bf16 or f16."""
+    return "bf16" if pairs_bf16(w) else "f16"
 
 
 def _like(*arrays) -> tuple:
@@ -207,7 +211,7 @@ PREFETCH_SLOTS = 3
 # and saved the lm_head 1.2.
 PREFETCH_MAX_BYTES = 32 << 20
 MATVEC_WEIGHTS = {name: (1,) if name in ("gemv", "gemv_gate") else (1, 2)  # their weight operands
-                  for name in ("gemv", "gemv_gate", "gemv_q4", "gemv_q4_gate")}
+                  for name in KERNELS if name.startswith("gemv")}
 _DEF = re.compile(r"^\s*(%[\w#]+) = (.*)$")
 _BITCAST = re.compile(r"^stablehlo\.bitcast_convert (%arg\d+) : ")
 _ELEMENT_BYTES = {"f32": 4, "i32": 4, "ui32": 4, "f16": 2, "bf16": 2, "i8": 1, "ui8": 1}
@@ -615,7 +619,7 @@ def cpu_decode_attention(q, k, v, k_cache, v_cache, positions, *, layer: int, sc
 
 GEMV_WARPS = 8  # per block: one output each
 GEMV_MAX_K = 8192
-NORM, ONE_PLUS, BIAS, RESIDUAL, GATE, GELU, PAIRS_BF16 = 1, 2, 4, 8, 16, 32, 64  # the kernel's flags
+NORM, ONE_PLUS, BIAS, RESIDUAL, GATE, GELU = 1, 2, 4, 8, 16, 32  # the kernel's flags
 # A packed lm_head (many rows, K = 1024 or 2048): lm_head_q4_k<K>_<pairs>, its blocks looping over
 # chunks of rows. Its grid: one wave of 2 blocks per SM on an H100 / H200 (132 SMs); any grid is correct.
 LM_HEAD_ROWS, LM_HEAD_K, LM_HEAD_GRID = 32768, (1024, 2048), 264  # grid <= 1024: the kernel's argmax
@@ -650,8 +654,9 @@ def gemv(x, w, *, bias=None, norm=None, residual=None, gate: str | None = None):
     operands = [x.astype(jnp.float32), *(packed_operands(w) if isinstance(w, Packed) else [w])]
     flags, folded = _folded(norm, bias, residual, jnp.float16)
     flags |= (GATE if gate else 0) | (GELU if gate == "gelu_tanh" else 0)
-    flags |= PAIRS_BF16 if isinstance(w, Packed) and pairs_bf16(w) else 0
     name = ("gemv_q4" if isinstance(w, Packed) else "gemv") + ("_gate" if gate else "")
+    if isinstance(w, Packed):  # the pairs' dtype is the kernel's own (gemv.cu GEMV_Q4)
+        name += "_" + pairs_name(w)
     grid = -(-n // GEMV_WARPS)
     # The prefetch slots: placeholders that link() fills with the next matvec's weights.
     return call(name, jax.ShapeDtypeStruct((n,), jnp.float32), operands + folded + [absent(jnp.float32)] * PREFETCH_SLOTS,
@@ -672,7 +677,7 @@ def lm_head(x, w: Packed, *, norm=None):
     flags, (norm_w, _, _) = _folded(norm, None, None, jnp.float16)
     f32 = jnp.float32
     logits, argmax, _, _ = call(
-        f"lm_head_q4_k{k}_{'bf16' if pairs_bf16(w) else 'f16'}", (jax.ShapeDtypeStruct((n,), f32), jax.ShapeDtypeStruct((1,), jnp.int32),
+        f"lm_head_q4_k{k}_{pairs_name(w)}", (jax.ShapeDtypeStruct((n,), f32), jax.ShapeDtypeStruct((1,), jnp.int32),
                              jax.ShapeDtypeStruct((LM_HEAD_GRID, 2), f32), jax.ShapeDtypeStruct((1,), jnp.int32)),
         [x.astype(f32), *packed_operands(w), norm_w, jnp.zeros((1,), jnp.int32)], grid=LM_HEAD_GRID,
         constants=[n, k, flags, f32_bits(0.0 if norm is None else norm[1])], aliases={4: 3})

@@ -57,16 +57,19 @@ def test_cuda_decode_attention_is_the_kernel(family_name, tmp_path):
 def test_cuda_kernels_read_the_checkpoints_scale_pairs(ckpt_dtype, pairs):
     """A packed CUDA step takes each weight's scales and biases as the checkpoint stores them
     (mlx_lm convert gives a BF16 model BF16 ones, an F16 model F16 ones), and tells every
-    4-bit kernel which (gemv flag PAIRS_BF16, the prologue's last constant); the CPU's are f32."""
+    4-bit kernel which (the matvecs' entry points gemv_q4[_gate]_<bf16|f16>, the prologue's last
+    constant); the CPU's are f32."""
     from test_packed import _packed_spec
 
     fam, cfg, spec = _packed_spec("qwen3", "float16", "cuda", ckpt_dtype)
     assert {p.pairs for p in spec.packed} == {pairs}
     decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cuda"))
-    bf16 = extern.PAIRS_BF16 if pairs == "bfloat16" else 0
-    q4 = _constants(decode, "gemv_q4") + _constants(decode, "gemv_q4_gate")
-    assert len(q4) >= 4 * cfg.num_hidden_layers and {c[2] & extern.PAIRS_BF16 for c in q4} == {bf16}
-    assert [c[-1] for c in _constants(decode, "embed_rope_q4")] == [int(bf16 > 0)]
+    bf16 = int(pairs == "bfloat16")
+    name, other = ("bf16", "f16") if bf16 else ("f16", "bf16")
+    q4 = _constants(decode, f"gemv_q4_{name}") + _constants(decode, f"gemv_q4_gate_{name}")
+    assert len(q4) >= 4 * cfg.num_hidden_layers
+    assert not re.search(rf"@gemv_q4(_gate)?_{other}\[", decode)
+    assert [c[-1] for c in _constants(decode, "embed_rope_q4")] == [bf16]
     assert ("xbf16>" in decode) == bool(bf16)  # the pairs' type, as the step takes them
     fam, cfg, spec = _packed_spec("qwen3", "float32", "cpu", ckpt_dtype)
     assert {p.pairs for p in spec.packed} == {"float32"}
@@ -388,11 +391,11 @@ def test_make_ptx_keeps_a_ptx_made_from_the_current_source(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("rows, k, norm, kernel", [
     (151936, 1024, False, "lm_head_q4_k1024_bf16"), (40000, 2048, True, "lm_head_q4_k2048_bf16"),
-    (40000, 1536, True, "gemv_q4"), (4096, 1024, False, "gemv_q4")])
+    (40000, 1536, True, "gemv_q4_bf16"), (4096, 1024, False, "gemv_q4_bf16")])
 def test_an_lm_head_takes_its_kernel(rows, k, norm, kernel, monkeypatch):
     """On a one-token CUDA step, a packed 4-bit lm_head with many rows and K = 1024 or 2048 runs
     lm_head_q4_k<K>_bf16 (BF16 pairs) on one wave of blocks, its norm and argmax in the kernel; any other, the
-    norm, gemv_q4 and the step's argmax."""
+    norm, gemv_q4_bf16 and the step's argmax."""
     import jax
     import jax.numpy as jnp
 
@@ -413,8 +416,8 @@ def test_an_lm_head_takes_its_kernel(rows, k, norm, kernel, monkeypatch):
     grid = extern.LM_HEAD_GRID if kernel.startswith("lm_head") else -(-rows // extern.GEMV_WARPS)
     assert re.search(rf"flow\.dispatch @gemv::@{kernel}\[", text), kernel
     assert f"_grid = arith.constant {grid} : index" in text
-    # The argmax's and the norm's reductions are the graph's only where the kernel is gemv_q4.
-    assert ("stablehlo.reduce" in text) == (kernel == "gemv_q4")
+    # The argmax's and the norm's reductions are the graph's only where the kernel is gemv_q4_bf16.
+    assert ("stablehlo.reduce" in text) == (kernel == "gemv_q4_bf16")
     if kernel.startswith("lm_head"):
         assert _constants(text, kernel) == [[rows, k, extern.NORM if norm else 0, extern.f32_bits(1e-6 if norm else 0.0)]]
 

@@ -93,7 +93,7 @@ def test_one_token_steps_read_packed_weights_with_a_kernel(family_name):
     expect = len(four_bit - {"model.embed_tokens.weight"}) + (lm_head in four_bit and cfg.tie_word_embeddings)
     assert expect >= 4 * cfg.num_hidden_layers // (2 if family_name == "qwen3_moe" else 1)
     for target, kernels, dtype in (("cpu", ("@q4_gemv::@q4_gemv[",), "float32"),
-                                   ("cuda", ("@gemv::@gemv_q4[", "@gemv::@gemv_q4_gate["), "float16")):
+                                   ("cuda", ("@gemv::@gemv_q4_bf16[", "@gemv::@gemv_q4_gate_bf16["), "float16")):
         kernel = kernels[0]  # the lm_head's
         fam, cfg, spec = _packed_spec(family_name, dtype, target)
         decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options(target))

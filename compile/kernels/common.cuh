@@ -43,6 +43,17 @@ __device__ __forceinline__ bool last_block_done(int* count, int blocks) {
   return last;
 }
 
+// Copies 4 bytes from global to shared memory without passing through registers (sm_80's
+// cp.async): the copies a thread issues are all in flight until cp_async_wait_all, so staging
+// from several sources takes one memory round trip instead of one per source.
+__device__ __forceinline__ void cp_async4(void* shared, const void* global) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"((unsigned)__cvta_generic_to_shared(shared)),
+               "l"(global));
+}
+
+// Waits for the calling thread's cp_async4 copies (a barrier must follow before other threads read them).
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
 // Requests [p, p + bytes) into L2 (a hint: nothing waits for it), one 32-byte sector per
 // request, thread i of n taking every n-th. (In 128-byte steps, Qwen3-0.6B's weights so
 // requested saved 13 us per decode step on an H100; in 32-byte steps, 23.)

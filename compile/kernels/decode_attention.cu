@@ -192,6 +192,49 @@ __device__ __forceinline__ void partial_per_head(float* qs, const __half* ks, co
   for (int j = 0; j < DH / 32; ++j) out[lane + 32 * j] = o[j];
 }
 
+// A specialized partial block's staging (KB even) into shared memory as partial_body below
+// stages it, but with cp.async: q, the keys, the values, cos, sin and the token's own keys and
+// values are all in flight at once, and only the norm weights (f16, widened) pass through
+// registers, in one load per thread. (partial_body's loads through registers waited for each
+// source in turn: q with the caches, then the q norm weight, cos and sin, the token's own rows,
+// the k norm weight.)
+template <int G, int KB, int CH, int DH>
+__device__ __forceinline__ void stage_async(const float* __restrict__ qkv, const __half* __restrict__ wq,
+                                            const float* __restrict__ cos, const float* __restrict__ sin,
+                                            const __half* __restrict__ kc, const __half* __restrict__ vc, size_t base,
+                                            size_t plane, int b, int KVH, int kb0, int qk, int rot, float* qs,
+                                            __half* ks, __half* vs, float* wqs, float* cs, float* sn, float* kv_own,
+                                            const __half* __restrict__ wk, float* wks) {
+  constexpr int HB = KB * G, Q1 = DH + 1, row = CH * KB / 2, RPW = (CH * KB + 2) / 2;  // words per (padded) row
+  static_assert(KB % 2 == 0, "pairs of KV heads: 4-byte copies");
+  const int t = threadIdx.x, H = KVH * G, h0 = kb0 * G;
+  const size_t at = base + (size_t)b * CH * KVH + kb0;
+  uint32_t* kw = reinterpret_cast<uint32_t*>(ks);
+  uint32_t* vw = reinterpret_cast<uint32_t*>(vs);
+#pragma unroll
+  for (int i = t; i < DH * row; i += NT) {
+    const int d = i / row, w = i % row, s = w / (KB / 2), pair = w % (KB / 2);
+    const size_t src = at + d * plane + (size_t)s * KVH + 2 * pair;
+    cp_async4(kw + d * RPW + w, kc + src);
+    cp_async4(vw + d * RPW + w, vc + src);
+  }
+#pragma unroll
+  for (int i = t; i < HB * DH; i += NT) cp_async4(qs + (i / DH) * Q1 + i % DH, qkv + h0 * DH + i);
+  for (int d = t; d < rot; d += NT) cp_async4(cs + d, cos + d), cp_async4(sn + d, sin + d);
+  if (kv_own != nullptr)
+    for (int i = t; i < 2 * KB * DH; i += NT) {
+      const int r = i / DH, head = r < KB ? H + kb0 + r : H + KVH + kb0 + r - KB;
+      cp_async4(kv_own + r * Q1 + i % DH, qkv + (size_t)head * DH + i % DH);
+    }
+  if (qk & 1)
+    for (int i = t; i < (kv_own != nullptr ? 2 : 1) * DH; i += NT) {
+      if (i < DH) wqs[i] = norm_weight(wq, i, qk);
+      else wks[i - DH] = norm_weight(wk, i - DH, qk);
+    }
+  cp_async_wait_all();
+  __syncthreads();
+}
+
 // part: [blocks, H, Dh + 2] f32: per head, sum_k exp(s_k - m) v_k, then m, then sum_k exp(s_k - m).
 // qkv: [(H + 2 KVH) Dh] f32; wq: the q norm weight (first Dh); cos, sin: [rot].
 // GT: G (query heads per KV head) as a compile-time constant, or 0 for a runtime Gr. With GT,
@@ -222,6 +265,13 @@ __device__ __forceinline__ void partial_body(
   block_keys(b, CH, pos, window, &lo, &hi);
   const size_t plane = (size_t)S * KVH, base = (size_t)layer * Dh * plane;
   const int Q1 = Dh + 1, P1 = CH + 1, RP = padded_row(CH, KB);
+  if constexpr (GT != 0 && KBT % 2 == 0 && CHT != 0 && DHT != 0) {
+    stage_async<GT, KBT, CHT, DHT>(qkv, wq, cos, sin, kc, vc, base, plane, b, KVH, kb0, qk, rot, qs, ks, vs, wqs, cs,
+                                   sn, kv_own, wk, wks);
+    partial_per_head<GT, KBT, CHT, DHT>(qs, ks, vs, wqs, cs, sn, part, b, h0, H, lo - b * CH, hi - b * CH, scale, cap,
+                                        qk, eps, rot);
+    return;
+  }
   float qr[MAX_Q / NT];  // q, keys and values are all requested before anything waits
 #pragma unroll
   for (int j = 0; j < MAX_Q / NT; ++j)

@@ -10,14 +10,14 @@
 // - gemv: f16 W [N, K], 16-byte loads;
 // - gemv_q4: MLX affine 4-bit W as the checkpoint stores it (compile/packed.py), packed words
 //   [N, K/8] u32 (value i of a row in bits 4i..4i+3 of word i/8), scales_biases [N, K/64]
-//   (each group's scale and bias as the checkpoint stores them, F16 or BF16 (flag 64), one
-//   4-byte load), w = s * q + b. Per 16-byte piece of 4
+//   (each group's scale and bias as the checkpoint stores them, F16 or BF16: the entry point's
+//   suffix, one 4-byte load), w = s * q + b. Per 16-byte piece of 4
 //   words (32 inputs, half a group): sum(w x) = s * sum(q x) + b * sum(x).
 //
 // Bindings: x [K] f32, the weight (W; or words, scales_biases), norm weight [K] f16, bias
 // [N or 2N] f16, residual [N] f32, three prefetch bindings, out [N] f32 (absent ones are
 // one-element dummies). Push constants: N (outputs), K, flags (1 norm, 2 norm as 1 + w, 4 bias,
-// 8 residual, 16 gate mode, 32 GELU instead of SiLU, 64 BF16 scale/bias pairs, else F16), eps (f32 bits), the prefetch bindings'
+// 8 residual, 16 gate mode, 32 GELU instead of SiLU), eps (f32 bits), the prefetch bindings'
 // sizes in bytes. extern.link fills the prefetch bindings with the next matvec's weights, which
 // this kernel requests into L2 after its own work (prefetch_l2), so that kernel reads them from
 // L2, not DRAM; size 0 where none.
@@ -101,15 +101,14 @@ struct Q4Piece {
   uint32_t sb;  // its group's 16-bit scale and bias, widened where used (one register, not two)
 };
 
+template <bool BF16>  // the pairs' dtype: BF16, else F16
 struct Q4Row {
   using Piece = Q4Piece;
   static constexpr int VALUES = 32, PAD = 4;
   const uint4* w;
   const uint32_t* sb;
-  bool bf16;
-  __device__ __forceinline__ Q4Row(const uint32_t* W, const uint32_t* scales_biases, int row, int K, bool bf16)
-      : w(reinterpret_cast<const uint4*>(W) + (size_t)row * (K / 32)), sb(scales_biases + (size_t)row * (K / 64)),
-        bf16(bf16) {}
+  __device__ __forceinline__ Q4Row(const uint32_t* W, const uint32_t* scales_biases, int row, int K)
+      : w(reinterpret_cast<const uint4*>(W) + (size_t)row * (K / 32)), sb(scales_biases + (size_t)row * (K / 64)) {}
   __device__ __forceinline__ static int xoff(int p) { return p * (32 + PAD); }
   __device__ __forceinline__ Piece load(int p) const { return {w[p], sb[p / 2]}; }
   __device__ __forceinline__ float dot(Piece p, const float* x) const {
@@ -123,7 +122,7 @@ struct Q4Row {
 #pragma unroll
       for (int j = 0; j < 8; ++j) dx += xv[j];
     }
-    const float2 g = scale_bias(p.sb, bf16);
+    const float2 g = scale_bias(p.sb, BF16);
     return g.x * dq + g.y * dx;
   }
 };
@@ -270,21 +269,24 @@ __device__ __forceinline__ void gemv_kernel(MakeRow make_row, const float* __res
       const float* __restrict__ residual, PF_ARGS, float* __restrict__ out, int N, int K, int flags,          \
       int eps_bits, PF_SIZES
 #define F16_ROW [&](int n) { return F16Row(W, n, K); }
-#define Q4_ROW [&](int n) { return Q4Row(W, scales_biases, n, K, flags & 64); }
 extern "C" __global__ void __launch_bounds__(NT, 4) gemv(F16_ARGS) {
   gemv_kernel<false, F16Row, PF>(F16_ROW, x, norm_w, bias, residual, out, N, K, flags, eps_bits, NEXT);
 }
 extern "C" __global__ void __launch_bounds__(NT) gemv_gate(F16_ARGS) {
   gemv_kernel<true, F16Row, PF>(F16_ROW, x, norm_w, bias, residual, out, N, K, flags, eps_bits, NEXT);
 }
-extern "C" __global__ void __launch_bounds__(NT, 4) gemv_q4(Q4_ARGS) {
-  gemv_kernel<false, Q4Row, PFQ>(Q4_ROW, x, norm_w, bias, residual, out, N, K, flags, eps_bits, NEXT);
-}
-extern "C" __global__ void __launch_bounds__(NT, 3) gemv_q4_gate(Q4_ARGS) {
-  gemv_kernel<true, Q4Row, PFQG>(Q4_ROW, x, norm_w, bias, residual, out, N, K, flags, eps_bits, NEXT);
-}
+// 4-bit: the pairs' dtype is the kernel's own (_f16, _bf16), as for the lm_head below.
+#define GEMV_Q4(name, GATE, AHEAD, BLOCKS_PER_SM, BF16)                                                      \
+  extern "C" __global__ void __launch_bounds__(NT, BLOCKS_PER_SM) name(Q4_ARGS) {                           \
+    gemv_kernel<GATE, Q4Row<BF16>, AHEAD>([&](int n) { return Q4Row<BF16>(W, scales_biases, n, K); }, x,    \
+                                          norm_w, bias, residual, out, N, K, flags, eps_bits, NEXT);       \
+  }
+GEMV_Q4(gemv_q4_f16, false, PFQ, 4, false)
+GEMV_Q4(gemv_q4_bf16, false, PFQ, 4, true)
+GEMV_Q4(gemv_q4_gate_f16, true, PFQG, 3, false)
+GEMV_Q4(gemv_q4_gate_bf16, true, PFQG, 3, true)
+#undef GEMV_Q4
 #undef F16_ROW
-#undef Q4_ROW
 #undef F16_ARGS
 
 // A 4-bit matvec with many rows and K = 1024 KW (an lm_head: 151936 x 1024 for Qwen3-0.6B).
