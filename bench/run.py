@@ -5,7 +5,8 @@ load time (files -> device-resident weights), prefill tok/s on a 512-token promp
 token, decode tok/s at batch 1 over 128 new tokens (each the median of TRIALS generations; greedy,
 and for iree-runner also sampled with SAMPLED: drawn on the device where the bundle's steps
 sample (CUDA), and on the host from each step's logits row as every bundle can), device
-memory. Peers, same weights and shapes: JAX/XLA running our own model code under jax.jit; HF
+memory (ours: what the session allocates by its own count, and what IREE's allocator gained for
+it; the peers: their allocators' peaks, XLA's and torch's on CUDA). Peers, same weights and shapes: JAX/XLA running our own model code under jax.jit; HF
 transformers (torch, eager); on the CPU,
 llama.cpp on Q4_0 and Q4_1 GGUF files made from the f16 checkpoint (--peers jax,torch,llamacpp).
 The roofline is the bytes a decode step must read (weights + the live KV cache) divided by the
@@ -70,24 +71,6 @@ def copy_bandwidth_gbs(device: str) -> float:
         np.copyto(b, a)
         times.append(time.perf_counter() - t)
     return 2 * a.nbytes / statistics.median(times[1:]) / 1e9
-
-
-def device_used_mb(device: str) -> float | None:
-    import gc
-
-    # The rows before may leave a session in a reference cycle (a suspended generator's frame):
-    # collected now, not while this row runs. (Not enough: stop 18's runs still read negative
-    # figures after the JAX peer; the table's resident MB is the session's own count.)
-    gc.collect()
-    if device != "cuda":
-        # The CPU device's memory is the process's: its resident set now. (Its peak, ru_maxrss,
-        # only grows, so every row after the largest showed about 0.)
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-    import torch
-
-    free, total = torch.cuda.mem_get_info()
-    return (total - free) / 2**20
 
 
 def decode_bytes(weights: dict, cfg_raw: dict, context: int, cache_bytes: int) -> int:
@@ -179,7 +162,11 @@ def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tupl
     from iree_runner.session import Session
     from iree_runner.weights import open_checkpoint
 
-    before = device_used_mb(device)
+    import gc
+
+    # The rows before may leave a session in a reference cycle (a suspended generator's frame):
+    # freed now, not while this row's session counts what its device's allocator gains.
+    gc.collect()
     t0 = time.perf_counter()
     manifest = read_manifest(bundle)
     build = check_compatible(manifest, bundle, json.loads((ckpt / "config.json").read_text()), device)
@@ -205,9 +192,12 @@ def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tupl
         r |= {f"{key}_tps": one["decode_tps"], f"{key}_tps_trials": one["decode_tps_trials"]}
     r["sampled_on_device"] = s.samples_on_device
     # resident: what the session allocates on the device (weights, KV caches, the steps' results
-    # and transients); device: what the device reports in use, minus before this row.
-    r |= {"load_s": load_s, "host_dequant_s": t_host, "device_mb": device_used_mb(device) - before,
-          "resident_mb": s.stats.device_bytes / 2**20}
+    # and transients) as it counts them; allocator: what IREE's allocator gained for it, measured
+    # after the runs. (The device's own used-memory figure, read through torch, went negative
+    # after the JAX peer released memory: stop 18.)
+    allocated = s.device_allocated_bytes
+    r |= {"load_s": load_s, "host_dequant_s": t_host, "resident_mb": s.stats.device_bytes / 2**20,
+          "allocator_mb": None if allocated is None else allocated / 2**20}
     s.reset()
     r["prompt_logits"] = np.asarray(s.prefill(prompt), np.float32)  # to compare with the JAX peer
     return r, weights
@@ -263,6 +253,10 @@ def bench_jax(ckpt: Path, device: str, prompt: list[int], weights: dict, chunk: 
     r = _timed_generation(prefill, decode, prompt)
     prefill(prompt)
     r["prompt_logits"] = np.asarray(state["logits"], np.float32)
+    # XLA's allocator's peak on the device (the process's, from its first use: this is the
+    # first JAX work of the run for the first model, and the larger model comes later).
+    stats = dev.memory_stats() or {}
+    r["allocator_mb"] = stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
     return r
 
 
@@ -286,8 +280,13 @@ def bench_torch(f16_ckpt: Path, device: str, prompt: list[int]) -> dict:
         state["past"] = out.past_key_values
         return int(out.logits[0, -1].argmax())
 
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     _timed_generation(prefill, decode, prompt[:64], trials=1)
-    return _timed_generation(prefill, decode, prompt)
+    r = _timed_generation(prefill, decode, prompt)
+    # torch's caching allocator's peak during the runs (the weights included: they stay resident).
+    r["allocator_mb"] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    return r
 
 
 def llamacpp_gguf(f16_ckpt: Path, quant: str) -> Path:
@@ -465,7 +464,7 @@ def _agreement(r: dict) -> str:
 
 def table(result: dict) -> str:
     head = ("| model | weights | runtime | load s | prefill tok/s | TTFT ms | decode tok/s | sampled decode tok/s "
-            "(host draws) | plain temperature | roofline % | resident MB (device MB) | same greedy tokens as iree-runner |")
+            "(host draws) | plain temperature | roofline % | resident MB (allocator MB) | same greedy tokens as iree-runner |")
     lines = [f"{result['device']}, copy bandwidth {result['copy_bandwidth_gbs']:.0f} GB/s, "
              f"IREE {result['iree_runtime']}; sampled: {result.get('sampled', '—')}, plain: {result.get('plain', '—')}",
              "", head, "|" + "---|" * 12]
@@ -477,7 +476,7 @@ def table(result: dict) -> str:
         frac = f"{100 * r['roofline_frac']:.0f}%" if r.get("roofline_frac") else "—"
         lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | {f(r, 'load_s', '.2f')} | "
                      f"{f(r, 'prefill_tps', '.0f')} | {f(r, 'ttft_ms', '.1f')} | {f(r, 'decode_tps', '.1f')} | "
-                     f"{f(r, 'decode_sampled_tps', '.1f')} ({f(r, 'decode_sampled_host_tps', '.1f')}) | {f(r, 'decode_plain_tps', '.1f')} | {frac} | {f(r, 'resident_mb', '.0f')} ({f(r, 'device_mb', '.0f')}) | "
+                     f"{f(r, 'decode_sampled_tps', '.1f')} ({f(r, 'decode_sampled_host_tps', '.1f')}) | {f(r, 'decode_plain_tps', '.1f')} | {frac} | {f(r, 'resident_mb', '.0f')} ({f(r, 'allocator_mb', '.0f')}) | "
                      f"{_agreement(r)} |")
     return "\n".join(lines)
 

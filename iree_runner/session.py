@@ -99,6 +99,8 @@ class Session:
         self.vocab_size = build.weight_shapes[build.weight_names.index("model.embed_tokens.weight")][0]
         self._config = _device_config(build.target)
         device = self._config.device
+        self._device = device
+        self._live_at_start = self._device_live_bytes()
         modules = [rt.VmModule.mmap(self._config.vm_instance, str(Path(bundle_dir) / build.files[s]))
                    for s in ("prefill", "decode")]
         self._ctx = rt.SystemContext(vm_modules=modules, config=self._config)
@@ -111,7 +113,6 @@ class Session:
         self._weight_views = [rt.asdevicearray(device, weights[n])._buffer_view for n in build.weight_names]
         self.stats.upload_s = time.perf_counter() - t0
         self.stats.weight_bytes = sum(weights[n].nbytes for n in build.weight_names)
-        self._device = device
         # Every position (and row index) as an int32 scalar on the device, made up front: an upload
         # during generation is a synchronous copy that the queued steps wait behind.
         self._scalars = [rt.asdevicearray(device, np.array(i, np.int32))._buffer_view
@@ -136,6 +137,23 @@ class Session:
         self._v = rt.asdevicearray(device, zeros)._buffer_view
         self.stats.device_bytes += self.stats.weight_bytes + 2 * zeros.nbytes
         self.reset()
+
+    def _device_live_bytes(self) -> int | None:
+        """What the device's allocator holds now by its own statistics (None where the runtime
+        was built without them). The device is shared by the process's sessions on it."""
+        allocator = self._device.allocator
+        if not allocator.has_statistics:
+            return None
+        st = allocator.statistics
+        return st["device_bytes_allocated"] - st["device_bytes_freed"]
+
+    @property
+    def device_allocated_bytes(self) -> int | None:
+        """What the device's allocator gained since this session began: the session's own buffers
+        (weights, caches, step storage, scalars) as IREE counts them, where no other session
+        allocated or freed on the device meanwhile. A measurement to check stats.device_bytes by."""
+        live = self._device_live_bytes()
+        return None if live is None else live - self._live_at_start
 
     def _device_buffer(self, size: int):
         import iree.runtime as rt

@@ -129,7 +129,9 @@ def test_bundle_records_packed_weights_and_keeps_them_small(tmp_path):
 
     ckpt = mlx_checkpoint("qwen3", "bfloat16", "q4", keys="v4")
     dense = load_model(ckpt, device="cpu", max_context=64, packed=False).session
+    allocated = {"dense": dense.device_allocated_bytes}  # before the next session allocates on the same device
     packed = load_model(ckpt, device="cpu", max_context=64, packed=True).session
+    allocated["packed"] = packed.device_allocated_bytes
     b = packed.build
     types = dict(zip(b.weight_names, b.dtypes()))
     for name in b.packed:
@@ -141,6 +143,10 @@ def test_bundle_records_packed_weights_and_keeps_them_small(tmp_path):
     assert packed.stats.weight_bytes < 0.25 * dense.stats.weight_bytes
     cache = 2 * int(np.prod(b.cache_shape)) * np.dtype(b.cache_dtype).itemsize
     assert packed.stats.weight_bytes + cache < packed.stats.device_bytes < packed.stats.weight_bytes + cache + (8 << 20)
+    # IREE's allocator agrees: all it gained for each session but the scalars and the sampling
+    # settings (a few KB) is in device_bytes.
+    for s, name in ((dense, "dense"), (packed, "packed")):
+        assert s.stats.device_bytes <= allocated[name] < s.stats.device_bytes + (64 << 10), name
     from iree_runner.compile import build as build_mod
 
     out = tmp_path / "bundle"
