@@ -139,12 +139,16 @@ class Session:
         self.reset()
 
     def _device_live_bytes(self) -> int | None:
-        """What the device's allocator holds now by its own statistics (None where the runtime
-        was built without them). The device is shared by the process's sessions on it."""
+        """What the device's allocator holds now by its own statistics, or None where it does
+        not count allocations: a runtime built without statistics, or IREE 3.13's CUDA allocator,
+        which keeps only the peak (allocated and freed stay 0; seen on an H100). The device is
+        shared by the process's sessions on it."""
         allocator = self._device.allocator
         if not allocator.has_statistics:
             return None
         st = allocator.statistics
+        if st["device_bytes_allocated"] == 0 and st["device_bytes_peak"] > 0:
+            return None
         return st["device_bytes_allocated"] - st["device_bytes_freed"]
 
     @property
@@ -153,7 +157,7 @@ class Session:
         (weights, caches, step storage, scalars) as IREE counts them, where no other session
         allocated or freed on the device meanwhile. A measurement to check stats.device_bytes by."""
         live = self._device_live_bytes()
-        return None if live is None else live - self._live_at_start
+        return None if live is None or self._live_at_start is None else live - self._live_at_start
 
     def _device_buffer(self, size: int):
         import iree.runtime as rt
