@@ -5,8 +5,8 @@ load time (files -> device-resident weights), prefill tok/s on a 512-token promp
 token, decode tok/s at batch 1 over 128 new tokens (each the median of TRIALS generations; greedy,
 and for iree-runner also sampled with SAMPLED: drawn on the device where the bundle's steps
 sample (CUDA), and on the host from each step's logits row as every bundle can), device
-memory (ours: what the session allocates by its own count, and what IREE's allocator gained for
-it; the peers: their allocators' peaks, XLA's and torch's on CUDA). Peers, same weights and shapes: JAX/XLA running our own model code under jax.jit; HF
+memory (ours: what the session allocates by its own count, and the peak of IREE's allocator in a
+process of its own; the peers: their allocators' peaks, XLA's and torch's, on CUDA). Peers, same weights and shapes: JAX/XLA running our own model code under jax.jit; HF
 transformers (torch, eager); on the CPU,
 llama.cpp on Q4_0 and Q4_1 GGUF files made from the f16 checkpoint (--peers jax,torch,llamacpp).
 The roofline is the bytes a decode step must read (weights + the live KV cache) divided by the
@@ -155,18 +155,14 @@ def leading_agreement(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tuple[dict, dict]:
+def load_ours(ckpt: Path, bundle: Path, device: str):
+    """(session, weights, host seconds, load seconds): the bundle's session on the checkpoint's
+    weights, loaded as iree-generate loads them (generate.load_model's path)."""
     from iree_runner.bundle import check_compatible, read_manifest
-    from iree_runner.generate import check_weights, gather_for, generate_step
-    from iree_runner.sampling import SamplingParams
+    from iree_runner.generate import check_weights, gather_for
     from iree_runner.session import Session
     from iree_runner.weights import open_checkpoint
 
-    import gc
-
-    # The rows before may leave a session in a reference cycle (a suspended generator's frame):
-    # freed now, not while this row's session counts what its device's allocator gains.
-    gc.collect()
     t0 = time.perf_counter()
     manifest = read_manifest(bundle)
     build = check_compatible(manifest, bundle, json.loads((ckpt / "config.json").read_text()), device)
@@ -174,7 +170,38 @@ def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tupl
     check_weights(ckpt, build, weights)
     t_host = time.perf_counter() - t0
     s = Session(bundle, build, weights, max_context=manifest.max_context, prefill_chunk=manifest.prefill_chunk)
-    load_s = time.perf_counter() - t0
+    return s, weights, t_host, time.perf_counter() - t0
+
+
+def peak_in_own_process(ckpt: Path, bundle: Path, device: str) -> float | None:
+    """MB: the peak of IREE's device allocator over loading the bundle and generating 8 tokens
+    after the PROMPT_LEN prompt, greedy then sampled (a step allocates nothing: its results and
+    transients go into the session's buffers), in a process of its own (the allocator's
+    peak counts from the process's first allocation on the device, and the device's used memory
+    seen through torch went negative after the JAX peer freed memory: stop 18)."""
+    out = subprocess.run([sys.executable, __file__, "--peak-of", str(bundle), "--ckpts", str(ckpt), "--device", device,
+                          "--bundles", str(bundle.parent), "--json", os.devnull], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def _peak_main(bundle: Path, ckpt: Path, device: str) -> None:
+    from iree_runner.generate import generate_step
+    from iree_runner.sampling import SamplingParams
+
+    s, _, _, _ = load_ours(ckpt, bundle, device)
+    prompt = np.random.default_rng(0).integers(100, 1000, PROMPT_LEN).tolist()
+    for params in (SamplingParams(), SamplingParams(**SAMPLED)):
+        for _ in generate_step(s, prompt, params, 8):
+            pass
+    peak = s.device_peak_bytes
+    print(json.dumps({"peak_mb": None if peak is None else peak / 2**20}))
+
+
+def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tuple[dict, dict]:
+    from iree_runner.generate import generate_step
+    from iree_runner.sampling import SamplingParams
+
+    s, weights, t_host, load_s = load_ours(ckpt, bundle, device)
 
     def stream(p):  # as iree-generate runs it: the next step queued before a token is read
         return generate_step(s, p, SamplingParams(), NEW_TOKENS)
@@ -192,12 +219,10 @@ def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tupl
         r |= {f"{key}_tps": one["decode_tps"], f"{key}_tps_trials": one["decode_tps_trials"]}
     r["sampled_on_device"] = s.samples_on_device
     # resident: what the session allocates on the device (weights, KV caches, the steps' results
-    # and transients) as it counts them; allocator: what IREE's allocator gained for it, measured
-    # after the runs. (The device's own used-memory figure, read through torch, went negative
-    # after the JAX peer released memory: stop 18.)
-    allocated = s.device_allocated_bytes
+    # and transients) as it counts them; peak: IREE's allocator's peak for the same work in a
+    # process of its own.
     r |= {"load_s": load_s, "host_dequant_s": t_host, "resident_mb": s.stats.device_bytes / 2**20,
-          "allocator_mb": None if allocated is None else allocated / 2**20}
+          "peak_mb": peak_in_own_process(ckpt, bundle, device)}
     s.reset()
     r["prompt_logits"] = np.asarray(s.prefill(prompt), np.float32)  # to compare with the JAX peer
     return r, weights
@@ -256,7 +281,7 @@ def bench_jax(ckpt: Path, device: str, prompt: list[int], weights: dict, chunk: 
     # XLA's allocator's peak on the device (the process's, from its first use: this is the
     # first JAX work of the run for the first model, and the larger model comes later).
     stats = dev.memory_stats() or {}
-    r["allocator_mb"] = stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+    r["peak_mb"] = stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
     return r
 
 
@@ -285,7 +310,7 @@ def bench_torch(f16_ckpt: Path, device: str, prompt: list[int]) -> dict:
     _timed_generation(prefill, decode, prompt[:64], trials=1)
     r = _timed_generation(prefill, decode, prompt)
     # torch's caching allocator's peak during the runs (the weights included: they stay resident).
-    r["allocator_mb"] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    r["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     return r
 
 
@@ -376,7 +401,10 @@ def main() -> None:
     ap.add_argument("--peers", default="jax,torch")
     ap.add_argument("--variants", default="", help="comma-separated suffixes: also run bundles DIR/<model>-<suffix>")
     ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--peak-of", type=Path, help="(internal) print the peak device MB of this bundle on --ckpts")
     args = ap.parse_args()
+    if args.peak_of:
+        return _peak_main(args.peak_of, args.ckpts, args.device)
     import importlib.metadata as md
 
     bw = copy_bandwidth_gbs(args.device)
@@ -464,7 +492,7 @@ def _agreement(r: dict) -> str:
 
 def table(result: dict) -> str:
     head = ("| model | weights | runtime | load s | prefill tok/s | TTFT ms | decode tok/s | sampled decode tok/s "
-            "(host draws) | plain temperature | roofline % | resident MB (allocator MB) | same greedy tokens as iree-runner |")
+            "(host draws) | plain temperature | roofline % | resident MB (peak MB) | same greedy tokens as iree-runner |")
     lines = [f"{result['device']}, copy bandwidth {result['copy_bandwidth_gbs']:.0f} GB/s, "
              f"IREE {result['iree_runtime']}; sampled: {result.get('sampled', '—')}, plain: {result.get('plain', '—')}",
              "", head, "|" + "---|" * 12]
@@ -476,7 +504,7 @@ def table(result: dict) -> str:
         frac = f"{100 * r['roofline_frac']:.0f}%" if r.get("roofline_frac") else "—"
         lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | {f(r, 'load_s', '.2f')} | "
                      f"{f(r, 'prefill_tps', '.0f')} | {f(r, 'ttft_ms', '.1f')} | {f(r, 'decode_tps', '.1f')} | "
-                     f"{f(r, 'decode_sampled_tps', '.1f')} ({f(r, 'decode_sampled_host_tps', '.1f')}) | {f(r, 'decode_plain_tps', '.1f')} | {frac} | {f(r, 'resident_mb', '.0f')} ({f(r, 'allocator_mb', '.0f')}) | "
+                     f"{f(r, 'decode_sampled_tps', '.1f')} ({f(r, 'decode_sampled_host_tps', '.1f')}) | {f(r, 'decode_plain_tps', '.1f')} | {frac} | {f(r, 'resident_mb', '.0f')} ({f(r, 'peak_mb', '.0f')}) | "
                      f"{_agreement(r)} |")
     return "\n".join(lines)
 

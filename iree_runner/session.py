@@ -100,7 +100,6 @@ class Session:
         self._config = _device_config(build.target)
         device = self._config.device
         self._device = device
-        self._live_at_start = self._device_live_bytes()
         modules = [rt.VmModule.mmap(self._config.vm_instance, str(Path(bundle_dir) / build.files[s]))
                    for s in ("prefill", "decode")]
         self._ctx = rt.SystemContext(vm_modules=modules, config=self._config)
@@ -138,26 +137,15 @@ class Session:
         self.stats.device_bytes += self.stats.weight_bytes + 2 * zeros.nbytes
         self.reset()
 
-    def _device_live_bytes(self) -> int | None:
-        """What the device's allocator holds now by its own statistics, or None where it does
-        not count allocations: a runtime built without statistics, or IREE 3.13's CUDA allocator,
-        which keeps only the peak (allocated and freed stay 0; seen on an H100). The device is
-        shared by the process's sessions on it."""
-        allocator = self._device.allocator
-        if not allocator.has_statistics:
-            return None
-        st = allocator.statistics
-        if st["device_bytes_allocated"] == 0 and st["device_bytes_peak"] > 0:
-            return None
-        return st["device_bytes_allocated"] - st["device_bytes_freed"]
-
     @property
-    def device_allocated_bytes(self) -> int | None:
-        """What the device's allocator gained since this session began: the session's own buffers
-        (weights, caches, step storage, scalars) as IREE counts them, where no other session
-        allocated or freed on the device meanwhile. A measurement to check stats.device_bytes by."""
-        live = self._device_live_bytes()
-        return None if live is None or self._live_at_start is None else live - self._live_at_start
+    def device_peak_bytes(self) -> int | None:
+        """The most the session's device has held at once, as IREE's allocator counts it (None
+        where the runtime was built without statistics). The device is the process's, shared by
+        its sessions on it, and the peak counts from the first allocation on it: in a process
+        that runs one session, that session's peak. (IREE 3.13's CUDA allocator keeps the peak
+        but not its allocated and freed counts, which stayed 0 on an H100.)"""
+        allocator = self._device.allocator
+        return allocator.statistics["device_bytes_peak"] if allocator.has_statistics else None
 
     def _device_buffer(self, size: int):
         import iree.runtime as rt
