@@ -61,7 +61,9 @@ LM_HEAD = {"q4_151936x1024": (151936, 1024, False, None), "q4_32771x2048_norm": 
 # name -> (V, logit scale, temperature, top_k, top_p, min_p, special): sampling on the device
 # (extern.sample_token) at SAMPLE_POSITIONS positions each, against the host's draw_at.
 # special: "cluster" (the 40 largest logits in one block of the kernel's: its candidates cannot
-# decide top-k 30, status 1), "ties" (logits rounded: ties at the top-k border), "nan".
+# decide top-k 30, status 1), "ties" (logits rounded: ties at the top-k border), "nan", "rp<x>"
+# (repetition penalty x over a history of SAMPLE_HISTORY tokens, half of them among the 64
+# best: position p has seen history[:p] and the step's token).
 SAMPLE = {"v151936_t0.6_k20_p0.95": (151936, 3.0, 0.6, 20, 0.95, 0.0, None),
           "v151936_t1_k64": (151936, 1.0, 1.0, 64, 1.0, 0.0, None),
           "v128256_t0.7_k50_p0.9_minp0.05": (128256, 4.0, 0.7, 50, 0.9, 0.05, None),
@@ -83,8 +85,13 @@ SAMPLE = {"v151936_t0.6_k20_p0.95": (151936, 3.0, 0.6, 20, 0.95, 0.0, None),
           "v151936_t1_plain": (151936, 1.0, 1.0, 0, 1.0, 0.0, None),
           "v2050_t1.3_plain": (2050, 1.0, 1.3, 0, 1.0, 0.0, None),
           "v151936_flat_plain": (151936, 0.0, 1.0, 0, 1.0, 0.0, None),  # every weight 1: exact sums
-          "v151936_nan_plain": (151936, 3.0, 1.0, 0, 1.0, 0.0, "nan")}
-SAMPLE_POSITIONS, SAMPLE_SEED = 200, 2026
+          "v151936_nan_plain": (151936, 3.0, 1.0, 0, 1.0, 0.0, "nan"),
+          # the repetition penalty, with each filter form: top-k, the nucleus, plain, a boost (< 1)
+          "v151936_t0.8_k20_rp1.3": (151936, 3.0, 0.8, 20, 1.0, 0.0, "rp1.3"),
+          "v151936_t0.7_p0.9_rp1.2": (151936, 3.0, 0.7, 0, 0.9, 0.0, "rp1.2"),
+          "v151936_t1_plain_rp1.5": (151936, 3.0, 1.0, 0, 1.0, 0.0, "rp1.5"),
+          "v128256_t0.8_k40_minp0.05_rp0.8": (128256, 3.0, 0.8, 40, 1.0, 0.05, "rp0.8")}
+SAMPLE_POSITIONS, SAMPLE_SEED, SAMPLE_HISTORY = 200, 2026, 256
 
 
 # name -> (V, D, group, rot, token, position, rope scaling): the one-token prologue
@@ -241,7 +248,8 @@ def gemv_reference(x, words, scales, biases, norm_w=None):
 
 
 def _sample_inputs(V, scale, temperature, top_k, top_p, min_p, special):
-    """logits [V] f32, their argmax (V if one is NaN), the step's sampling argument."""
+    """logits [V] f32, their argmax (V if one is NaN), the step's sampling argument, the
+    settings, the token history [SAMPLE_HISTORY] and the step's token [1]."""
     from iree_runner.sampling import SamplingParams, device_params
 
     logits = (np.random.default_rng(V).standard_normal(V) * scale).astype(np.float32)
@@ -252,8 +260,13 @@ def _sample_inputs(V, scale, temperature, top_k, top_p, min_p, special):
     if special == "nan":
         logits[777] = np.nan
     argmax = np.int32(V if np.isnan(logits).any() else np.argmax(logits))
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    return logits, argmax, device_params(params, SAMPLE_SEED), params
+    penalty = float(special[2:]) if special and special.startswith("rp") else 1.0
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=penalty)
+    rng = np.random.default_rng(V + 1)
+    best = np.argsort(np.nan_to_num(logits, nan=-np.inf))[::-1][:64]
+    history = np.where(rng.random(SAMPLE_HISTORY) < 0.5, rng.choice(best, SAMPLE_HISTORY),
+                       rng.integers(0, V, SAMPLE_HISTORY)).astype(np.int32)
+    return logits, argmax, device_params(params, SAMPLE_SEED), params, history, best[1:2].astype(np.int32)
 
 
 def cdf_gap(values: np.ndarray, u: float) -> float:
@@ -263,11 +276,11 @@ def cdf_gap(values: np.ndarray, u: float) -> float:
     return float(np.abs(np.cumsum(w) / w.sum() - u).min())
 
 
-def sample_reference(logits, params, position):
+def sample_reference(logits, params, position, seen=()):
     """(token, status) the kernel must give, and whether a different token is excusable: the
     uniform number within 1e-5 of a boundary of the host's inverse CDF (float sums in another
     order). Status 1 where the kernel's candidates (the 16 best of each 2048) cannot decide
-    the top-k set."""
+    the top-k set. seen: the sequence so far (the repetition penalty's)."""
     from iree_runner import sampling as S
 
     V = len(logits)
@@ -275,7 +288,7 @@ def sample_reference(logits, params, position):
         return int(np.argmax(logits)), 0, False
     if np.isnan(logits).any():
         return V, 1, False
-    scaled = logits / np.float32(params.temperature)
+    scaled = S._scaled(logits, seen, params)
     # A plain temperature: every token survives, and the kernel sums each f32 weight in double
     # as the host does, so only a draw within float rounding of a boundary may differ.
     plain = not params.top_k and params.top_p >= 1 and params.min_p <= 0
@@ -379,8 +392,9 @@ def cases() -> dict:
             return extern.lm_head(x, w, norm=(norm_w[0], EPS, False) if norm_w else None)
         out[f"lm_head_{name}"] = _export(fn, args)
     for name, case in SAMPLE.items():
-        logits, argmax, sampling, _ = _sample_inputs(*case)
-        out[f"sample_{name}"] = _export(extern.sample_token, [logits, argmax, sampling, np.int32(0), np.int32(0)])
+        logits, argmax, sampling, _, history, token = _sample_inputs(*case)
+        out[f"sample_{name}"] = _export(extern.sample_token,
+                                        [logits, argmax, sampling, np.int32(0), np.int32(0), token, history])
     return out
 
 
@@ -497,15 +511,22 @@ def _check_sample(config, root: Path, name: str) -> int:
     sample_reference; returns 1 if any is wrong."""
     import iree.runtime as rt
 
-    logits, argmax, sampling, params = _sample_inputs(*SAMPLE[name.removeprefix("sample_")])
+    logits, argmax, sampling, params, history, step_token = _sample_inputs(*SAMPLE[name.removeprefix("sample_")])
     ctx = rt.SystemContext(vm_modules=[rt.VmModule.mmap(config.vm_instance, str(root / f"{name}.vmfb"))], config=config)
     main = next(m for n, m in ctx.modules.items() if n.startswith("jit_"))["main"]
     x = rt.asdevicearray(config.device, logits)
     bad = excused = left = 0
     seen = set()
     for pos in range(SAMPLE_POSITIONS):
-        token, status = (int(v) for v in np.asarray(main(x, argmax, sampling, np.int32(pos), np.int32(0)).to_host()))
-        want, want_status, excusable = sample_reference(logits, params, pos)
+        out, written = main(x, argmax, sampling, np.int32(pos), np.int32(0), step_token, history)
+        token, status = (int(v) for v in np.asarray(out.to_host()))
+        # The step's token goes into the history at its position, the rest as it was.
+        want_history = history.copy()
+        want_history[pos] = step_token[0]
+        if not np.array_equal(np.asarray(written.to_host()), want_history):
+            bad += 1
+            print(f"  {name} position {pos}: the history written is not the one before with the step's token at {pos}")
+        want, want_status, excusable = sample_reference(logits, params, pos, [*history[:pos], *step_token])
         seen.add(token)
         left += status
         if (token, status) != (want, want_status):

@@ -29,15 +29,19 @@ SETTINGS = [SamplingParams(temperature=0.6, top_k=20, top_p=0.95, seed=1),
             SamplingParams(temperature=1.5, top_k=50, top_p=0.9, min_p=0.05, seed=3),
             SamplingParams(temperature=0.6, top_p=0.9, seed=4),  # top-k off (Llama 3's settings)
             SamplingParams(temperature=1.0, min_p=0.1, seed=5),
-            SamplingParams(temperature=0.8, seed=6)]  # a plain temperature: the whole vocabulary
+            SamplingParams(temperature=0.8, seed=6),  # a plain temperature: the whole vocabulary
+            # the repetition penalty over the sequence so far (the steps' history on the device)
+            SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.3, seed=7),
+            SamplingParams(temperature=0.9, top_p=0.9, repetition_penalty=1.1, seed=8),
+            SamplingParams(temperature=1.0, repetition_penalty=1.5, seed=9)]
 PROMPT, TOKENS = list(range(100, 612)), 96
 
 
-def edge_gap(logits: np.ndarray, params: SamplingParams, position: int) -> float:
+def edge_gap(logits: np.ndarray, params: SamplingParams, position: int, sequence: list[int]) -> float:
     """How far the draw's uniform number lies from the nearest boundary of the host's CDF."""
     from cuda_kernels import cdf_gap
 
-    _, values = _survivors(_scaled(logits, (), params), params)
+    _, values = _survivors(_scaled(logits, sequence, params), params)
     return cdf_gap(values, uniform(params.seed, position))
 
 
@@ -60,8 +64,9 @@ def check(bundle: Path) -> int:
         logits, host, gaps = s.prefill(PROMPT), [], []
         for i in range(TOKENS):
             pos = len(PROMPT) - 1 + i
-            host.append(draw_at(logits, params, params.seed, pos))
-            gaps.append(edge_gap(logits, params, pos))
+            sequence = PROMPT + host  # the tokens so far (the repetition penalty's)
+            host.append(draw_at(logits, params, params.seed, pos, sequence))
+            gaps.append(edge_gap(logits, params, pos, sequence))
             if i + 1 < TOKENS:
                 logits = s.decode(host[-1])
         same = next((i for i, (a, b) in enumerate(zip(device, host)) if a != b), TOKENS)

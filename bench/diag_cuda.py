@@ -46,7 +46,8 @@ def session_for(variant: Path, target: str) -> Session:
     meta = json.loads((variant / "meta.json").read_text())
     b = TargetBuild(target, "diag", (), {s: f"{target}/{s}.vmfb" for s in ("prefill", "decode")}, {},
                     tuple(meta["names"]), tuple(tuple(s) for s in meta["shapes"]), meta["wd"],
-                    tuple(meta["cache_shape"]), meta["cd"])
+                    tuple(meta["cache_shape"]), meta["cd"],
+                    capacity=meta.get("max_context", MAX_CONTEXT) + CHUNK)  # as make() exports the steps
     return Session(variant, b, random_weights(b.weight_names, b.weight_shapes, meta["wd"]),
                    max_context=meta.get("max_context", MAX_CONTEXT), prefill_chunk=CHUNK)
 
@@ -65,7 +66,7 @@ def probe_step(fam, cfg):
     from iree_runner.compile import export
     from iree_runner.compile import layers as L
 
-    def step(weights, k_cache, v_cache, tokens, start, last, sampling):
+    def step(weights, k_cache, v_cache, history, tokens, start, last, sampling):
         names = ["linear", "rms_norm", "apply_rope", "attention", "gated_mlp", "top_k"]
         saved = {n: getattr(L, n) for n in names}
         moe = getattr(fam, "moe", None)
@@ -86,7 +87,7 @@ def probe_step(fam, cfg):
             if moe is not None:
                 fam.moe = recording("moe", moe)
             jax.lax.top_k = recording("lax.top_k", top_k)
-            out = export.make_step(fam, cfg)(weights, k_cache, v_cache, tokens, start, last, sampling)
+            out = export.make_step(fam, cfg)(weights, k_cache, v_cache, history, tokens, start, last, sampling)
             taps = list(L.TAPS)
         finally:
             L.TAPS = None
@@ -111,8 +112,9 @@ def export_probe(fam, cfg, spec) -> tuple[str, list[str]]:
     weights = {n: jax.ShapeDtypeStruct(s, wdt) for n, s in zip(spec.weight_names, spec.weight_shapes)}
     cache = jax.ShapeDtypeStruct(spec.cache_shape, np.dtype(spec.cache_dtype))
     scalar = jax.ShapeDtypeStruct((), np.int32)
-    exported = jax.export.export(jax.jit(fn))(weights, cache, cache, jax.ShapeDtypeStruct((CHUNK,), np.int32),
-                                             scalar, scalar, jax.ShapeDtypeStruct((export.SAMPLING_PARAMS,), np.int32))
+    exported = jax.export.export(jax.jit(fn))(weights, cache, cache, jax.ShapeDtypeStruct((spec.capacity,), np.int32),
+                                             jax.ShapeDtypeStruct((CHUNK,), np.int32), scalar, scalar,
+                                             jax.ShapeDtypeStruct((export.SAMPLING_PARAMS,), np.int32))
     return exported.mlir_module().replace("module @jit_step", "module @probe", 1), fn.labels
 
 
@@ -128,6 +130,7 @@ def run_probe(variant: Path, target: str) -> list[np.ndarray]:
     w = random_weights(meta["names"], meta["shapes"], meta["wd"])
     cache = np.zeros(meta["cache_shape"], meta["cd"])
     outs = ctx.modules.probe["main"](*(w[n] for n in meta["names"]), cache, cache,
+                                     np.zeros(meta.get("max_context", MAX_CONTEXT) + CHUNK, np.int32),  # the token history
                                      np.arange(5, 5 + CHUNK, dtype=np.int32), np.int32(0), np.int32(CHUNK - 1),
                                      device_params(None))
     return [np.asarray(o.to_host()) for o in outs]
@@ -167,7 +170,7 @@ def make(root: Path, model: Path, variants: list[str], layers: int | None = None
         probe_text = None
         if probe:  # one export for both targets (it writes the cache as a slice)
             probe_text, labels = export_probe(fam, cfg, spec)
-            (d / "labels.json").write_text(json.dumps(["logits", "argmax", "k_cache", "v_cache", *labels]))
+            (d / "labels.json").write_text(json.dumps(["logits", "argmax", "k_cache", "v_cache", "history", *labels]))
         for target in ("cpu", "cuda"):  # each target writes the cache its own way
             # One spec, so one cache layout, for both targets: the CPU then runs the JAX attention.
             modules = {step: export.export_step(fam, cfg, spec, tokens, step, **iree_compile.export_options(target))

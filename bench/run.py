@@ -136,6 +136,7 @@ def _one_timed_stream(stream, prompt, sync):
 # top-p 0.95), seeded.
 SAMPLED = dict(temperature=0.6, top_k=20, top_p=0.95, seed=0)
 PLAIN = dict(temperature=0.8, seed=0)  # a plain temperature: a draw from the whole vocabulary
+PENALTY = dict(SAMPLED, repetition_penalty=1.1)  # SAMPLED with a repetition penalty over the sequence so far
 
 
 @contextlib.contextmanager
@@ -189,7 +190,8 @@ def _peak_main(bundle: Path, ckpt: Path, device: str) -> None:
     from iree_runner.sampling import SamplingParams
 
     s, _, _, _ = load_ours(ckpt, bundle, device)
-    prompt = np.random.default_rng(0).integers(100, 1000, PROMPT_LEN).tolist()
+    # main()'s prompt (a vocabulary under 1000, as the test checkpoints', wraps around)
+    prompt = (np.random.default_rng(0).integers(100, 1000, PROMPT_LEN) % s.vocab_size).tolist()
     for params in (SamplingParams(), SamplingParams(**SAMPLED)):
         for _ in generate_step(s, prompt, params, 8):
             pass
@@ -211,9 +213,9 @@ def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tupl
 
     _timed_stream(stream, prompt[:64], trials=1)  # warm-up
     r = _timed_stream(stream, prompt)
-    for key, settings, device in (("decode_sampled", SAMPLED, True), ("decode_sampled_host", SAMPLED, False),
-                                  ("decode_plain", PLAIN, True)):
-        with drawn_on(s, device):
+    for key, settings, on_device in (("decode_sampled", SAMPLED, True), ("decode_sampled_host", SAMPLED, False),
+                                     ("decode_plain", PLAIN, True), ("decode_penalty", PENALTY, True)):
+        with drawn_on(s, on_device):
             _timed_stream(lambda p: sampled(p, settings), prompt[:64], trials=1)
             one = _timed_stream(lambda p: sampled(p, settings), prompt)
         r |= {f"{key}_tps": one["decode_tps"], f"{key}_tps_trials": one["decode_tps_trials"]}
@@ -246,17 +248,17 @@ def bench_jax(ckpt: Path, device: str, prompt: list[int], weights: dict, chunk: 
                             cache_dtype=cache_dtype)
     dev = jax.devices("gpu" if device == "cuda" else "cpu")[0]
     w = {n: jax.device_put(weights[n], dev) for n in spec.weight_names}
-    step = jax.jit(export.make_step(fam, cfg), donate_argnums=(1, 2))
+    step = jax.jit(export.make_step(fam, cfg), donate_argnums=(1, 2, 3))
     greedy = device_params(None)  # no kernels under jax.jit: the argmax
     state = {}
 
     def reset():
         z = jnp.zeros(spec.cache_shape, spec.cache_dtype, device=dev)
-        state.update(k=z, v=jnp.zeros_like(z), pos=0)
+        state.update(k=z, v=jnp.zeros_like(z), history=jnp.zeros(spec.capacity, jnp.int32, device=dev), pos=0)
 
     def run(tokens, last):
-        state["logits"], token, state["k"], state["v"] = step(w, state["k"], state["v"], tokens,
-                                                              np.int32(state["pos"]), np.int32(last), greedy)
+        state["logits"], token, state["k"], state["v"], state["history"] = step(
+            w, state["k"], state["v"], state["history"], tokens, np.int32(state["pos"]), np.int32(last), greedy)
         return int(token[0])
 
     def prefill(p):
@@ -474,7 +476,7 @@ def main() -> None:
               "iree_compiler": sorted({json.loads((args.bundles / m / "manifest.json").read_text())["compiler_version"]
                                        for m in args.models.split(",")}),
               "prompt_tokens": PROMPT_LEN,
-              "new_tokens": NEW_TOKENS, "sampled": SAMPLED, "plain": PLAIN, "command": " ".join(sys.argv), "rows": rows,
+              "new_tokens": NEW_TOKENS, "sampled": SAMPLED, "plain": PLAIN, "penalty": PENALTY, "command": " ".join(sys.argv), "rows": rows,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
@@ -492,19 +494,20 @@ def _agreement(r: dict) -> str:
 
 def table(result: dict) -> str:
     head = ("| model | weights | runtime | load s | prefill tok/s | TTFT ms | decode tok/s | sampled decode tok/s "
-            "(host draws) | plain temperature | roofline % | resident MB (peak MB) | same greedy tokens as iree-runner |")
+            "(host draws) | plain temperature | with repetition penalty | roofline % | resident MB (peak MB) | same greedy tokens as iree-runner |")
     lines = [f"{result['device']}, copy bandwidth {result['copy_bandwidth_gbs']:.0f} GB/s, "
-             f"IREE {result['iree_runtime']}; sampled: {result.get('sampled', '—')}, plain: {result.get('plain', '—')}",
-             "", head, "|" + "---|" * 12]
+             f"IREE {result['iree_runtime']}; sampled: {result.get('sampled', '—')}, plain: {result.get('plain', '—')}, "
+             f"with repetition penalty: {result.get('penalty', '—')}",
+             "", head, "|" + "---|" * 13]
     f = lambda r, k, fmt: format(r[k], fmt) if r.get(k) is not None else "—"  # noqa: E731
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | failed: {r['error'][:80]} ||||||||||")
+            lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | failed: {r['error'][:80]} |||||||||||")
             continue
         frac = f"{100 * r['roofline_frac']:.0f}%" if r.get("roofline_frac") else "—"
         lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | {f(r, 'load_s', '.2f')} | "
                      f"{f(r, 'prefill_tps', '.0f')} | {f(r, 'ttft_ms', '.1f')} | {f(r, 'decode_tps', '.1f')} | "
-                     f"{f(r, 'decode_sampled_tps', '.1f')} ({f(r, 'decode_sampled_host_tps', '.1f')}) | {f(r, 'decode_plain_tps', '.1f')} | {frac} | {f(r, 'resident_mb', '.0f')} ({f(r, 'peak_mb', '.0f')}) | "
+                     f"{f(r, 'decode_sampled_tps', '.1f')} ({f(r, 'decode_sampled_host_tps', '.1f')}) | {f(r, 'decode_plain_tps', '.1f')} | {f(r, 'decode_penalty_tps', '.1f')} | {frac} | {f(r, 'resident_mb', '.0f')} ({f(r, 'peak_mb', '.0f')}) | "
                      f"{_agreement(r)} |")
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..bundle import (MANIFEST, BundleError, Manifest, TargetBuild, check_compatible, config_digest,
+from ..bundle import (FORMAT, MANIFEST, BundleError, Manifest, TargetBuild, check_compatible, config_digest,
                       file_digest, graph_config, read_manifest)
 from ..weights.config import read_config
 from . import export, family, iree_compile
@@ -62,7 +62,7 @@ def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: in
     import jax
 
     parts = {
-        "config": graph_config(raw_config), "export": _export_code_digest(),
+        "config": graph_config(raw_config), "export": _export_code_digest(), "format": FORMAT,
         "iree": iree_compile.compiler_version(), "jax": jax.__version__, "target": target,
         "flags": iree_compile.step_flags(target), "weight_dtype": weight_dtype,
         "cache_dtype": weight_dtype,
@@ -118,7 +118,7 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
         build = TargetBuild(target, key, iree_compile.step_flags(target), files, sums, spec.weight_names,
                             spec.weight_shapes, spec.weight_dtype, spec.cache_shape, spec.cache_dtype,
                             tuple(p.name for p in spec.packed), spec.weight_dtypes,
-                            export.samples_on_device(options["decode_kernel"], int(cfg.vocab_size)))
+                            export.samples_on_device(options["decode_kernel"], int(cfg.vocab_size)), spec.capacity)
         _manifest(cc, fam, cfg, max_context, prefill_chunk, {target: build}).write(tmp)
         try:
             tmp.replace(entry)

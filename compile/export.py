@@ -37,6 +37,11 @@ class StepSpec:
     weight_dtypes: tuple[str, ...]  # per argument
     cache_layout: str  # the order of cache_shape's axes (layers.CACHE_LAYOUT)
 
+    @property
+    def capacity(self) -> int:
+        """Positions the cache holds: also the length of the step's token history."""
+        return self.cache_shape[self.cache_layout.index("S")]
+
 
 SAMPLING_PARAMS = DEVICE_PARAMS  # the step's sampling argument: [8] int32 (sampling.device_params)
 
@@ -49,9 +54,10 @@ def first_argmax(x):
 def make_step(family, cfg, packed_weights: tuple[packed.PackedSpec, ...] = (), dtype=jnp.float32):
     """The step function; packed_weights name the weight arguments that come as packed triples
     (dequantized to `dtype` where no kernel reads them)."""
-    def step(weights, k_cache, v_cache, tokens, start, last, sampling):
-        # tokens: [C] int32, start/last: scalar int32, sampling: [8] int32 (sampling.device_params)
-        # -> logits [V] f32, [token, status] int32, caches
+    def step(weights, k_cache, v_cache, history, tokens, start, last, sampling):
+        # history: [S] int32 (the sequence's tokens by position), tokens: [C] int32, start/last:
+        # scalar int32, sampling: [8] int32 (sampling.device_params)
+        # -> logits [V] f32, [token, status] int32, caches, history
         weights = packed.view(weights, packed_weights, dtype)
         positions = start + jnp.arange(tokens.shape[0], dtype=jnp.int32)
         h, k_cache, v_cache = family.forward(cfg, weights, tokens, positions, k_cache, v_cache)
@@ -61,17 +67,20 @@ def make_step(family, cfg, packed_weights: tuple[packed.PackedSpec, ...] = (), d
             row = jnp.sum(jnp.where(jnp.arange(h.shape[0])[:, None] == last, h, 0.0), axis=0)
         logits, argmax = family.lm_head(cfg, weights, row)
         argmax = first_argmax(logits) if argmax is None else argmax
-        return logits, next_token(logits, argmax, sampling, start, last), k_cache, v_cache
+        token, history = next_token(logits, argmax, sampling, start, last, tokens, history)
+        return logits, token, k_cache, v_cache, history
 
     return step
 
 
-def next_token(logits, argmax, sampling, start, last):
-    """[token, status] int32: with the CUDA kernels, the sampling kernel's (the argmax at
-    temperature 0); else the argmax, status 0 (the host samples from the logits)."""
+def next_token(logits, argmax, sampling, start, last, tokens, history):
+    """([token, status] int32, history): with the CUDA kernels, the sampling kernel's (the
+    argmax at temperature 0), which also writes the step's tokens into the history (the
+    repetition penalty's, on the device); else the argmax, status 0 (the host samples from the
+    logits, and keeps the history itself), and the history as it came."""
     if samples_on_device(layers.DECODE_KERNEL, logits.shape[0]):
-        return extern.sample_token(logits, argmax, sampling, start, last)
-    return jnp.stack([argmax, jnp.int32(0)])
+        return extern.sample_token(logits, argmax, sampling, start, last, tokens, history)
+    return jnp.stack([argmax, jnp.int32(0)]), history
 
 
 def samples_on_device(decode_kernel: str | None, vocab: int) -> bool:
@@ -127,11 +136,11 @@ def _export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str) -> 
     cache = jax.ShapeDtypeStruct(spec.cache_shape, np.dtype(spec.cache_dtype))
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     # keep_unused: the runtime passes every argument, though a one-token step has no use for
-    # `last`, nor a step without the sampling kernel for `sampling`.
-    exported = jax.export.export(jax.jit(fn, donate_argnums=(1, 2), keep_unused=True),
+    # `last`, nor a step without the sampling kernel for `sampling` and the history.
+    exported = jax.export.export(jax.jit(fn, donate_argnums=(1, 2, 3), keep_unused=True),
                                  disabled_checks=extern.disabled_checks())(
-        weights, cache, cache, jax.ShapeDtypeStruct((tokens,), jnp.int32), scalar, scalar,
-        jax.ShapeDtypeStruct((SAMPLING_PARAMS,), jnp.int32))
+        weights, cache, cache, jax.ShapeDtypeStruct((spec.capacity,), jnp.int32),
+        jax.ShapeDtypeStruct((tokens,), jnp.int32), scalar, scalar, jax.ShapeDtypeStruct((SAMPLING_PARAMS,), jnp.int32))
     text = exported.mlir_module()
     # Every jax export is `module @jit_<fn>`; prefill and decode share one runtime context,
     # so each gets its own module name.

@@ -709,20 +709,24 @@ def sample_fits(vocab: int) -> bool:
     return -(-vocab // SAMPLE_PER_BLOCK) <= SAMPLE_MAX_BLOCKS
 
 
-def sample_token(logits, argmax, sampling, start, last):
-    """[token, status] int32 on CUDA (kernels/sample.cu): the argmax where sampling (the
-    [8] int32 of sampling.device_params) has temperature 0, else a token drawn from the
-    logits [V] f32 as the host's sampler draws it, with the uniform number of (seed,
-    start + last); status 1 where the kernel leaves the draw to the host."""
+def sample_token(logits, argmax, sampling, start, last, tokens, history):
+    """([token, status] int32, history) on CUDA (kernels/sample.cu): the argmax where sampling
+    (the [8] int32 of sampling.device_params) has temperature 0, else a token drawn from the
+    logits [V] f32 as the host's sampler draws it (after the repetition penalty over the
+    sequence so far: history[:start] and tokens[:last + 1]), with the uniform number of (seed,
+    start + last); status 1 where the kernel leaves the draw to the host. history [S] int32 (the
+    sequence's tokens by position) comes back with the step's tokens at start.., in place."""
     v = logits.shape[0]
     grid = -(-v // SAMPLE_PER_BLOCK)
     i32 = jnp.int32
-    out, _, _, _ = call("sample_token", (jax.ShapeDtypeStruct((2,), i32), jax.ShapeDtypeStruct((1,), i32),
-                                         jax.ShapeDtypeStruct((grid * SAMPLE_TOP, 2), jnp.float32),
-                                         jax.ShapeDtypeStruct((grid, 4), jnp.float32)),  # 2 doubles a block
-                     [logits, jnp.reshape(argmax, (1,)).astype(i32), sampling, jnp.reshape(start, (1,)),
-                      jnp.reshape(last, (1,)), jnp.zeros((1,), i32)], grid=grid, constants=[v], aliases={5: 1})
-    return out
+    out, _, _, _, history = call(
+        "sample_token", (jax.ShapeDtypeStruct((2,), i32), jax.ShapeDtypeStruct((1,), i32),
+                         jax.ShapeDtypeStruct((grid * SAMPLE_TOP, 2), jnp.float32),
+                         jax.ShapeDtypeStruct((grid, 4), jnp.float32),  # 2 doubles a block
+                         jax.ShapeDtypeStruct(history.shape, i32)),
+        [logits, jnp.reshape(argmax, (1,)).astype(i32), sampling, jnp.reshape(start, (1,)), jnp.reshape(last, (1,)),
+         jnp.zeros((1,), i32), tokens.astype(i32), history], grid=grid, constants=[v], aliases={5: 1, 7: 4})
+    return out, history
 
 
 def dequant_q4_fits(w) -> bool:

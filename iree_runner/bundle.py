@@ -21,7 +21,8 @@ from pathlib import Path
 # 3: packed weights take scales_biases (compile/packed.py), not scales and biases.
 # 4: the steps take the sampling settings and return [token, status] (compile/export.py).
 # 5: on CUDA, packed weights' scales_biases as the checkpoint stores them (F16 or BF16), not f32.
-FORMAT = 5
+# 6: the steps take and return the sequence's token history (the repetition penalty on the device).
+FORMAT = 6
 MANIFEST = "manifest.json"
 # config.json keys that do not change the compiled graph: dtype and quantization only change
 # how the host prepares weights (the graph gets dequantized weights, or with --packed the
@@ -76,6 +77,7 @@ class TargetBuild:
     packed: tuple[str, ...] = ()  # weights kept packed (compile/packed.py): three arguments each
     weight_dtypes: tuple[str, ...] = ()  # per argument; empty = all weight_dtype
     device_sampling: bool = False  # the steps draw sampled tokens themselves (compile/export.py next_token)
+    capacity: int = 0  # positions the cache holds: the length of the steps' token history
 
     def dtypes(self) -> tuple[str, ...]:
         return self.weight_dtypes or (self.weight_dtype,) * len(self.weight_names)
@@ -85,7 +87,7 @@ class TargetBuild:
                 "weights": [[n, list(s), d] for n, s, d in zip(self.weight_names, self.weight_shapes, self.dtypes())],
                 "weight_dtype": self.weight_dtype, "packed": list(self.packed),
                 "cache_shape": list(self.cache_shape), "cache_dtype": self.cache_dtype,
-                "device_sampling": self.device_sampling}
+                "device_sampling": self.device_sampling, "capacity": self.capacity}
 
     @classmethod
     def from_json(cls, target: str, d: dict) -> "TargetBuild":
@@ -93,7 +95,8 @@ class TargetBuild:
         return cls(target, d["key"], tuple(d["flags"]), dict(d["files"]), dict(d["sha256"]),
                    tuple(e[0] for e in w), tuple(tuple(e[1]) for e in w), d["weight_dtype"],
                    tuple(d["cache_shape"]), d["cache_dtype"], tuple(d.get("packed", ())),
-                   tuple(e[2] if len(e) > 2 else d["weight_dtype"] for e in w), bool(d.get("device_sampling", False)))
+                   tuple(e[2] if len(e) > 2 else d["weight_dtype"] for e in w), bool(d.get("device_sampling", False)),
+                   int(d["capacity"]))
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,7 @@ def _tokens_on_device(session: Session, prompt: list[int], max_tokens: int,
     (PendingToken.left_to_host) is made here with the same uniform number."""
     seed = device_seed(params) if params is not None else 0
     session.set_sampling(params, seed)
+    sequence = list(prompt)  # the tokens so far: a host draw's repetition penalty takes them
     queued = [session.queue_prefill(prompt)]  # steps queued whose tokens are not yet yielded
     ahead = session.SETS["decode"] - 1  # steps queued beyond the one whose token is read next
     previous = from_host = None  # the last token yielded; from_host: it, where the host chose it
@@ -136,15 +137,16 @@ def _tokens_on_device(session: Session, prompt: list[int], max_tokens: int,
             pending = queued.pop(0)
             token = pending.result()
             if pending.left_to_host:
-                token = from_host = _draw_on_host(session, len(queued), prompt, previous, params, seed)
+                token = from_host = _draw_on_host(session, len(queued), sequence, previous, params, seed)
                 queued, left = [], left + 1
             previous = token
+            sequence.append(token)
             yield token
             if left >= HOST_AFTER and HOST_SHARE * left > produced + 1:
                 # The device keeps leaving the draw to the host (a flat distribution, top-k off):
                 # each such step runs twice. The host draws the rest, at the same uniform numbers.
                 session.set_sampling(None)
-                yield from _drawn_on_host(session, token, max_tokens - produced - 1, params, seed)
+                yield from _drawn_on_host(session, sequence, max_tokens - produced - 1, params, seed)
                 return
     finally:
         if queued:
@@ -154,29 +156,31 @@ def _tokens_on_device(session: Session, prompt: list[int], max_tokens: int,
 HOST_AFTER, HOST_SHARE = 3, 4  # the host takes over after 3 draws left to it, over a quarter of them
 
 
-def _drawn_on_host(session: Session, token: int, n: int, params: SamplingParams, seed: int) -> Iterator[int]:
-    """Up to n more tokens after `token`, each step's logits read back and drawn from by the
-    host as the device would (sampling.draw_at)."""
+def _drawn_on_host(session: Session, sequence: list[int], n: int, params: SamplingParams, seed: int) -> Iterator[int]:
+    """Up to n more tokens after the sequence so far (its last one not yet decoded), each
+    step's logits read back and drawn from by the host as the device would (sampling.draw_at)."""
     for _ in range(n):
         if session.pos >= session.max_context:
             return
-        logits = session.decode(token)
-        token = draw_at(logits, params, seed, session.pos - 1)  # the row of the token decoded
+        logits = session.decode(sequence[-1])
+        token = draw_at(logits, params, seed, session.pos - 1, sequence)  # the row of the token decoded
+        sequence.append(token)
         yield token
 
 
-def _draw_on_host(session: Session, queued: int, prompt: list[int], previous: int | None, params: SamplingParams,
+def _draw_on_host(session: Session, queued: int, sequence: list[int], previous: int | None, params: SamplingParams,
                   seed: int) -> int:
     """The token of the step the device left to the host: the steps queued on its stand-in
-    dropped, the step run again for its logits, the draw made from them (sampling.draw_at)."""
+    dropped, the step run again for its logits, the draw made from them (sampling.draw_at, the
+    sequence so far ending in `previous`, or the prompt where it is None)."""
     if previous is None:  # the prompt's step
         session.reset()
         session.set_sampling(params, seed)  # (reset went back to greedy)
-        logits = session.prefill(prompt)
+        logits = session.prefill(sequence)
     else:
         session.rewind(queued + 1)
         logits = session.decode(previous)
-    return draw_at(logits, params, seed, session.pos - 1)
+    return draw_at(logits, params, seed, session.pos - 1, sequence)
 
 
 @dataclass

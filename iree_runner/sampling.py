@@ -271,11 +271,11 @@ _MASK64 = (1 << 64) - 1
 
 
 def samples_on_device(params: SamplingParams) -> bool:
-    """Whether the device's kernel draws with these settings: a temperature; top-k off, or
-    between 1 and DEVICE_MAX_TOP_K (the candidates it keeps); no repetition penalty (it has no
-    history)."""
-    top_k = params.top_k <= DEVICE_MAX_TOP_K
-    return params.temperature > 0 and top_k and params.repetition_penalty == 1.0
+    """Whether the device's kernel draws with these settings: a temperature (greedy with a
+    repetition penalty takes the host's argmax of the penalized logits); top-k off, or between 1
+    and DEVICE_MAX_TOP_K (the candidates it keeps); any repetition penalty (the steps keep the
+    sequence's tokens on the device)."""
+    return params.temperature > 0 and params.top_k <= DEVICE_MAX_TOP_K
 
 
 def uniform(seed: int, position: int) -> float:
@@ -295,19 +295,20 @@ def device_seed(params: SamplingParams) -> int:
 
 def device_params(params: SamplingParams | None, seed: int = 0) -> np.ndarray:
     """The step's sampling argument, [8] int32: temperature, top_k, top_p, min_p (floats as
-    their bits), the seed's low and high words, 0, 0. None or a temperature of 0: greedy (the
-    step's argmax)."""
+    their bits), the seed's low and high words, the repetition penalty's bits, 0. None or a
+    temperature of 0: greedy (the step's argmax)."""
     out = np.zeros(DEVICE_PARAMS, np.uint32)
     if params is not None and not params.greedy:
-        out[[0, 2, 3]] = np.array([params.temperature, params.top_p, params.min_p], np.float32).view(np.uint32)
+        floats = [params.temperature, params.top_p, params.min_p, params.repetition_penalty]
+        out[[0, 2, 3, 6]] = np.array(floats, np.float32).view(np.uint32)
         out[1], out[4], out[5] = params.top_k, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
     return out.view(np.int32)
 
 
-def draw_at(logits: np.ndarray, params: SamplingParams, seed: int, position: int) -> int:
-    """The draw the device makes from position's logits (without the repetition penalty it
-    does not apply), on the host: where the kernel left it to the host."""
-    logits = _scaled(_as_logits(logits), (), params)
+def draw_at(logits: np.ndarray, params: SamplingParams, seed: int, position: int, tokens: Sequence[int] = ()) -> int:
+    """The draw the device makes from position's logits, the sequence so far being `tokens`
+    (the repetition penalty's), on the host: where the kernel left it to the host."""
+    logits = _scaled(_as_logits(logits), tokens, params)
     return _draw(*_survivors(logits, params), logits.shape[0], uniform(seed, position))
 
 

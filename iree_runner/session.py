@@ -134,7 +134,12 @@ class Session:
         zeros = np.zeros(build.cache_shape, np.dtype(build.cache_dtype))
         self._k = rt.asdevicearray(device, zeros)._buffer_view
         self._v = rt.asdevicearray(device, zeros)._buffer_view
-        self.stats.device_bytes += self.stats.weight_bytes + 2 * zeros.nbytes
+        # The sequence's tokens by position, which the steps write and, sampling with a
+        # repetition penalty on the device, read. Like the cache, rows at or past the position
+        # are never read.
+        history = np.zeros(build.capacity, np.int32)
+        self._history = rt.asdevicearray(device, history)._buffer_view
+        self.stats.device_bytes += self.stats.weight_bytes + 2 * zeros.nbytes + history.nbytes
         self.reset()
 
     @property
@@ -256,16 +261,16 @@ class Session:
         sets = self._storage[step]
         buffers, done = sets[0]
         self._fence(done).wait()  # the step that last used this set is done
-        args = rt.VmVariantList(len(self._weight_views) + 10)
-        for ref in (*self._weight_views, self._k, self._v, tokens, self._scalars[self.pos], self._scalars[last],
+        args = rt.VmVariantList(len(self._weight_views) + 11)
+        for ref in (*self._weight_views, self._k, self._v, self._history, tokens, self._scalars[self.pos], self._scalars[last],
                     self._sampling, *buffers, self._fence(self._tick), self._fence(self._tick + 1)):
             args.push_ref(ref)
         self._tick += 1
         sets.append([buffers, self._tick])
         del sets[0]
-        results = rt.VmVariantList(4)
+        results = rt.VmVariantList(5)
         self._ctx.vm_context.invoke(self._steps[step], args, results)
-        logits, token, self._k, self._v = (results.get_as_object(i, rt.HalBufferView) for i in range(4))
+        logits, token, self._k, self._v, self._history = (results.get_as_object(i, rt.HalBufferView) for i in range(5))
         # Only what is asked for crosses back: the token (two ints), or the logits row.
         if read != "token":
             self._last_token = None

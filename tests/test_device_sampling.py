@@ -5,6 +5,8 @@ session whose device draws what the host would and leaves chosen steps to the ho
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -26,13 +28,13 @@ def test_uniform_numbers_are_24_bit_and_spread_evenly():
 
 
 def test_device_params_layout():
-    p = SamplingParams(temperature=0.6, top_k=20, top_p=0.95, min_p=0.05, seed=3)
+    p = SamplingParams(temperature=0.6, top_k=20, top_p=0.95, min_p=0.05, repetition_penalty=1.25, seed=3)
     seed = (123 << 32) | 456
     got = device_params(p, seed)
     assert got.dtype == np.int32 and got.shape == (8,)
     f = got.view(np.float32)
     assert (f[0], got[1], f[2], f[3]) == (np.float32(0.6), 20, np.float32(0.95), np.float32(0.05))
-    assert (got[4], got[5], got[6], got[7]) == (456, 123, 0, 0)
+    assert (got[4], got[5], f[6], got[7]) == (456, 123, np.float32(1.25), 0)
     assert not device_params(None).any() and not device_params(SamplingParams()).any()  # greedy
 
 
@@ -45,7 +47,9 @@ def test_device_params_layout():
     (SamplingParams(temperature=0.7), True),  # a plain temperature: the whole vocabulary
     (SamplingParams(temperature=1.0, top_k=DEVICE_MAX_TOP_K + 1, top_p=0.9), False),
     (SamplingParams(temperature=0.7, top_k=151_936, top_p=0.9), False),  # top-k at the vocabulary: on the host
-    (SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.1), False),
+    (SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.1), True),  # the steps keep the history
+    (SamplingParams(temperature=0.7, repetition_penalty=0.9), True),
+    (SamplingParams(repetition_penalty=1.1), False),  # greedy with a penalty: the host's argmax of the penalized logits
     (SamplingParams(), False),  # greedy: the argmax, not a draw
 ])
 def test_which_settings_the_device_draws_with(params, on_device):
@@ -53,18 +57,23 @@ def test_which_settings_the_device_draws_with(params, on_device):
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0.8, top_k=30, top_p=0.9, min_p=0.02, seed=11),
-                                    SamplingParams(temperature=0.8, seed=11)])
+                                    SamplingParams(temperature=0.8, seed=11),
+                                    SamplingParams(temperature=0.8, top_k=30, repetition_penalty=1.3, seed=11)])
 def test_draw_at_is_the_samplers_draw_at_that_uniform_number(monkeypatch, params):
-    """draw_at(logits, params, seed, position) draws as make_sampler does when the generator's
-    next number is uniform(seed, position)."""
+    """draw_at(logits, params, seed, position, tokens) draws as make_sampler does when the
+    generator's next number is uniform(seed, position), the sequence so far being tokens."""
     rng = np.random.default_rng(0)
+    changed = 0  # draws the penalty changed: it must be applied, not only accepted
     for pos in range(50):
         logits = (rng.standard_normal(VOCAB) * 2).astype(np.float32)
+        tokens = list(np.argsort(logits)[::-1][:5]) + list(rng.integers(0, VOCAB, 20))
         u = uniform(11, pos)
         monkeypatch.setattr(np.random, "default_rng", lambda seed, u=u: type("Fixed", (), {"random": lambda self: u})())
-        want = make_sampler(params)(logits, [])
+        want = make_sampler(params)(logits, tokens)
         monkeypatch.undo()
-        assert draw_at(logits, params, 11, pos) == want
+        assert draw_at(logits, params, 11, pos, tokens) == want
+        changed += draw_at(logits, params, 11, pos) != want
+    assert (changed > 0) == (params.repetition_penalty != 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,6 +104,7 @@ class StandInSession:
         self.leave, self.max_context, self.pos = set(leave), max_context, 0
         self.params = self.seed = None
         self.runs = []  # (kind, position of the sampled row)
+        self.seq = []  # the tokens by position, as the steps write them (the kernel's history)
 
     def reset(self):
         self.pos, self.params = 0, None
@@ -106,6 +116,10 @@ class StandInSession:
         assert 0 <= steps <= self.pos
         self.pos -= steps
 
+    def _write(self, tokens):
+        self.seq = self.seq[:self.pos] + list(tokens)
+        self.pos += len(tokens)
+
     def _step(self, token: int, read: str):
         row = self.pos - 1
         self.runs.append((read, row))
@@ -115,41 +129,44 @@ class StandInSession:
         if row in self.leave:
             self.leave.discard(row)  # the host's rerun of the step reads its logits instead
             return _Pending(0, True)
-        return _Pending(draw_at(logits, self.params, self.seed, row), False)
+        return _Pending(draw_at(logits, self.params, self.seed, row, self.seq), False)
 
     def queue_prefill(self, prompt):
-        self.pos += len(prompt)
-        self._input = prompt[-1]
+        self._write(prompt)
         return self._step(prompt[-1], "token")
 
     def prefill(self, prompt):
-        self.pos += len(prompt)
+        self._write(prompt)
         return self._step(prompt[-1], "logits")
 
     def decode_next(self, token=None):
-        self.pos += 1
         # The device's own token is the last pending one's; a host token is given.
-        return self._step(self._device_token if token is None else token, "token")
+        token = self._device_token if token is None else token
+        self._write([token])
+        return self._step(token, "token")
 
     def decode(self, token):
-        self.pos += 1
+        self._write([token])
         return self._step(token, "logits")
 
 
 def _reference(prompt, params, seed, n):
-    """Each token drawn on the host from the stand-in model, one after the other."""
+    """Each token drawn on the host from the stand-in model, one after the other (the sequence
+    so far for the repetition penalty)."""
     tokens, token = [], prompt[-1]
     for i in range(n):
-        token = draw_at(_logits(len(prompt) - 1 + i, token), params, seed, len(prompt) - 1 + i)
+        token = draw_at(_logits(len(prompt) - 1 + i, token), params, seed, len(prompt) - 1 + i, prompt + tokens)
         tokens.append(token)
     return tokens
 
 
+@pytest.mark.parametrize("penalty", [1.0, 3.0])
 @pytest.mark.parametrize("leave", [(), (5,), (6, 7), (5, 9, 12), (8,)])
-def test_pipelined_sampling_equals_drawing_each_step_on_the_host(leave):
+def test_pipelined_sampling_equals_drawing_each_step_on_the_host(leave, penalty):
     """Wherever the device leaves a draw to the host (position 5 is the prompt's own step), the
-    tokens are those of the host drawing every step, and the session ends where it would."""
-    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=1234)
+    tokens are those of the host drawing every step, and the session ends where it would; with
+    a repetition penalty, the host's draws take the sequence so far, as the kernel's do."""
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=penalty, seed=1234)
     prompt = [1, 2, 3, 4, 5, 6]
     s = StandInSession(leave)
     # The stand-in's "device token" of decode_next: the token the step before it yields.
@@ -157,6 +174,8 @@ def test_pipelined_sampling_equals_drawing_each_step_on_the_host(leave):
     for token in _tracking(s, generate_step(s, prompt, params, 12)):
         got.append(token)
     assert got == _reference(prompt, params, 1234, 12)
+    if penalty != 1.0:  # the penalty changes this run's tokens: the sequence is in use
+        assert got != _reference(prompt, replace(params, repetition_penalty=1.0), 1234, 12)
     assert s.pos == len(prompt) + 11
     assert not s.leave  # every step left to the host was drawn there
 

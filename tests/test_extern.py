@@ -452,6 +452,11 @@ def test_cuda_steps_choose_their_token_with_the_sampling_kernel(family_name):
         for tokens in (1, 8):
             text = export.export_step(fam, cfg, spec, tokens, "step", **iree_compile.export_options("cuda"))
             assert _constants(text, "sample_token") == [[cfg.vocab_size]], (tokens, spec.packed != ())
+            # It writes the step's tokens into the history (the step's argument, tied: in place),
+            # which the repetition penalty reads on the device.
+            tied = re.search(r"@sample_token\[.*\) -> \(tensor<2xi32>, %\w+, tensor<[\dx]+xf32>, tensor<[\dx]+xf32>, "
+                             rf"(%arg\d+)\)$", text, re.M)
+            assert tied and f"{tied[1]}: tensor<{spec.capacity}xi32>" in text, (tokens, spec.packed != ())
             grid = re.search(r"%ext(\d+)_grid = arith.constant (\d+) : index(?=[\s\S]*@sample_token\[%ext\1_grid\])", text)
             assert int(grid[2]) == -(-cfg.vocab_size // extern.SAMPLE_PER_BLOCK)
         assert export.samples_on_device("cuda", cfg.vocab_size)

@@ -17,13 +17,20 @@
 // logits. Each phase sorts only what can matter (a few dozen pairs): sorting all of a block's
 // 2048, then all the candidates, took the kernel 65 us per Qwen3-0.6B token on an H100.
 //
+// The repetition penalty (params[6], 1 = off) comes first, as sampling._penalize applies it:
+// a token seen in the sequence so far (history[0 .. start) and this step's tokens[0 .. last])
+// has its logit x made x * penalty where x < 0, else x / penalty. Every step writes its tokens
+// into history[start ..], in place, so the history of the next step is on the device too.
+//
 // Bindings: logits [V] f32, argmax [1] int32 (the step's, N on NaN), params [8] u32 (sampling.
-// device_params: temperature f32 bits, top_k, top_p bits, min_p bits, seed low, seed high),
-// start [1], last [1] int32 (the sampled row's position is start + last), count [1] int32
-// (zero; written), then the results: out [2] int32: token, status (0: drawn here; 1: the host
-// must sample; temperature 0 gives the argmax, 0), candidates [blocks * TOP] float2 (value, id
-// bits; scratch), sums [blocks * 2] double (with top-k off: each block's best and its sum of
-// exp(x - best), the f32 weights summed in double as the host sums them; scratch).
+// device_params: temperature f32 bits, top_k, top_p bits, min_p bits, seed low, seed high,
+// repetition penalty bits), start [1], last [1] int32 (the sampled row's position is start +
+// last), count [1] int32 (zero; written), tokens [C] int32 (the step's), history [S] int32 (the
+// sequence's tokens by position; written), then the results: out [2] int32: token, status (0:
+// drawn here; 1: the host must sample; temperature 0 gives the argmax, 0), candidates [blocks *
+// TOP] float2 (value, id bits; scratch), sums [blocks * 2] double (with top-k off: each block's
+// best and its sum of exp(x - best), the f32 weights summed in double as the host sums them;
+// scratch).
 // Push constant: V. Grid: ceil(V / PER_BLOCK) <= MAX_BLOCKS.
 // Regenerate the PTX with `make ptx` (needs nvcc).
 #include "common.cuh"
@@ -90,6 +97,30 @@ __device__ __forceinline__ double warp_sum_double(double x) {
   return x;
 }
 
+// The tokens of the sequence so far: history[0 .. start) and the step's tokens[0 .. n).
+struct Seen {
+  const int* history;
+  const int* tokens;
+  int start, n;
+  float penalty;  // 1: off
+  // Which of the PER_BLOCK ids from base the sequence holds, as bits in mask[PER_BLOCK / 32]
+  // (shared memory, all of the block's threads calling; ends with a barrier).
+  __device__ void mark(int base, unsigned* mask) const {
+    for (int i = threadIdx.x; i < PER_BLOCK / 32; i += NT) mask[i] = 0u;
+    __syncthreads();
+    for (int i = threadIdx.x; i < start + n; i += NT) {
+      const int token = i < start ? history[i] : tokens[i - start], at = token - base;
+      if (at >= 0 && at < PER_BLOCK) atomicOr(&mask[at / 32], 1u << (at % 32));
+    }
+    __syncthreads();
+  }
+  // Logit x of id base + at, penalized where the sequence holds it (sampling._penalize: f32).
+  __device__ __forceinline__ float operator()(float x, int at, const unsigned* mask) const {
+    if (penalty == 1.f || !(mask[at / 32] >> (at % 32) & 1u)) return x;
+    return x < 0.f ? x * penalty : x / penalty;
+  }
+};
+
 // Plain temperature (top-k, top-p and min-p off): sampling._draw's inverse CDF over the whole
 // vocabulary, in token-id order, at the uniform number u. M: the largest scaled logit. The
 // blocks' sums (phase 1, relative to each block's best, in double) locate the block where the
@@ -98,10 +129,11 @@ __device__ __forceinline__ double warp_sum_double(double x) {
 // 1024: the sums agree to double rounding, the block sums to the f32 rounding of weights
 // taken relative to another maximum; a draw can differ only within ~1e-7 of a CDF boundary.)
 __device__ void draw_whole(const float* __restrict__ logits, float temperature, float M, const double* sums, double u,
-                           int V, int* __restrict__ out) {
+                           int V, const Seen& seen, int* __restrict__ out) {
   __shared__ double z[MAX_BLOCKS], warp_total[NT / 32];
   __shared__ double within_s;
   __shared__ int block_s, first_s, last_s;
+  __shared__ unsigned mask[PER_BLOCK / 32];
   const int t = threadIdx.x, lane = t % 32, warp = t / 32, grid = gridDim.x;
   if (t < grid) z[t] = __ldcg(sums + 2 * t + 1) * exp(__ldcg(sums + 2 * t) - (double)M);
   if (t == 0) first_s = PER_BLOCK, last_s = -1;
@@ -117,10 +149,11 @@ __device__ void draw_whole(const float* __restrict__ logits, float temperature, 
     block_s = b, within_s = target - before;
   }
   __syncthreads();
+  if (seen.penalty != 1.f) seen.mark(block_s * PER_BLOCK, mask);
   const int base = block_s * PER_BLOCK + 2 * t;  // this thread's two tokens, in id order
   float w[2];
 #pragma unroll
-  for (int j = 0; j < 2; ++j) w[j] = base + j < V ? expf(logits[base + j] / temperature - M) : 0.f;
+  for (int j = 0; j < 2; ++j) w[j] = base + j < V ? expf(seen(logits[base + j], 2 * t + j, mask) / temperature - M) : 0.f;
   // A scan of the threads' pair sums over the warp, in double, then the warps before.
   double c = (double)w[0] + (double)w[1];
 #pragma unroll
@@ -147,8 +180,8 @@ __device__ void draw_whole(const float* __restrict__ logits, float temperature, 
 
 extern "C" __global__ void __launch_bounds__(NT) sample_token(
     const float* __restrict__ logits, const int* __restrict__ argmax, const uint32_t* __restrict__ params,
-    const int* __restrict__ start, const int* __restrict__ last, int* count, int* __restrict__ out,
-    float2* candidates, double* sums, int V) {
+    const int* __restrict__ start, const int* __restrict__ last, int* count, const int* __restrict__ tokens,
+    int* history, int* __restrict__ out, float2* candidates, double* sums, int V) {
   __shared__ float v[MAXC];  // pairs kept for sorting: (value, id)
   __shared__ int id[MAXC];
   __shared__ float sw[MAXC];  // the survivors' weights, in id order
@@ -156,8 +189,13 @@ extern "C" __global__ void __launch_bounds__(NT) sample_token(
   __shared__ int kept;
   __shared__ float red[NT / 32], red2[NT / 32], floor_v;  // floor_v: phase 1's bound for keeping a logit
   __shared__ double red_sum[NT / 32];
+  __shared__ unsigned mask[PER_BLOCK / 32];  // the ids of this block the sequence holds (a penalty only)
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
-  const float temperature = __uint_as_float(params[0]);
+  const int n_step = last[0] + 1;
+  // The step's tokens into the history, for the steps after it (this one reads only [0, start)).
+  if (blockIdx.x == 0 && t < n_step) history[start[0] + t] = tokens[t];
+  const float temperature = __uint_as_float(params[0]), penalty = __uint_as_float(params[6]);
+  const Seen seen{history, tokens, start[0], n_step, penalty > 0.f ? penalty : 1.f};
   // Top-k off: top-p or min-p over the whole vocabulary, which need its softmax's denominator,
   // or neither (plain: the whole vocabulary survives, draw_whole).
   const bool whole = params[1] == 0;
@@ -171,11 +209,12 @@ extern "C" __global__ void __launch_bounds__(NT) sample_token(
   // at least that large): a few dozen, kept and sorted. (With each warp's best alone, a last
   // block with 12 warps of real logits kept all 384 and its sort set the kernel's time.)
   const int base = blockIdx.x * PER_BLOCK;
+  if (seen.penalty != 1.f) seen.mark(base, mask);
   float x[PER_BLOCK / NT];
 #pragma unroll
   for (int j = 0; j < PER_BLOCK / NT; ++j) {
     const int g = base + t + j * NT;
-    x[j] = g < V ? logits[g] / temperature : -INFINITY;
+    x[j] = g < V ? seen(logits[g], t + j * NT, mask) / temperature : -INFINITY;
   }
   static_assert(PER_BLOCK / NT == 2, "two logits per thread");
   const float hi = fmaxf(x[0], x[1]), lo = fminf(x[0], x[1]);
@@ -232,7 +271,7 @@ extern "C" __global__ void __launch_bounds__(NT) sample_token(
     if (argmax[0] >= V || !(M > -INFINITY && M < INFINITY)) {
       if (t == 0) out[0] = argmax[0], out[1] = 1;
     } else {
-      draw_whole(logits, temperature, M, sums, u, V, out);
+      draw_whole(logits, temperature, M, sums, u, V, seen, out);
     }
     return;
   }
