@@ -99,7 +99,6 @@ class Session:
         self.vocab_size = build.weight_shapes[build.weight_names.index("model.embed_tokens.weight")][0]
         self._config = _device_config(build.target)
         device = self._config.device
-        self._device = device
         modules = [rt.VmModule.mmap(self._config.vm_instance, str(Path(bundle_dir) / build.files[s]))
                    for s in ("prefill", "decode")]
         self._ctx = rt.SystemContext(vm_modules=modules, config=self._config)
@@ -112,6 +111,7 @@ class Session:
         self._weight_views = [rt.asdevicearray(device, weights[n])._buffer_view for n in build.weight_names]
         self.stats.upload_s = time.perf_counter() - t0
         self.stats.weight_bytes = sum(weights[n].nbytes for n in build.weight_names)
+        self._device = device
         # Every position (and row index) as an int32 scalar on the device, made up front: an upload
         # during generation is a synchronous copy that the queued steps wait behind.
         self._scalars = [rt.asdevicearray(device, np.array(i, np.int32))._buffer_view

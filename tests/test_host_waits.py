@@ -85,9 +85,10 @@ def test_scatter_and_slice_cache_writes_agree_on_cpu(tmp_path):
         vmfb = tmp_path / f"{write}.vmfb"
         iree_compile.compile_mlir(export.export_step(fam, cfg, spec, 8, "step", write), vmfb, "cpu", write,
                                   flags=iree_compile.step_flags("cpu"))
-        results[write] = run_step(vmfb, "step", [*weights, cache.copy(), cache.copy(), np.arange(3, 11, dtype=np.int32),
+        history = np.zeros(spec.capacity, np.int32)
+        results[write] = run_step(vmfb, "step", [*weights, cache.copy(), cache.copy(), history, np.arange(3, 11, dtype=np.int32),
                                                  np.int32(20), np.int32(5), device_params(None)], vocab_size=cfg.vocab_size)
-    logits, token, k, v = results["scatter"]
+    logits, token, k, v, _ = results["scatter"]
     assert not np.array_equal(k, cache), "the chunk was not written"
     assert token.tolist() == [int(np.argmax(logits)), 0]  # [token, status]: the argmax, from the graph
     for a, b in zip(results["scatter"], results["slice"]):
@@ -97,7 +98,7 @@ def test_scatter_and_slice_cache_writes_agree_on_cpu(tmp_path):
 def run_step(vmfb, module: str, inputs: list, vocab_size: int) -> list[np.ndarray]:
     """One call of a compiled step on the CPU, as iree_runner.session makes it: the inputs, then
     storage for the results and transients (export.CALLER_STORAGE), then a wait and a signal
-    fence. Returns logits, [token, status], and the two caches."""
+    fence. Returns logits, [token, status], the two caches and the token history."""
     import iree.runtime as rt
 
     config = rt.Config("local-task")
@@ -114,7 +115,7 @@ def run_step(vmfb, module: str, inputs: list, vocab_size: int) -> list[np.ndarra
     timeline = device.create_semaphore(0)
     args.push_ref(rt.HalFence.create_at(timeline, 0))
     args.push_ref(rt.HalFence.create_at(timeline, 1))
-    results = rt.VmVariantList(4)
+    results = rt.VmVariantList(5)
     ctx.vm_context.invoke(fn, args, results)
     rt.HalFence.create_at(timeline, 1).wait()
-    return [np.asarray(rt.DeviceArray(device, results.get_as_object(i, rt.HalBufferView)).to_host()) for i in range(4)]
+    return [np.asarray(rt.DeviceArray(device, results.get_as_object(i, rt.HalBufferView)).to_host()) for i in range(5)]
