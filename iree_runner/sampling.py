@@ -258,10 +258,11 @@ def make_sampler(params: SamplingParams) -> Sampler:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling on the device (compile/kernels/sample.cu): the same filters and inverse-CDF draw, in
-# the same order, with one uniform number per position from a counter-based generator, so a
-# token drawn there feeds the next step without a trip to the host. Where the kernel cannot
-# decide a draw it leaves it to draw_at, which takes the same uniform number.
+# Sampling on the device (compile/kernels/sample.cu): the same repetition penalty (over the token
+# history the steps keep on the device), filters and inverse-CDF draw, in the same order, with
+# one uniform number per position from a counter-based generator, so a token drawn there feeds
+# the next step without a trip to the host. Where the kernel cannot decide a draw it leaves it
+# to draw_at, which takes the same uniform number.
 
 # The largest top-k the device draws with: the kernel decides a top-k set when no block of its
 # 2048 logits holds more than 16 of it, which a larger k would miss more often.
