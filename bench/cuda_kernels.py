@@ -90,7 +90,8 @@ SAMPLE = {"v151936_t0.6_k20_p0.95": (151936, 3.0, 0.6, 20, 0.95, 0.0, None),
           "v151936_t0.8_k20_rp1.3": (151936, 3.0, 0.8, 20, 1.0, 0.0, "rp1.3"),
           "v151936_t0.7_p0.9_rp1.2": (151936, 3.0, 0.7, 0, 0.9, 0.0, "rp1.2"),
           "v151936_t1_plain_rp1.5": (151936, 3.0, 1.0, 0, 1.0, 0.0, "rp1.5"),
-          "v128256_t0.8_k40_minp0.05_rp0.8": (128256, 3.0, 0.8, 40, 1.0, 0.05, "rp0.8")}
+          "v128256_t0.8_k40_minp0.05_rp0.8": (128256, 3.0, 0.8, 40, 1.0, 0.05, "rp0.8"),
+          "v151936_greedy_rp1.3": (151936, 3.0, 0.0, 0, 1.0, 0.0, "rp1.3")}  # greedy: the penalized argmax
 SAMPLE_POSITIONS, SAMPLE_SEED, SAMPLE_HISTORY = 200, 2026, 256
 
 
@@ -284,10 +285,12 @@ def sample_reference(logits, params, position, seen=()):
     from iree_runner import sampling as S
 
     V = len(logits)
-    if params.greedy:
+    if params.greedy and params.repetition_penalty == 1.0:
         return int(np.argmax(logits)), 0, False
     if np.isnan(logits).any():
         return V, 1, False
+    if params.greedy:  # the first best of the penalized logits
+        return int(np.argmax(S._penalize(logits, seen, params.repetition_penalty))), 0, False
     scaled = S._scaled(logits, seen, params)
     # A plain temperature: every token survives, and the kernel sums each f32 weight in double
     # as the host does, so only a draw within float rounding of a boundary may differ.

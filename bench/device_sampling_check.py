@@ -33,7 +33,8 @@ SETTINGS = [SamplingParams(temperature=0.6, top_k=20, top_p=0.95, seed=1),
             # the repetition penalty over the sequence so far (the steps' history on the device)
             SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.3, seed=7),
             SamplingParams(temperature=0.9, top_p=0.9, repetition_penalty=1.1, seed=8),
-            SamplingParams(temperature=1.0, repetition_penalty=1.5, seed=9)]
+            SamplingParams(temperature=1.0, repetition_penalty=1.5, seed=9),
+            SamplingParams(repetition_penalty=1.3, seed=10)]  # greedy: the penalized logits' argmax
 PROMPT, TOKENS = list(range(100, 612)), 96
 
 

@@ -272,11 +272,14 @@ _MASK64 = (1 << 64) - 1
 
 
 def samples_on_device(params: SamplingParams) -> bool:
-    """Whether the device's kernel draws with these settings: a temperature (greedy with a
-    repetition penalty takes the host's argmax of the penalized logits); top-k off, or between 1
-    and DEVICE_MAX_TOP_K (the candidates it keeps); any repetition penalty (the steps keep the
-    sequence's tokens on the device)."""
-    return params.temperature > 0 and params.top_k <= DEVICE_MAX_TOP_K
+    """Whether the device's kernel chooses the token with these settings beyond plain greedy
+    (which takes the step's argmax): a temperature with top-k off, or between 1 and
+    DEVICE_MAX_TOP_K (the candidates it keeps), or greedy with a repetition penalty (the
+    penalized logits' argmax); any repetition penalty (the steps keep the sequence's tokens on
+    the device)."""
+    if params.greedy:
+        return params.repetition_penalty != 1.0
+    return params.top_k <= DEVICE_MAX_TOP_K
 
 
 def uniform(seed: int, position: int) -> float:
@@ -297,9 +300,13 @@ def device_seed(params: SamplingParams) -> int:
 def device_params(params: SamplingParams | None, seed: int = 0) -> np.ndarray:
     """The step's sampling argument, [8] int32: temperature, top_k, top_p, min_p (floats as
     their bits), the seed's low and high words, the repetition penalty's bits, 0. None or a
-    temperature of 0: greedy (the step's argmax)."""
+    temperature of 0 without a penalty: all zeros, greedy (the step's argmax). Greedy with a
+    penalty: temperature 0, top-k 1 (the kernel's first candidate)."""
     out = np.zeros(DEVICE_PARAMS, np.uint32)
-    if params is not None and not params.greedy:
+    if params is not None and params.greedy and params.repetition_penalty != 1.0:
+        out[[2, 6]] = np.array([1.0, params.repetition_penalty], np.float32).view(np.uint32)
+        out[1] = 1
+    elif params is not None and not params.greedy:
         floats = [params.temperature, params.top_p, params.min_p, params.repetition_penalty]
         out[[0, 2, 3, 6]] = np.array(floats, np.float32).view(np.uint32)
         out[1], out[4], out[5] = params.top_k, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
@@ -308,7 +315,10 @@ def device_params(params: SamplingParams | None, seed: int = 0) -> np.ndarray:
 
 def draw_at(logits: np.ndarray, params: SamplingParams, seed: int, position: int, tokens: Sequence[int] = ()) -> int:
     """The draw the device makes from position's logits, the sequence so far being `tokens`
-    (the repetition penalty's), on the host: where the kernel left it to the host."""
+    (the repetition penalty's), on the host: where the kernel left it to the host. Greedy: the
+    first argmax of the penalized logits, as make_sampler's."""
+    if params.greedy:
+        return int(np.argmax(_penalize(_as_logits(logits), tokens, params.repetition_penalty)))
     logits = _scaled(_as_logits(logits), tokens, params)
     return _draw(*_survivors(logits, params), logits.shape[0], uniform(seed, position))
 

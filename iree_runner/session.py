@@ -171,11 +171,12 @@ class Session:
 
     def set_sampling(self, params: SamplingParams | None, seed: int = 0) -> None:
         """How the steps choose their token until the next reset: the argmax (None, or a
-        temperature of 0), or a draw on the device with these settings and seed (a bundle
-        whose steps sample: samples_on_device; sampling.samples_on_device says which settings)."""
+        temperature of 0 without a repetition penalty), or a choice on the device with these
+        settings and seed (a bundle whose steps sample: samples_on_device;
+        sampling.samples_on_device says which settings)."""
         import iree.runtime as rt
 
-        if params is None or params.greedy:
+        if params is None or (params.greedy and params.repetition_penalty == 1.0):
             self._sampling = self._greedy_params
             return
         if not self.samples_on_device:

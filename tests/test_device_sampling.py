@@ -36,6 +36,10 @@ def test_device_params_layout():
     assert (f[0], got[1], f[2], f[3]) == (np.float32(0.6), 20, np.float32(0.95), np.float32(0.05))
     assert (got[4], got[5], f[6], got[7]) == (456, 123, np.float32(1.25), 0)
     assert not device_params(None).any() and not device_params(SamplingParams()).any()  # greedy
+    # Greedy with a penalty: temperature 0, top-k 1 (the kernel's first candidate), top-p 1.
+    got = device_params(SamplingParams(repetition_penalty=1.25))
+    f = got.view(np.float32)
+    assert (f[0], got[1], f[2], f[3], f[6]) == (0.0, 1, np.float32(1.0), 0.0, np.float32(1.25))
 
 
 @pytest.mark.parametrize("params, on_device", [
@@ -49,7 +53,7 @@ def test_device_params_layout():
     (SamplingParams(temperature=0.7, top_k=151_936, top_p=0.9), False),  # top-k at the vocabulary: on the host
     (SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.1), True),  # the steps keep the history
     (SamplingParams(temperature=0.7, repetition_penalty=0.9), True),
-    (SamplingParams(repetition_penalty=1.1), False),  # greedy with a penalty: the host's argmax of the penalized logits
+    (SamplingParams(repetition_penalty=1.1), True),  # greedy with a penalty: the penalized logits' argmax
     (SamplingParams(), False),  # greedy: the argmax, not a draw
 ])
 def test_which_settings_the_device_draws_with(params, on_device):
@@ -58,7 +62,8 @@ def test_which_settings_the_device_draws_with(params, on_device):
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0.8, top_k=30, top_p=0.9, min_p=0.02, seed=11),
                                     SamplingParams(temperature=0.8, seed=11),
-                                    SamplingParams(temperature=0.8, top_k=30, repetition_penalty=1.3, seed=11)])
+                                    SamplingParams(temperature=0.8, top_k=30, repetition_penalty=1.3, seed=11),
+                                    SamplingParams(repetition_penalty=1.3)])  # greedy: the penalized argmax
 def test_draw_at_is_the_samplers_draw_at_that_uniform_number(monkeypatch, params):
     """draw_at(logits, params, seed, position, tokens) draws as make_sampler does when the
     generator's next number is uniform(seed, position), the sequence so far being tokens."""
@@ -81,8 +86,11 @@ def test_draw_at_is_the_samplers_draw_at_that_uniform_number(monkeypatch, params
 
 
 def _logits(pos: int, token: int) -> np.ndarray:
-    """The stand-in model: the logits at position pos after `token`."""
-    return (np.random.default_rng(pos * 1000 + token).standard_normal(VOCAB) * 2).astype(np.float32)
+    """The stand-in model: the logits at position pos after `token`, which it likes to repeat
+    (so that a repetition penalty changes even greedy's tokens)."""
+    logits = (np.random.default_rng(pos * 1000 + token).standard_normal(VOCAB) * 2).astype(np.float32)
+    logits[token] += 6
+    return logits
 
 
 class _Pending:
@@ -160,13 +168,14 @@ def _reference(prompt, params, seed, n):
     return tokens
 
 
-@pytest.mark.parametrize("penalty", [1.0, 3.0])
+@pytest.mark.parametrize("temperature, penalty", [(0.9, 1.0), (0.9, 3.0), (0.0, 3.0)])
 @pytest.mark.parametrize("leave", [(), (5,), (6, 7), (5, 9, 12), (8,)])
-def test_pipelined_sampling_equals_drawing_each_step_on_the_host(leave, penalty):
+def test_pipelined_sampling_equals_drawing_each_step_on_the_host(leave, temperature, penalty):
     """Wherever the device leaves a draw to the host (position 5 is the prompt's own step), the
     tokens are those of the host drawing every step, and the session ends where it would; with
-    a repetition penalty, the host's draws take the sequence so far, as the kernel's do."""
-    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=penalty, seed=1234)
+    a repetition penalty (sampled, or greedy), the host's draws take the sequence so far, as the
+    kernel's do."""
+    params = SamplingParams(temperature=temperature, top_k=40, top_p=0.95, repetition_penalty=penalty, seed=1234)
     prompt = [1, 2, 3, 4, 5, 6]
     s = StandInSession(leave)
     # The stand-in's "device token" of decode_next: the token the step before it yields.

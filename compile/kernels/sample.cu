@@ -21,6 +21,7 @@
 // a token seen in the sequence so far (history[0 .. start) and this step's tokens[0 .. last])
 // has its logit x made x * penalty where x < 0, else x / penalty. Every step writes its tokens
 // into history[start ..], in place, so the history of the next step is on the device too.
+// Greedy with a penalty (temperature 0, top-k 1) takes the first best of the penalized logits.
 //
 // Bindings: logits [V] f32, argmax [1] int32 (the step's, N on NaN), params [8] u32 (sampling.
 // device_params: temperature f32 bits, top_k, top_p bits, min_p bits, seed low, seed high,
@@ -200,10 +201,15 @@ extern "C" __global__ void __launch_bounds__(NT) sample_token(
   // or neither (plain: the whole vocabulary survives, draw_whole).
   const bool whole = params[1] == 0;
   const bool plain = whole && !(__uint_as_float(params[2]) < 1.f) && !(__uint_as_float(params[3]) > 0.f);
-  if (temperature == 0.f) {  // greedy: the argmax, as it is
+  // Greedy: the argmax, as it is; with a penalty, the first best of the penalized logits, which
+  // the top-k path below finds as its first candidate (sampling.device_params gives it top-k 1,
+  // and the logits are not scaled).
+  const bool greedy = temperature == 0.f;
+  if (greedy && seen.penalty == 1.f) {
     if (blockIdx.x == 0 && t == 0) out[0] = argmax[0], out[1] = 0;
     return;
   }
+  const float scale = greedy ? 1.f : temperature;
   // Phase 1: this block's logits, scaled as the host scales them (an IEEE division). Its TOP
   // best are among those >= the TOP-th largest of its warps' two best (that many logits are
   // at least that large): a few dozen, kept and sorted. (With each warp's best alone, a last
@@ -214,7 +220,7 @@ extern "C" __global__ void __launch_bounds__(NT) sample_token(
 #pragma unroll
   for (int j = 0; j < PER_BLOCK / NT; ++j) {
     const int g = base + t + j * NT;
-    x[j] = g < V ? seen(logits[g], t + j * NT, mask) / temperature : -INFINITY;
+    x[j] = g < V ? seen(logits[g], t + j * NT, mask) / scale : -INFINITY;
   }
   static_assert(PER_BLOCK / NT == 2, "two logits per thread");
   const float hi = fmaxf(x[0], x[1]), lo = fminf(x[0], x[1]);
@@ -345,6 +351,10 @@ extern "C" __global__ void __launch_bounds__(NT) sample_token(
   const int ns = ns_s;
   if (status_s) {
     if (t == 0) out[0] = argmax[0], out[1] = 1;  // a stand-in the host replaces
+    return;
+  }
+  if (greedy) {  // the candidates are sorted by value down, then id up: the first is np.argmax's
+    if (t == 0) out[0] = id[0], out[1] = 0;
     return;
   }
   // The survivors in id order (each one's rank among them), with their weights exp(v - top).
