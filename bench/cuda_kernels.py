@@ -285,7 +285,7 @@ def sample_reference(logits, params, position, seen=()):
     from iree_runner import sampling as S
 
     V = len(logits)
-    if params.greedy and params.repetition_penalty == 1.0:
+    if params.plain_argmax:
         return int(np.argmax(logits)), 0, False
     if np.isnan(logits).any():
         return V, 1, False

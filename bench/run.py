@@ -61,7 +61,7 @@ def copy_bandwidth_gbs(device: str) -> float:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         del a, b
-        torch.cuda.empty_cache()  # (2 GB held by torch's cache would sit in every row's "before")
+        torch.cuda.empty_cache()  # (the 2 GB back to the device for the rows that follow)
         return 2 * (1 << 30) / statistics.median(times[2:]) / 1e9
     a = np.ones(1 << 28, np.uint8)
     b = np.empty_like(a)
@@ -156,6 +156,12 @@ def leading_agreement(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def bench_prompt(vocab_size: int) -> list[int]:
+    """The PROMPT_LEN prompt of every row: random ids in [100, 1000) (a vocabulary smaller than
+    that, as the test checkpoints', wraps around)."""
+    return (np.random.default_rng(0).integers(100, 1000, PROMPT_LEN) % vocab_size).tolist()
+
+
 def load_ours(ckpt: Path, bundle: Path, device: str):
     """(session, weights, host seconds, load seconds): the bundle's session on the checkpoint's
     weights, loaded as iree-generate loads them (generate.load_model's path)."""
@@ -190,8 +196,7 @@ def _peak_main(bundle: Path, ckpt: Path, device: str) -> None:
     from iree_runner.sampling import SamplingParams
 
     s, _, _, _ = load_ours(ckpt, bundle, device)
-    # main()'s prompt (a vocabulary under 1000, as the test checkpoints', wraps around)
-    prompt = (np.random.default_rng(0).integers(100, 1000, PROMPT_LEN) % s.vocab_size).tolist()
+    prompt = bench_prompt(s.vocab_size)
     for params in (SamplingParams(), SamplingParams(**SAMPLED)):
         for _ in generate_step(s, prompt, params, 8):
             pass
@@ -411,9 +416,9 @@ def main() -> None:
 
     bw = copy_bandwidth_gbs(args.device)
     rows = []
-    prompt = np.random.default_rng(0).integers(100, 1000, PROMPT_LEN).tolist()
     for model in args.models.split(","):
         raw = json.loads((Path(__file__).parent / "configs" / f"{model}.json").read_text())
+        prompt = bench_prompt(raw["vocab_size"])
         bundles = [""] + [f"-{v}" for v in args.variants.split(",") if v]
         ours_tokens = {}
         for variant in ("4bit", "f16"):

@@ -711,9 +711,10 @@ def sample_fits(vocab: int) -> bool:
 
 def sample_token(logits, argmax, sampling, start, last, tokens, history):
     """([token, status] int32, history) on CUDA (kernels/sample.cu): the argmax where sampling
-    (the [8] int32 of sampling.device_params) has temperature 0, else a token drawn from the
-    logits [V] f32 as the host's sampler draws it (after the repetition penalty over the
-    sequence so far: history[:start] and tokens[:last + 1]), with the uniform number of (seed,
+    (the [8] int32 of sampling.device_params) has temperature 0 (with a repetition penalty, the
+    penalized logits'), else a token drawn from the logits [V] f32 as the host's sampler draws
+    it (after the penalty over the sequence so far: history[:start] and tokens[:last + 1]), with
+    the uniform number of (seed,
     start + last); status 1 where the kernel leaves the draw to the host. history [S] int32 (the
     sequence's tokens by position) comes back with the step's tokens at start.., in place."""
     v = logits.shape[0]
@@ -723,7 +724,7 @@ def sample_token(logits, argmax, sampling, start, last, tokens, history):
         "sample_token", (jax.ShapeDtypeStruct((2,), i32), jax.ShapeDtypeStruct((1,), i32),
                          jax.ShapeDtypeStruct((grid * SAMPLE_TOP, 2), jnp.float32),
                          jax.ShapeDtypeStruct((grid, 4), jnp.float32),  # 2 doubles a block
-                         jax.ShapeDtypeStruct(history.shape, i32)),
+                         *_like(history)),
         [logits, jnp.reshape(argmax, (1,)).astype(i32), sampling, jnp.reshape(start, (1,)), jnp.reshape(last, (1,)),
          jnp.zeros((1,), i32), tokens.astype(i32), history], grid=grid, constants=[v], aliases={5: 1, 7: 4})
     return out, history

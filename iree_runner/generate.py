@@ -97,7 +97,7 @@ def generate_step(session: Session, prompt: list[int], params: SamplingParams, m
     rewinds the steps queued ahead when the caller stops early). Other sampling reads the
     logits row and samples on the host."""
     session.reset()
-    if params.temperature == 0 and params.repetition_penalty == 1.0:
+    if params.plain_argmax:
         yield from _tokens_on_device(session, prompt, max_tokens, None)
         return
     if session.samples_on_device and samples_on_device(params):

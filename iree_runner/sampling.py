@@ -60,6 +60,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def plain_argmax(self) -> bool:
+        """Greedy without a repetition penalty: the logits' own argmax, which a step computes
+        whatever its sampling kernel."""
+        return self.greedy and self.repetition_penalty == 1.0
+
 
 def _is_real(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
@@ -278,7 +284,7 @@ def samples_on_device(params: SamplingParams) -> bool:
     penalized logits' argmax); any repetition penalty (the steps keep the sequence's tokens on
     the device)."""
     if params.greedy:
-        return params.repetition_penalty != 1.0
+        return not params.plain_argmax
     return params.top_k <= DEVICE_MAX_TOP_K
 
 
@@ -303,10 +309,12 @@ def device_params(params: SamplingParams | None, seed: int = 0) -> np.ndarray:
     temperature of 0 without a penalty: all zeros, greedy (the step's argmax). Greedy with a
     penalty: temperature 0, top-k 1 (the kernel's first candidate)."""
     out = np.zeros(DEVICE_PARAMS, np.uint32)
-    if params is not None and params.greedy and params.repetition_penalty != 1.0:
+    if params is None or params.plain_argmax:
+        return out.view(np.int32)
+    if params.greedy:
         out[[2, 6]] = np.array([1.0, params.repetition_penalty], np.float32).view(np.uint32)
         out[1] = 1
-    elif params is not None and not params.greedy:
+    else:
         floats = [params.temperature, params.top_p, params.min_p, params.repetition_penalty]
         out[[0, 2, 3, 6]] = np.array(floats, np.float32).view(np.uint32)
         out[1], out[4], out[5] = params.top_k, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF

@@ -176,7 +176,7 @@ class Session:
         sampling.samples_on_device says which settings)."""
         import iree.runtime as rt
 
-        if params is None or (params.greedy and params.repetition_penalty == 1.0):
+        if params is None or params.plain_argmax:
             self._sampling = self._greedy_params
             return
         if not self.samples_on_device:
