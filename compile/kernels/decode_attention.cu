@@ -192,6 +192,12 @@ __device__ __forceinline__ void partial_per_head(float* qs, const __half* ks, co
   for (int j = 0; j < DH / 32; ++j) out[lane + 32 * j] = o[j];
 }
 
+// The qkv head holding row r of a block's own-token rows (kv_own: its KB keys, then its KB values;
+// qkv's heads are H queries, KVH keys, KVH values).
+__device__ __forceinline__ int own_row_head(int r, int KB, int H, int KVH, int kb0) {
+  return r < KB ? H + kb0 + r : H + KVH + kb0 + r - KB;
+}
+
 // A specialized partial block's staging (KB even) into shared memory as partial_body below
 // stages it, but with cp.async: q, the keys, the values, cos, sin and the token's own keys and
 // values are all in flight at once, and only the norm weights (f16, widened) pass through
@@ -223,7 +229,7 @@ __device__ __forceinline__ void stage_async(const float* __restrict__ qkv, const
   for (int d = t; d < rot; d += NT) cp_async4(cs + d, cos + d), cp_async4(sn + d, sin + d);
   if (kv_own != nullptr)
     for (int i = t; i < 2 * KB * DH; i += NT) {
-      const int r = i / DH, head = r < KB ? H + kb0 + r : H + KVH + kb0 + r - KB;
+      const int r = i / DH, head = own_row_head(r, KB, H, KVH, kb0);
       cp_async4(kv_own + r * Q1 + i % DH, qkv + (size_t)head * DH + i % DH);
     }
   if (qk & 1)
@@ -291,7 +297,7 @@ __device__ __forceinline__ void partial_body(
     for (int d = t; d < rot; d += NT) cs[d] = cos[d], sn[d] = sin[d];
     if (kv_own != nullptr) {
       for (int i = t; i < 2 * KB * Dh; i += NT) {
-        const int r = i / Dh, head = r < KB ? H + kb0 + r : H + KVH + kb0 + r - KB;
+        const int r = i / Dh, head = own_row_head(r, KB, H, KVH, kb0);
         kv_own[r * Q1 + i % Dh] = qkv[(size_t)head * Dh + i % Dh];
       }
       if (qk & 1)
