@@ -150,8 +150,8 @@ def packed_weights_for(model_dir: Path, shapes: dict, target: str, packed: bool 
         specs = packed_weights_of(model_dir, shapes, bits) if bits and has_weights else ()
     else:
         specs = packed_weights_of(model_dir, shapes) if packed else ()
-    # CUDA's kernels read the pairs as stored (half the bytes of f32); the CPU's take f32.
-    return stored_pairs(specs) if target == "cuda" else specs
+    # The kernels read the pairs as stored (half the bytes of f32 on the device).
+    return stored_pairs(specs)
 
 
 def _manifest(cc, fam, cfg, max_context, prefill_chunk, targets) -> Manifest:

@@ -620,6 +620,7 @@ def cpu_decode_attention(q, k, v, k_cache, v_cache, positions, *, layer: int, sc
 GEMV_WARPS = 8  # per block: one output each
 GEMV_MAX_K = 8192
 NORM, ONE_PLUS, BIAS, RESIDUAL, GATE, GELU = 1, 2, 4, 8, 16, 32  # the kernel's flags
+PAIRS_F16, PAIRS_BF16 = 64, 128  # the CPU kernels' flags for 16-bit pairs (kernels/q4_gemv.c; else f32)
 # A packed lm_head (many rows, K = 1024 or 2048): lm_head_q4_k<K>_<pairs>, its blocks looping over
 # chunks of rows. Its grid: one wave of 2 blocks per SM on an H100 / H200 (132 SMs); any grid is correct.
 LM_HEAD_ROWS, LM_HEAD_K, LM_HEAD_GRID = 32768, (1024, 2048), 264  # grid <= 1024: the kernel's argmax
@@ -628,9 +629,9 @@ Q4_GROUP = 64  # the group size both 4-bit kernels read
 
 def _q4_fits(w, max_k: int, cuda: bool) -> bool:
     """Whether w is what the 4-bit kernels read: Packed, 2-D, 4 bits in groups of 64, K <= max_k,
-    with the target's scale/bias pairs (CUDA's: F16 or BF16, as stored; the CPU's: f32)."""
+    with the target's scale/bias pairs (F16 or BF16 as stored; the CPU's also f32)."""
     return (isinstance(w, Packed) and w.ndim == 2 and w.bits == 4 and w.group_size == Q4_GROUP
-            and w.shape[1] <= max_k and (pairs_16bit(w) if cuda else w.scales_biases.dtype == jnp.float32))
+            and w.shape[1] <= max_k and (pairs_16bit(w) or not cuda and w.scales_biases.dtype == jnp.float32))
 
 
 def gemv_fits(w) -> bool:
@@ -759,8 +760,13 @@ Q4_TILE = 64  # rows per CPU workgroup (kernels/q4_gemv.c TILE)
 Q4_MAX_K = 8192
 
 
+def _cpu_pairs(w: Packed) -> int:
+    """The CPU kernels' flag for w's scale/bias pairs: PAIRS_F16, PAIRS_BF16, or 0 (f32)."""
+    return {jnp.dtype(jnp.float16): PAIRS_F16, jnp.dtype(jnp.bfloat16): PAIRS_BF16}.get(jnp.dtype(w.scales_biases.dtype), 0)
+
+
 def q4_gemv_fits(w) -> bool:
-    """Whether the CPU kernel takes w: Packed 4-bit, groups of 64, f32 pairs, K % 128 == 0, K <= 8192."""
+    """Whether the CPU kernel takes w: Packed 4-bit, groups of 64, f32, F16 or BF16 pairs, K % 128 == 0, K <= 8192."""
     return _q4_fits(w, Q4_MAX_K, cuda=False) and w.shape[1] % 128 == 0
 
 
@@ -768,7 +774,7 @@ Q4_GEMM_TILE, Q4_GEMM_MAX_K = 32, 4096  # kernels/q4_gemv.c GEMM_TILE, GEMM_KMAX
 
 
 def q4_gemm_fits(w) -> bool:
-    """Whether the CPU's several-token kernel takes w: Packed 4-bit, groups of 64, f32 pairs, K <= 4096."""
+    """Whether the CPU's several-token kernel takes w: Packed 4-bit, groups of 64, f32, F16 or BF16 pairs, K <= 4096."""
     return _q4_fits(w, Q4_GEMM_MAX_K, cuda=False)
 
 
@@ -777,7 +783,8 @@ def q4_gemm(x, w: Packed):
     n, k = w.shape
     c = x.shape[0]
     return call("q4_gemm", jax.ShapeDtypeStruct((c, n), jnp.float32),
-                [*packed_operands(w), x.astype(jnp.float32)], grid=-(-n // Q4_GEMM_TILE), constants=[n, k, c])
+                [*packed_operands(w), x.astype(jnp.float32)], grid=-(-n // Q4_GEMM_TILE),
+                constants=[n, k, c, _cpu_pairs(w)])
 
 
 def q4_gemv(x, w: Packed, *, bias=None, norm=None, residual=None):
@@ -787,7 +794,7 @@ def q4_gemv(x, w: Packed, *, bias=None, norm=None, residual=None):
     operands = [*packed_operands(w), x.astype(jnp.float32)]
     flags, folded = _folded(norm, bias, residual, jnp.float32)
     return call("q4_gemv", jax.ShapeDtypeStruct((n,), jnp.float32), operands + folded, grid=-(-n // Q4_TILE),
-                constants=[n, k, flags, f32_bits(0.0 if norm is None else norm[1])])
+                constants=[n, k, flags | _cpu_pairs(w), f32_bits(0.0 if norm is None else norm[1])])
 
 
 if __name__ == "__main__":  # make ptx

@@ -3,9 +3,10 @@
 A packed weight `x.weight` enters the step as two arguments: `x.weight` (uint32 words
 [out, in * bits / 32], as the checkpoint stores them) and `x.scales_biases` ([out, in / group, 2]:
 the checkpoint's `x.scales` and `x.biases` side by side, so a kernel reads a group's two in one
-load). The pairs stay in the checkpoint's F16 or BF16 on CUDA, whose kernels widen them as
-they read (4 bytes a group: the device holds what the file holds); the CPU's take them
-widened to f32 when loaded (exact; PackedSpec.pairs). The model code sees one `Packed` in
+load). The pairs stay in the checkpoint's F16 or BF16 (4 bytes a group: the device holds what
+the file holds), and the kernels, CUDA's and the CPU's, widen them as they read (exact). A bundle
+made before the CPU's kernels read them (PackedSpec.pairs "float32") gets them widened when
+loaded. The model code sees one `Packed` in
 their place: `layers.linear` gives it to a kernel that dequantizes as it reads
 (compile/extern.py: CUDA and CPU one-token steps), anything else dequantizes it in the graph
 (w = scales * q + biases per group along `in`, value i of a row in bits [i * bits, (i + 1) * bits)
@@ -60,7 +61,7 @@ def choose(shapes: dict[str, tuple[int, ...]], quant_spec, bits: tuple[int, ...]
 
 
 def stored_pairs(specs: tuple[PackedSpec, ...]) -> tuple[PackedSpec, ...]:
-    """specs with each weight's scales_biases as the checkpoint stores them (CUDA's kernels)."""
+    """specs with each weight's scales_biases as the checkpoint stores them (as the kernels read them)."""
     return tuple(replace(s, pairs=s.stored) for s in specs)
 
 

@@ -140,7 +140,8 @@ def test_cache_reuses_rebuilds_and_rekeys(ckpt, monkeypatch, tmp_path, capsys):
     assert build.build_key(raw, "cpu", 64, 32, "float32", kernels=False) != key
     packed = build.packed_weights_of(ckpt, _shapes(ckpt))
     assert packed and build.build_key(raw, "cpu", 64, 32, "float32", packed_weights=packed) != key
-    # The scale/bias pairs' dtype (stored on CUDA, f32 on the CPU) is part of it.
+    # The scale/bias pairs' dtype (as stored, which the kernels read; f32 in bundles made before
+    # the CPU's kernels read them) is part of it.
     stored = build.stored_pairs(packed)
     assert {p.pairs for p in stored} == {"bfloat16"} and {p.pairs for p in packed} == {"float32"}
     assert (build.build_key(raw, "cuda", 64, 32, "float16", packed_weights=stored)
@@ -191,15 +192,15 @@ def test_bundle_runs_without_jax(bundle, ckpt):
     assert json.loads(p.stdout)["tokens"] == json.loads(r.stdout)["tokens"]
 
 
-def test_cuda_keeps_the_checkpoints_scale_pairs_and_refuses_another_dtype(bundle, ckpt):
-    """A CUDA target's packed weights take their scales and biases as the checkpoint stores them
-    (BF16 here: the device holds what the file holds), the CPU's widened to f32; weights of a
+def test_targets_keep_the_checkpoints_scale_pairs_and_refuse_another_dtype(bundle, ckpt):
+    """Both targets' packed weights take their scales and biases as the checkpoint stores them
+    (BF16 here: the device holds what the file holds, and the kernels widen them); weights of a
     checkpoint with F16 scales (same config) are refused for the BF16 bundle, naming the tensor."""
     from iree_runner.generate import ModelError, check_weights, gather_for
     from iree_runner.weights import open_checkpoint
 
     manifest = read_manifest(bundle)
-    for target, pairs in (("cuda", "bfloat16"), ("cpu", "float32")):
+    for target, pairs in (("cuda", "bfloat16"), ("cpu", "bfloat16")):
         t = manifest.targets[target]
         dtypes = dict(zip(t.weight_names, t.dtypes()))
         assert t.packed and {dtypes[n.removesuffix("weight") + "scales_biases"] for n in t.packed} == {pairs}

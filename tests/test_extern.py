@@ -54,11 +54,11 @@ def test_cuda_decode_attention_is_the_kernel(family_name, tmp_path):
 
 
 @pytest.mark.parametrize("ckpt_dtype, pairs", [("bfloat16", "bfloat16"), ("float16", "float16")])
-def test_cuda_kernels_read_the_checkpoints_scale_pairs(ckpt_dtype, pairs):
+def test_kernels_read_the_checkpoints_scale_pairs(ckpt_dtype, pairs):
     """A packed CUDA step takes each weight's scales and biases as the checkpoint stores them
     (mlx_lm convert gives a BF16 model BF16 ones, an F16 model F16 ones), and tells every
     4-bit kernel which (the matvecs' entry points gemv_q4[_gate]_<bf16|f16>, the prologue's last
-    constant); the CPU's are f32."""
+    constant); so does a CPU step (a flag of q4_gemv)."""
     from test_packed import _packed_spec
 
     fam, cfg, spec = _packed_spec("qwen3", "float16", "cuda", ckpt_dtype)
@@ -71,8 +71,13 @@ def test_cuda_kernels_read_the_checkpoints_scale_pairs(ckpt_dtype, pairs):
     assert not re.search(rf"@gemv_q4(_gate)?_{other}\[", decode)
     assert [c[-1] for c in _constants(decode, "embed_rope_q4")] == [bf16]
     assert ("xbf16>" in decode) == bool(bf16)  # the pairs' type, as the step takes them
+    # The CPU's kernels read them as stored too, told which by a flag (kernels/q4_gemv.c PAIRS_*).
     fam, cfg, spec = _packed_spec("qwen3", "float32", "cpu", ckpt_dtype)
-    assert {p.pairs for p in spec.packed} == {"float32"}
+    assert {p.pairs for p in spec.packed} == {pairs}
+    decode = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cpu"))
+    flags = [c[2] for c in _constants(decode, "q4_gemv")]
+    assert len(flags) >= 4 * cfg.num_hidden_layers
+    assert {f & (extern.PAIRS_F16 | extern.PAIRS_BF16) for f in flags} == {extern.PAIRS_BF16 if bf16 else extern.PAIRS_F16}
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)
@@ -140,6 +145,7 @@ def _run_on_cpu(fn, args, tmp_path):
 
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
     text = jax.export.export(jax.jit(fn), disabled_checks=extern.disabled_checks())(*specs).mlir_module()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "fn.vmfb"
     iree_compile.compile_mlir(extern.link(text), out, "cpu", label="kernel test")
     config = rt.Config("local-task")
@@ -148,30 +154,42 @@ def _run_on_cpu(fn, args, tmp_path):
     return np.asarray(module["main"](*args).to_host())
 
 
-def _run_q4_kernel(kernel, x, n: int, seed: int, tmp_path, **folded):
-    """extern.<kernel>(x, w, **folded) on the CPU for random MLX-packed 4-bit w [n, K] (F16
-    scales and biases, group 64), and w dequantized by numpy (f64), the reference."""
+def _run_q4_kernel(kernel, x, n: int, seed: int, tmp_path, stored="float16", widen=False, **folded):
+    """extern.<kernel>(x, w, **folded) on the CPU for random MLX-packed 4-bit w [n, K] (scales and
+    biases `stored` F16 or BF16, group 64; given to the kernel as stored, or widened to f32), and w
+    dequantized by numpy (f64), the reference."""
     import jax.numpy as jnp
+    import ml_dtypes
 
     from iree_runner.compile.packed import Packed
     from iree_runner.weights import dequantize_affine
 
+    dtype = np.dtype(ml_dtypes.bfloat16) if stored == "bfloat16" else np.dtype(np.float16)
     rng = np.random.default_rng(seed)
     k = x.shape[-1]
     words = rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint32)
-    scales = (rng.uniform(0.5, 1.5, size=(n, k // 64)) / 100).astype(np.float16)
-    biases = (-7.5 * scales).astype(np.float16)
+    scales = (rng.uniform(0.5, 1.5, size=(n, k // 64)) / 100).astype(dtype)
+    biases = (-7.5 * scales.astype(np.float32)).astype(dtype)
+    s, b = (a.astype(np.float32) if widen else a for a in (scales, biases))
     got = _run_on_cpu(lambda x, p, s, b: getattr(extern, kernel)(x, Packed.of(p, s, b, 4, 64, jnp.float32), **folded),
-                      [x, words, scales.astype(np.float32), biases.astype(np.float32)], tmp_path)
+                      [x, words, s, b], tmp_path)
     return got, dequantize_affine(words, scales, biases, bits=4, group_size=64).astype(np.float64)
 
 
-def test_cpu_q4_gemv_matches_numpy(tmp_path):
-    """kernels/q4_gemv.c on MLX's packing, N not a multiple of its 64-row tiles."""
+# The CPU kernels' scale/bias pairs: as stored (F16, BF16), or widened to f32 (bundles made before they read 16-bit ones).
+PAIRS = [("float16", False), ("bfloat16", False), ("float16", True)]
+
+
+@pytest.mark.parametrize("stored, widen", PAIRS)
+def test_cpu_q4_gemv_matches_numpy(stored, widen, tmp_path):
+    """kernels/q4_gemv.c on MLX's packing, N not a multiple of its 64-row tiles; the 16-bit
+    pairs as stored give what their f32 widening gives, bit for bit."""
     x = np.random.default_rng(10).standard_normal(1024).astype(np.float32)
-    got, w = _run_q4_kernel("q4_gemv", x, 200, 0, tmp_path)
+    got, w = _run_q4_kernel("q4_gemv", x, 200, 0, tmp_path, stored, widen)
     want = w @ x
     assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+    if not widen:
+        assert np.array_equal(got, _run_q4_kernel("q4_gemv", x, 200, 0, tmp_path / "f32", stored, True)[0])
 
 
 @pytest.mark.parametrize("one_plus", [False, True])
@@ -189,13 +207,16 @@ def test_cpu_q4_gemv_folds_norm_bias_and_residual(one_plus, tmp_path):
     assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
 
 
-def test_cpu_q4_gemm_matches_numpy(tmp_path):
+@pytest.mark.parametrize("stored, widen", PAIRS)
+def test_cpu_q4_gemm_matches_numpy(stored, widen, tmp_path):
     """The several-token kernel of kernels/q4_gemv.c: 69 rows (a last workgroup of 5, so a lone
-    last row), 5 tokens (a block of 4 and one more)."""
+    last row), 5 tokens (a block of 4 and one more); 16-bit pairs as their widening, bit for bit."""
     x = np.random.default_rng(11).standard_normal((5, 256)).astype(np.float32)
-    got, w = _run_q4_kernel("q4_gemm", x, 69, 1, tmp_path)
+    got, w = _run_q4_kernel("q4_gemm", x, 69, 1, tmp_path, stored, widen)
     want = x.astype(np.float64) @ w.T
     assert got.shape == (5, 69) and np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+    if not widen:
+        assert np.array_equal(got, _run_q4_kernel("q4_gemm", x, 69, 1, tmp_path / "f32", stored, True)[0])
 
 
 @pytest.mark.parametrize("kv_heads", [2, 8])  # 8: the kernel's vector path (Qwen3, Llama 3)

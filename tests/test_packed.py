@@ -136,9 +136,9 @@ def test_bundle_records_packed_weights_and_keeps_them_small(tmp_path):
     types = dict(zip(b.weight_names, b.dtypes()))
     for name in b.packed:
         base = name[: -len(".weight")]
-        assert (types[name], types[f"{base}.scales_biases"]) == ("uint32", "float32")
+        assert (types[name], types[f"{base}.scales_biases"]) == ("uint32", "bfloat16")  # as stored
     assert types["model.norm.weight"] == "float32"
-    # f32 dense weights against 4-bit words plus f32 scales and biases per 64: about 1/6 for
+    # f32 dense weights against 4-bit words plus 16-bit scales and biases per 64: about 1/7 for
     # the linear layers; norms stay f32 either way.
     assert packed.stats.weight_bytes < 0.25 * dense.stats.weight_bytes
     cache = 2 * int(np.prod(b.cache_shape)) * np.dtype(b.cache_dtype).itemsize

@@ -4,8 +4,9 @@
 //
 // Called by IREE's llvm-cpu executable once per workgroup (extern.py's shim): rows
 // [wg * TILE, wg * TILE + TILE) of the output. Bindings are byte pointers plus byte offsets:
-// packed [N, K/8] u32, scales_biases [N, K/64, 2] f32 (scale, bias), x [K] f32, norm [K] f32,
-// bias [N] f32, residual [N] f32, y [N] f32. Push constants: N, K, flags, eps (f32 bits).
+// packed [N, K/8] u32, scales_biases [N, K/64, 2] (scale, bias: f32, or F16 / BF16 as the
+// checkpoint stores them, flags PAIRS_F16 / PAIRS_BF16: half the bytes, widened here), x [K] f32,
+// norm [K] f32, bias [N] f32, residual [N] f32, y [N] f32. Push constants: N, K, flags, eps (f32 bits).
 // As the CUDA gemv (extern.gemv's flags): NORM: x is RMS-normed first with weight norm (1 + norm
 // with ONE_PLUS); BIAS, RESIDUAL: added to y. Each folded step is a dispatch fewer: a CPU decode
 // step had ~470, each paying the task system's wake-ups.
@@ -16,7 +17,8 @@
 
 #define TILE 64  // rows per workgroup (measured: 64 ~8 ms per token's matvecs, 32 ~9 ms, 128 noisier)
 #define KMAX 8192
-enum { NORM = 1, ONE_PLUS = 2, BIAS = 4, RESIDUAL = 8 };  // extern.py's flags
+enum { NORM = 1, ONE_PLUS = 2, BIAS = 4, RESIDUAL = 8, PAIRS_F16 = 64, PAIRS_BF16 = 128 };  // extern.py's flags
+enum { F32, F16, BF16 };  // the pairs' dtype (PAIRS)
 // 16 lanes = one AVX-512 register = 16 packed words = two 64-wide groups of one row.
 typedef float vf __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64), aligned(4)));  // rows are only 4-byte aligned
@@ -33,10 +35,86 @@ static inline float hsum(vf v) {
   return v[0];
 }
 
+// A 16-bit float's bits widened to f32 (exact either way). F16 through F16C where the target has
+// it (-march=native), else by hand: no libgcc call in a freestanding object.
+static inline float bf16_f32(uint32_t h) {
+  union { uint32_t u; float f; } v = {.u = h << 16};
+  return v.f;
+}
+static inline float f16_f32(uint32_t h) {
+#ifdef __F16C__
+  _Float16 f;
+  const uint16_t b = (uint16_t)h;
+  __builtin_memcpy(&f, &b, 2);
+  return (float)f;
+#else
+  const uint32_t sign = (h & 0x8000u) << 16, e = (h >> 10) & 31, m = h & 1023;
+  union { uint32_t u; float f; } v;
+  if (e == 31) v.u = sign | 0x7f800000u | (m << 13);  // inf, NaN
+  else if (e) v.u = sign | ((e + 112) << 23) | (m << 13);
+  else {  // zero or subnormal: m * 2^-24
+    v.f = (float)m * 0x1p-24f;
+    v.u |= sign;
+  }
+  return v.f;
+#endif
+}
+
+// Group g's (scale, bias) of a row's pairs (sb: the row's first), as PAIRS says they are stored.
+// Through volatile loads: as plain ones gcc's SLP vectorizer took the f32 (s0, b0, s1, b1) as
+// one 16-byte vector and permuted it, 2.6x slower per row (0.36 against 0.135 ms per 6144 x 1024
+// matvec on this machine's core).
+static inline __attribute__((always_inline)) void pair(const char* sb, size_t g, int pairs, float* s, float* b) {
+  if (pairs == F32) {
+    const volatile float* p = (const volatile float*)sb + 2 * g;
+    *s = p[0], *b = p[1];
+    return;
+  }
+  const uint32_t w = ((const volatile uint32_t*)sb)[g];  // scale in the low half
+  *s = pairs == BF16 ? bf16_f32(w & 0xffffu) : f16_f32(w & 0xffffu);
+  *b = pairs == BF16 ? bf16_f32(w >> 16) : f16_f32(w >> 16);
+}
+
+static inline size_t pair_bytes(int pairs) { return pairs == F32 ? 8 : 4; }
+
+static inline int pairs_of(int32_t flags) { return flags & PAIRS_BF16 ? BF16 : flags & PAIRS_F16 ? F16 : F32; }
+
 static inline vf loadv(const float* p) {
   vf v;
   __builtin_memcpy(&v, p, sizeof v);
   return v;
+}
+
+// Rows r0 .. r1 - 1 of y, from x reordered (xt) and its group sums (xs).
+static inline __attribute__((always_inline)) void q4_rows(const uint32_t* restrict packed, const char* restrict sb,
+                                                          int pairs, const vf* restrict xt, const float* restrict xs,
+                                                          size_t k, size_t r0, size_t r1, const float* restrict bias,
+                                                          const float* restrict res, float* restrict y) {
+  const size_t ng = k / 64;
+  for (size_t r = r0; r < r1; ++r) {
+    const uint32_t* p = packed + r * (k / 8);
+    const char* sbr = sb + r * ng * pair_bytes(pairs);  // (scale, bias) per group
+    vf acc = {0};
+    float bacc = 0.0f;
+    for (size_t g = 0; g < ng; g += 2) {  // two groups (128 weights, one cache line) per step
+      // Software prefetch 8 KB ahead: with the hardware prefetcher alone a core streamed ~15 GB/s
+      // and stalled; this took two cores from ~45 to ~63 Gweights/s in a standalone harness.
+      __builtin_prefetch(p + 8 * g + 2048);
+      vu w = *(const vu*)(p + 8 * g);
+      const vf* xg = xt + 4 * g;
+      vf d = {0};  // and, convert, fma per 16 weights
+      for (unsigned t = 0; t < 8; ++t) d += __builtin_convertvector(w & (15u << (4 * t)), vf) * xg[t];
+      float s0, b0, s1, b1;
+      pair(sbr, g, pairs, &s0, &b0);
+      pair(sbr, g + 1, pairs, &s1, &b1);
+      vf sv = {s0, s0, s0, s0, s0, s0, s0, s0, s1, s1, s1, s1, s1, s1, s1, s1};
+      acc += sv * d;
+      bacc += b0 * xs[g] + b1 * xs[g + 1];
+    }
+    float s = bacc + hsum(acc);
+    if (bias) s += bias[r];
+    y[r] = res ? res[r] + s : s;
+  }
 }
 
 void q4_gemv_workgroup(const char* packed_base, size_t packed_off, const char* sb_base, size_t sb_off,
@@ -45,7 +123,6 @@ void q4_gemv_workgroup(const char* packed_base, size_t packed_off, const char* s
                        const char* res_base, size_t res_off, char* y_base, size_t y_off, int32_t n_i32,
                        int32_t k_i32, int32_t flags, int32_t eps_bits, size_t wg) {
   const uint32_t* restrict packed = (const uint32_t*)(packed_base + packed_off);
-  const float* restrict sb = (const float*)(sb_base + sb_off);
   const float* restrict x_in = (const float*)(x_base + x_off);
   float* restrict y = (float*)(y_base + y_off);
   const size_t n = (size_t)n_i32, k = (size_t)k_i32;
@@ -79,31 +156,11 @@ void q4_gemv_workgroup(const char* packed_base, size_t packed_off, const char* s
       for (size_t j = 0; j < 16; ++j) xt[i / 16 + t][j] = x[i + 8 * j + t] * (1.0f / (float)(1u << (4 * t)));
   for (size_t g = 0; g < ng; ++g)
     xs[g] = hsum((loadv(x + 64 * g) + loadv(x + 64 * g + 16)) + (loadv(x + 64 * g + 32) + loadv(x + 64 * g + 48)));
-  for (size_t r = r0; r < r1; ++r) {
-    const uint32_t* p = packed + r * (k / 8);
-    const float* sbr = sb + 2 * r * ng;  // (scale, bias) per group
-    vf acc = {0};
-    float bacc = 0.0f;
-    for (size_t g = 0; g < ng; g += 2) {  // two groups (128 weights, one cache line) per step
-      // Software prefetch 8 KB ahead: with the hardware prefetcher alone a core streamed ~15 GB/s
-      // and stalled; this took two cores from ~45 to ~63 Gweights/s in a standalone harness.
-      __builtin_prefetch(p + 8 * g + 2048);
-      vu w = *(const vu*)(p + 8 * g);
-      const vf* xg = xt + 4 * g;
-      vf d = {0};  // and, convert, fma per 16 weights
-      for (unsigned t = 0; t < 8; ++t) d += __builtin_convertvector(w & (15u << (4 * t)), vf) * xg[t];
-      // Two scalar loads to broadcast: as plain loads, gcc's SLP vectorizer took (s0, b0, s1, b1)
-      // as one 16-byte vector and permuted it, 2.6x slower per row (0.36 against 0.135 ms per
-      // 6144 x 1024 matvec on this machine's core).
-      const volatile float* sg = sbr + 2 * g;
-      float s0 = sg[0], s1 = sg[2];
-      vf sv = {s0, s0, s0, s0, s0, s0, s0, s0, s1, s1, s1, s1, s1, s1, s1, s1};
-      acc += sv * d;
-      bacc += sbr[2 * g + 1] * xs[g] + sbr[2 * g + 3] * xs[g + 1];
-    }
-    float s = bacc + hsum(acc);
-    if (bias) s += bias[r];
-    y[r] = res ? res[r] + s : s;
+  const char* sb = sb_base + sb_off;
+  switch (pairs_of(flags)) {  // the row loop compiled once per pairs dtype
+    case F32: q4_rows(packed, sb, F32, xt, xs, k, r0, r1, bias, res, y); break;
+    case F16: q4_rows(packed, sb, F16, xt, xs, k, r0, r1, bias, res, y); break;
+    default: q4_rows(packed, sb, BF16, xt, xs, k, r0, r1, bias, res, y);
   }
 }
 
@@ -114,28 +171,28 @@ void q4_gemv_workgroup(const char* packed_base, size_t packed_off, const char* s
 #define GEMM_TILE 32  // rows per workgroup
 #define GEMM_KMAX 4096
 
-static inline void dequant_row(const uint32_t* restrict p, const float* restrict sb, size_t k, float* restrict out) {
-  for (size_t i = 0; i < k / 8; ++i) {
-    const uint32_t w = p[i];
-    const float s = sb[2 * (i / 8)], b = sb[2 * (i / 8) + 1];  // 8 words per group of 64
-    for (unsigned t = 0; t < 8; ++t) out[8 * i + t] = s * (float)((w >> (4 * t)) & 15u) + b;
+static inline __attribute__((always_inline)) void dequant_row(const uint32_t* restrict p, const char* restrict sb,
+                                                              int pairs, size_t k, float* restrict out) {
+  for (size_t g = 0; g < k / 64; ++g) {  // 8 words per group of 64
+    float s, b;
+    pair(sb, g, pairs, &s, &b);
+    for (size_t i = 8 * g; i < 8 * g + 8; ++i) {
+      const uint32_t w = p[i];
+      for (unsigned t = 0; t < 8; ++t) out[8 * i + t] = s * (float)((w >> (4 * t)) & 15u) + b;
+    }
   }
 }
 
-void q4_gemm_workgroup(const char* packed_base, size_t packed_off, const char* sb_base, size_t sb_off,
-                       const char* x_base, size_t x_off,
-                       char* y_base, size_t y_off, int32_t n_i32, int32_t k_i32, int32_t c_i32, size_t wg) {
-  const uint32_t* restrict packed = (const uint32_t*)(packed_base + packed_off);
-  const float* restrict sb = (const float*)(sb_base + sb_off);
-  const float* restrict x = (const float*)(x_base + x_off);
-  float* restrict y = (float*)(y_base + y_off);
-  const size_t n = (size_t)n_i32, k = (size_t)k_i32, c = (size_t)c_i32, ng = k / 64;
-  const size_t r0 = wg * GEMM_TILE, r1 = r0 + GEMM_TILE < n ? r0 + GEMM_TILE : n;
+// Rows r0 .. r1 - 1 of Y (pairs: the dtype of the scale/bias pairs, a constant once inlined).
+static inline __attribute__((always_inline)) void q4_gemm_rows(const uint32_t* restrict packed, const char* restrict sb,
+                                                               int pairs, const float* restrict x, float* restrict y,
+                                                               size_t n, size_t k, size_t c, size_t r0, size_t r1) {
+  const size_t row_pairs = (k / 64) * pair_bytes(pairs);
   float w0[GEMM_KMAX], w1[GEMM_KMAX];
   for (size_t r = r0; r < r1; r += 2) {
     const int two = r + 1 < r1;
-    dequant_row(packed + r * (k / 8), sb + 2 * r * ng, k, w0);
-    if (two) dequant_row(packed + (r + 1) * (k / 8), sb + 2 * (r + 1) * ng, k, w1);
+    dequant_row(packed + r * (k / 8), sb + r * row_pairs, pairs, k, w0);
+    if (two) dequant_row(packed + (r + 1) * (k / 8), sb + (r + 1) * row_pairs, pairs, k, w1);
     else
       for (size_t i = 0; i < k; ++i) w1[i] = 0.0f;  // a lone last row: the second is computed and dropped
     size_t t = 0;
@@ -166,5 +223,22 @@ void q4_gemm_workgroup(const char* packed_base, size_t packed_off, const char* s
       y[t * n + r] = hsum(a0);
       if (two) y[t * n + r + 1] = hsum(a1);
     }
+  }
+}
+
+void q4_gemm_workgroup(const char* packed_base, size_t packed_off, const char* sb_base, size_t sb_off,
+                       const char* x_base, size_t x_off,
+                       char* y_base, size_t y_off, int32_t n_i32, int32_t k_i32, int32_t c_i32, int32_t flags,
+                       size_t wg) {
+  const uint32_t* restrict packed = (const uint32_t*)(packed_base + packed_off);
+  const char* restrict sb = sb_base + sb_off;
+  const float* restrict x = (const float*)(x_base + x_off);
+  float* restrict y = (float*)(y_base + y_off);
+  const size_t n = (size_t)n_i32, k = (size_t)k_i32, c = (size_t)c_i32;
+  const size_t r0 = wg * GEMM_TILE, r1 = r0 + GEMM_TILE < n ? r0 + GEMM_TILE : n;
+  switch (pairs_of(flags)) {  // compiled once per pairs dtype
+    case F32: q4_gemm_rows(packed, sb, F32, x, y, n, k, c, r0, r1); break;
+    case F16: q4_gemm_rows(packed, sb, F16, x, y, n, k, c, r0, r1); break;
+    default: q4_gemm_rows(packed, sb, BF16, x, y, n, k, c, r0, r1);
   }
 }
