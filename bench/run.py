@@ -137,6 +137,7 @@ def _one_timed_stream(stream, prompt, sync):
 SAMPLED = dict(temperature=0.6, top_k=20, top_p=0.95, seed=0)
 PLAIN = dict(temperature=0.8, seed=0)  # a plain temperature: a draw from the whole vocabulary
 PENALTY = dict(SAMPLED, repetition_penalty=1.1)  # SAMPLED with a repetition penalty over the sequence so far
+GREEDY_PENALTY = dict(temperature=0.0, repetition_penalty=1.1)  # greedy with it (the penalized argmax)
 
 
 @contextlib.contextmanager
@@ -219,7 +220,8 @@ def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tupl
     _timed_stream(stream, prompt[:64], trials=1)  # warm-up
     r = _timed_stream(stream, prompt)
     for key, settings, on_device in (("decode_sampled", SAMPLED, True), ("decode_sampled_host", SAMPLED, False),
-                                     ("decode_plain", PLAIN, True), ("decode_penalty", PENALTY, True)):
+                                     ("decode_plain", PLAIN, True), ("decode_penalty", PENALTY, True),
+                                     ("decode_greedy_penalty", GREEDY_PENALTY, True)):
         with drawn_on(s, on_device):
             _timed_stream(lambda p: sampled(p, settings), prompt[:64], trials=1)
             one = _timed_stream(lambda p: sampled(p, settings), prompt)
@@ -481,7 +483,7 @@ def main() -> None:
               "iree_compiler": sorted({json.loads((args.bundles / m / "manifest.json").read_text())["compiler_version"]
                                        for m in args.models.split(",")}),
               "prompt_tokens": PROMPT_LEN,
-              "new_tokens": NEW_TOKENS, "sampled": SAMPLED, "plain": PLAIN, "penalty": PENALTY, "command": " ".join(sys.argv), "rows": rows,
+              "new_tokens": NEW_TOKENS, "sampled": SAMPLED, "plain": PLAIN, "penalty": PENALTY, "greedy_penalty": GREEDY_PENALTY, "command": " ".join(sys.argv), "rows": rows,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
@@ -499,20 +501,21 @@ def _agreement(r: dict) -> str:
 
 def table(result: dict) -> str:
     head = ("| model | weights | runtime | load s | prefill tok/s | TTFT ms | decode tok/s | sampled decode tok/s "
-            "(host draws) | plain temperature | with repetition penalty | roofline % | resident MB (peak MB) | same greedy tokens as iree-runner |")
+            "(host draws) | plain temperature | with repetition penalty | greedy with it | roofline % | resident MB (peak MB) | "
+            "same greedy tokens as iree-runner |")
     lines = [f"{result['device']}, copy bandwidth {result['copy_bandwidth_gbs']:.0f} GB/s, "
              f"IREE {result['iree_runtime']}; sampled: {result.get('sampled', '—')}, plain: {result.get('plain', '—')}, "
              f"with repetition penalty: {result.get('penalty', '—')}",
-             "", head, "|" + "---|" * 13]
+             "", head, "|" + "---|" * 14]
     f = lambda r, k, fmt: format(r[k], fmt) if r.get(k) is not None else "—"  # noqa: E731
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | failed: {r['error'][:80]} |||||||||||")
+            lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | failed: {r['error'][:80]} ||||||||||||")
             continue
         frac = f"{100 * r['roofline_frac']:.0f}%" if r.get("roofline_frac") else "—"
         lines.append(f"| {r['model']} | {r['variant']} | {r['runtime']} | {f(r, 'load_s', '.2f')} | "
                      f"{f(r, 'prefill_tps', '.0f')} | {f(r, 'ttft_ms', '.1f')} | {f(r, 'decode_tps', '.1f')} | "
-                     f"{f(r, 'decode_sampled_tps', '.1f')} ({f(r, 'decode_sampled_host_tps', '.1f')}) | {f(r, 'decode_plain_tps', '.1f')} | {f(r, 'decode_penalty_tps', '.1f')} | {frac} | {f(r, 'resident_mb', '.0f')} ({f(r, 'peak_mb', '.0f')}) | "
+                     f"{f(r, 'decode_sampled_tps', '.1f')} ({f(r, 'decode_sampled_host_tps', '.1f')}) | {f(r, 'decode_plain_tps', '.1f')} | {f(r, 'decode_penalty_tps', '.1f')} | {f(r, 'decode_greedy_penalty_tps', '.1f')} | {frac} | {f(r, 'resident_mb', '.0f')} ({f(r, 'peak_mb', '.0f')}) | "
                      f"{_agreement(r)} |")
     return "\n".join(lines)
 
