@@ -75,6 +75,31 @@ static inline __attribute__((always_inline)) void pair(const char* sb, size_t g,
   *b = pairs == BF16 ? bf16_f32(w >> 16) : f16_f32(w >> 16);
 }
 
+typedef float v4f __attribute__((vector_size(16)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+// Groups g and g + 1's (s0, b0, s1, b1), widened in vector registers: two 16-bit pairs (8
+// bytes) become four f32 lanes in one shuffle (BF16: each value's bits in a lane's high half)
+// or one F16C conversion. (Widened one value at a time in general registers, the BF16 rows took
+// 1.14 ms per 6144 x 1024 matvec against 1.04 with f32 pairs on this machine.)
+static inline __attribute__((always_inline)) v4f two_pairs(const char* sb, size_t g, int pairs) {
+  if (pairs == F32) {
+    float s0, b0, s1, b1;
+    pair(sb, g, F32, &s0, &b0);
+    pair(sb, g + 1, F32, &s1, &b1);
+    return (v4f){s0, b0, s1, b1};
+  }
+  uint64_t bits;
+  __builtin_memcpy(&bits, sb + 4 * g, 8);
+  const v8h h = (v8h)(__attribute__((vector_size(16))) uint64_t){bits, 0};
+  if (pairs == BF16) return (v4f)__builtin_shuffle((v8h){0}, h, (v8h){0, 8, 1, 9, 2, 10, 3, 11});
+#ifdef __F16C__
+  return __builtin_ia32_vcvtph2ps((__attribute__((vector_size(16))) short)h);
+#else
+  return (v4f){f16_f32(h[0]), f16_f32(h[1]), f16_f32(h[2]), f16_f32(h[3])};
+#endif
+}
+
 static inline size_t pair_bytes(int pairs) { return pairs == F32 ? 8 : 4; }
 
 static inline int pairs_of(int32_t flags) { return flags & PAIRS_BF16 ? BF16 : flags & PAIRS_F16 ? F16 : F32; }
@@ -104,12 +129,11 @@ static inline __attribute__((always_inline)) void q4_rows(const uint32_t* restri
       const vf* xg = xt + 4 * g;
       vf d = {0};  // and, convert, fma per 16 weights
       for (unsigned t = 0; t < 8; ++t) d += __builtin_convertvector(w & (15u << (4 * t)), vf) * xg[t];
-      float s0, b0, s1, b1;
-      pair(sbr, g, pairs, &s0, &b0);
-      pair(sbr, g + 1, pairs, &s1, &b1);
+      const v4f sb2 = two_pairs(sbr, g, pairs);  // s0, b0, s1, b1
+      const float s0 = sb2[0], s1 = sb2[2];
       vf sv = {s0, s0, s0, s0, s0, s0, s0, s0, s1, s1, s1, s1, s1, s1, s1, s1};
       acc += sv * d;
-      bacc += b0 * xs[g] + b1 * xs[g + 1];
+      bacc += sb2[1] * xs[g] + sb2[3] * xs[g + 1];
     }
     float s = bacc + hsum(acc);
     if (bias) s += bias[r];
