@@ -161,6 +161,30 @@ def test_bundle_records_packed_weights_and_keeps_them_small(tmp_path):
     assert read_manifest(out).targets["cpu"].packed == b.packed
 
 
+def test_a_bundle_with_f32_pairs_still_runs(tmp_path, monkeypatch):
+    """A CPU bundle made before its kernels read the scale/bias pairs as stored (its manifest's
+    pairs float32: widened when loaded, read by the kernels' f32 form) still loads and gives the
+    greedy tokens of one with the BF16 pairs as stored."""
+    from iree_runner.bundle import read_manifest
+    from iree_runner.compile import build
+    from iree_runner.generate import generate_step, load_model
+    from iree_runner.sampling import SamplingParams
+
+    ckpt = mlx_checkpoint("qwen3", "bfloat16", "q4", keys="v4")
+    build.compile_bundle(ckpt, ["cpu"], tmp_path / "bfloat16", max_context=64, packed=True)
+    monkeypatch.setattr(build, "stored_pairs", lambda specs: specs)  # what build.py gave the CPU before
+    build.compile_bundle(ckpt, ["cpu"], tmp_path / "float32", max_context=64, packed=True)
+    tokens = {}
+    for pairs in ("bfloat16", "float32"):
+        t = read_manifest(tmp_path / pairs).targets["cpu"]
+        dtypes = dict(zip(t.weight_names, t.dtypes()))
+        assert {dtypes[n.removesuffix("weight") + "scales_biases"] for n in t.packed} == {pairs}
+        s = load_model(ckpt, device="cpu", bundle=tmp_path / pairs).session
+        tokens[pairs] = list(generate_step(s, list(range(3, 30)), SamplingParams(), 12))
+    assert len(tokens["bfloat16"]) == 12 and all(isinstance(t, int) for t in tokens["bfloat16"])
+    assert tokens["float32"] == tokens["bfloat16"]
+
+
 def test_packed_bundle_refuses_an_unquantized_checkpoint(tmp_path):
     from iree_runner.compile import build
     from iree_runner.generate import load_model
