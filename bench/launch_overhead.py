@@ -70,13 +70,11 @@ def child(variant: Path, steps: int, flags: list[str], prompt: int, device: str 
     # parts, the step with the row's read (waited) and the host's draw. "plain": a plain
     # temperature (the whole vocabulary), as generation draws it; "penalty": SAMPLED with a
     # repetition penalty; "greedy_penalty": greedy with one (the device's top-k path, k = 1).
-    from run import GREEDY_PENALTY, PENALTY, PLAIN, SAMPLED, drawn_on
+    from run import SAMPLED, SAMPLED_RUNS, drawn_on
     from iree_runner.sampling import make_sampler
 
     sampled = {}
-    for key, settings, device in (("sampled", SAMPLED, True), ("sampled_host", SAMPLED, False),
-                                  ("plain", PLAIN, True), ("penalty", PENALTY, True),
-                                  ("greedy_penalty", GREEDY_PENALTY, True)):
+    for key, settings, device in SAMPLED_RUNS:
         with drawn_on(s, device):
             stamps = []
             for _ in generate_step(s, list(range(5, 5 + prompt)), SamplingParams(**settings), n + 1):

@@ -138,6 +138,10 @@ SAMPLED = dict(temperature=0.6, top_k=20, top_p=0.95, seed=0)
 PLAIN = dict(temperature=0.8, seed=0)  # a plain temperature: a draw from the whole vocabulary
 PENALTY = dict(SAMPLED, repetition_penalty=1.1)  # SAMPLED with a repetition penalty over the sequence so far
 GREEDY_PENALTY = dict(temperature=0.0, repetition_penalty=1.1)  # greedy with it (the penalized argmax)
+# The sampled decode rates measured (here as decode_<name>_tps, in launch_overhead.py as
+# <name>_ms_per_token): (name, settings, drawn on the device where the bundle's steps draw).
+SAMPLED_RUNS = (("sampled", SAMPLED, True), ("sampled_host", SAMPLED, False), ("plain", PLAIN, True),
+                ("penalty", PENALTY, True), ("greedy_penalty", GREEDY_PENALTY, True))
 
 
 @contextlib.contextmanager
@@ -219,13 +223,11 @@ def bench_ours(ckpt: Path, bundle: Path, device: str, prompt: list[int]) -> tupl
 
     _timed_stream(stream, prompt[:64], trials=1)  # warm-up
     r = _timed_stream(stream, prompt)
-    for key, settings, on_device in (("decode_sampled", SAMPLED, True), ("decode_sampled_host", SAMPLED, False),
-                                     ("decode_plain", PLAIN, True), ("decode_penalty", PENALTY, True),
-                                     ("decode_greedy_penalty", GREEDY_PENALTY, True)):
+    for name, settings, on_device in SAMPLED_RUNS:
         with drawn_on(s, on_device):
             _timed_stream(lambda p: sampled(p, settings), prompt[:64], trials=1)
             one = _timed_stream(lambda p: sampled(p, settings), prompt)
-        r |= {f"{key}_tps": one["decode_tps"], f"{key}_tps_trials": one["decode_tps_trials"]}
+        r |= {f"decode_{name}_tps": one["decode_tps"], f"decode_{name}_tps_trials": one["decode_tps_trials"]}
     r["sampled_on_device"] = s.samples_on_device
     # resident: what the session allocates on the device (weights, KV caches, the steps' results
     # and transients) as it counts them; peak: IREE's allocator's peak for the same work in a

@@ -762,7 +762,7 @@ Q4_MAX_K = 8192
 
 def _cpu_pairs(w: Packed) -> int:
     """The CPU kernels' flag for w's scale/bias pairs: PAIRS_F16, PAIRS_BF16, or 0 (f32)."""
-    return {jnp.dtype(jnp.float16): PAIRS_F16, jnp.dtype(jnp.bfloat16): PAIRS_BF16}.get(jnp.dtype(w.scales_biases.dtype), 0)
+    return (PAIRS_BF16 if pairs_bf16(w) else PAIRS_F16) if pairs_16bit(w) else 0
 
 
 def q4_gemv_fits(w) -> bool:
