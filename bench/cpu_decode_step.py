@@ -43,14 +43,14 @@ def main() -> None:
     fam = family.family_module(cc.model_type)
     cfg = fam.Config.from_checkpoint(cc)
     packed = build.packed_weights_for(a.ckpt, fam.weight_shapes(cfg), "cpu", None)
-    spec = export.step_spec(fam, cfg, capacity=m.max_context + m.prefill_chunk, weight_dtype=b.weight_dtype,
+    spec = export.step_spec(fam, cfg, capacity=b.capacity, weight_dtype=b.weight_dtype,
                             cache_dtype=b.cache_dtype, packed_weights=packed,
                             cache_layout=iree_compile.CACHE_LAYOUT["cpu"])
     mlir = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cpu"))
     iree_compile.compile_mlir(mlir, out / b.files["decode"], "cpu", "decode", flags=iree_compile.step_flags("cpu"))
     b = dataclasses.replace(b, cache_shape=spec.cache_shape)
     s = Session(out, b, gather_for(open_checkpoint(a.ckpt), b),
-                max_context=m.max_context, prefill_chunk=m.prefill_chunk)
+                max_context=m.max_context, prefill_chunk=m.prefill_chunk, prefill_long=m.prefill_long)
     res = []
     for _ in range(a.reps):
         s.reset()

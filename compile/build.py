@@ -26,15 +26,52 @@ DEFAULT_MAX_CONTEXT = 512
 # Prompt tokens per prefill call, one value per bundle. On the CPU a short prompt pays for the
 # whole chunk, so it stays small. On CUDA each call costs ~4 us per dispatch whatever its size
 # (bench/dispatch_cost.py), and 128 gave 12-40% more prefill tok/s than 64 on an H100
-# (bench/results/2026-11-26-h100-bench-prefill-chunk-128.json); 256 did not compile.
+# (bench/results/2026-11-26-h100-bench-prefill-chunk-128.json).
 DEFAULT_PREFILL_CHUNK = 32
 DEFAULT_PREFILL_CHUNK_CUDA = 128
-STEPS = ("prefill", "decode")
+# A CUDA-only bundle also has a prefill step of 512 tokens per call for long prompts (Session
+# runs it while more than 256 prompt tokens remain): a 512-token prompt's time to first token
+# on an H100 went from 38.0 to 21.4 ms (Qwen3-0.6B packed) and 35.1 to 21.3 (Llama-3.2-1B),
+# the same tokens (bench/results/2026-11-27-h100-stop21.txt). A short prompt keeps the short
+# chunk: a 512-token call takes what two 128-token calls take.
+DEFAULT_LONG_PREFILL_CUDA = 512
+
+
+# The KV cache's rows: the context plus the padding a prefill chunk writes past it, rounded up
+# to a multiple of 32 (the decode attention kernel takes the cache in blocks of up to 32 rows;
+# a CUDA bundle with --max-context 300, 428 rows, fell back to IREE's own attention, which
+# failed to compile). A short chunk may end up to its length past the context. The long one
+# runs only while more than half of it remains, so it ends at most half its length past the
+# context; Session._chunks also checks that it ends within the cache. (Qwen3-0.6B at 640
+# tokens: 896 rows instead of 1152, 29 MB less.)
+CACHE_ROWS_MULTIPLE = 32
+
+
+def cache_capacity(max_context: int, prefill_chunk: int, prefill_long: int = 0) -> int:
+    rows = max_context + max(prefill_chunk, prefill_long // 2)
+    return -(-rows // CACHE_ROWS_MULTIPLE) * CACHE_ROWS_MULTIPLE
 
 
 def default_prefill_chunk(targets) -> int:
     """128 for a CUDA-only bundle, else 32 (the bundle's targets share one chunk)."""
     return DEFAULT_PREFILL_CHUNK_CUDA if set(targets) == {"cuda"} else DEFAULT_PREFILL_CHUNK
+
+
+def default_long_prefill(targets) -> int:
+    """512 for a CUDA-only bundle, else 0 (no long prefill step)."""
+    return DEFAULT_LONG_PREFILL_CUDA if set(targets) == {"cuda"} else 0
+
+
+def _long_prefill(targets, prefill_chunk: int, prefill_long: int | None, max_context: int) -> int:
+    """The long prefill chunk to build (0: none): the default for the targets when None, dropped
+    where it would never run (no longer than the short chunk, or a context too short for more
+    than half of it); one no longer than the short chunk is an error when asked for."""
+    if prefill_long is None:
+        long = default_long_prefill(targets)
+        return long if long > prefill_chunk and max_context > long // 2 else 0
+    if prefill_long < 0 or 0 < prefill_long <= prefill_chunk:
+        raise ValueError(f"long prefill chunk {prefill_long}: 0 (none) or more than the prefill chunk ({prefill_chunk})")
+    return prefill_long
 
 
 def _export_code_digest() -> str:
@@ -58,7 +95,7 @@ def weight_dtype_for(target: str, weight_dtype: str | None) -> str:
 
 
 def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: int, weight_dtype: str,
-              kernels: bool = True, packed_weights: tuple = ()) -> str:
+              kernels: bool = True, packed_weights: tuple = (), prefill_long: int = 0) -> str:
     import jax
 
     parts = {
@@ -66,7 +103,7 @@ def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: in
         "iree": iree_compile.compiler_version(), "jax": jax.__version__, "target": target,
         "flags": iree_compile.step_flags(target), "weight_dtype": weight_dtype,
         "cache_dtype": weight_dtype,
-        "max_context": max_context, "prefill_chunk": prefill_chunk,
+        "max_context": max_context, "prefill_chunk": prefill_chunk, "prefill_long": prefill_long,
         "host": iree_compile.host_cpu() if target == "cpu" else None,
         "kernels": iree_compile.export_options(target, kernels)["decode_kernel"],
         "packed": [[p.name, p.bits, p.group_size, p.pairs] for p in packed_weights],
@@ -76,11 +113,12 @@ def build_key(raw_config: dict, target: str, max_context: int, prefill_chunk: in
 
 def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX_CONTEXT,
                  prefill_chunk: int | None = None, weight_dtype: str | None = None, kernels: bool = True,
-                 packed: bool | None = None) -> Path:
+                 packed: bool | None = None, prefill_long: int | None = None) -> Path:
     """A one-target bundle in the artifact cache for this model; compiled only if needed.
 
     weight_dtype "f16" or "f32" overrides the target's default (f32 on CPU, f16 on CUDA);
-    prefill_chunk defaults to default_prefill_chunk([target]); kernels=False compiles the
+    prefill_chunk defaults to default_prefill_chunk([target]), prefill_long (a second prefill
+    step of that many tokens per call, 0 for none) to default_long_prefill([target]); kernels=False compiles the
     one-token step without the hand-written kernels (compile/extern.py); packed=True keeps the
     checkpoint's 4- and 8-bit linear weights packed on the device (compile/packed.py), False
     none, None the target's default (iree_compile.PACKED_BITS_DEFAULT)."""
@@ -88,10 +126,11 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
     fam = family.family_module(cc.model_type)
     iree_compile.flags_for(target)  # an unknown target fails here, with the known ones
     prefill_chunk = prefill_chunk or default_prefill_chunk([target])
+    prefill_long = _long_prefill([target], prefill_chunk, prefill_long, max_context)
     wdt = weight_dtype_for(target, weight_dtype)
     cfg = fam.Config.from_checkpoint(cc)
     packed_weights = packed_weights_for(model_dir, fam.weight_shapes(cfg), target, packed)
-    key = build_key(cc.raw, target, max_context, prefill_chunk, wdt, kernels, packed_weights)
+    key = build_key(cc.raw, target, max_context, prefill_chunk, wdt, kernels, packed_weights, prefill_long)
     entry = cache_dir() / key
     if (entry / MANIFEST).exists():
         try:
@@ -101,7 +140,8 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
             print(f"rebuilding cached artifact: {e}", file=sys.stderr)
             shutil.rmtree(entry, ignore_errors=True)
 
-    spec = export.step_spec(fam, cfg, capacity=max_context + prefill_chunk, weight_dtype=wdt, cache_dtype=wdt,
+    spec = export.step_spec(fam, cfg, capacity=cache_capacity(max_context, prefill_chunk, prefill_long),
+                            weight_dtype=wdt, cache_dtype=wdt, context=max_context,
                             packed_weights=packed_weights, cache_layout=iree_compile.CACHE_LAYOUT[target])
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
@@ -109,7 +149,8 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
         (tmp / target).mkdir()
         files, sums = {}, {}
         options = iree_compile.export_options(target, kernels)
-        for step, tokens in zip(STEPS, (prefill_chunk, 1)):
+        steps = {"prefill": prefill_chunk, "decode": 1} | ({"prefill_long": prefill_long} if prefill_long else {})
+        for step, tokens in steps.items():
             print(f"exporting {step} ({cc.model_type}, {tokens} token(s) per call)", file=sys.stderr)
             mlir = export.export_step(fam, cfg, spec, tokens, module_name=step, **options)
             rel = f"{target}/{step}.vmfb"
@@ -119,7 +160,7 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
                             spec.weight_shapes, spec.weight_dtype, spec.cache_shape, spec.cache_dtype,
                             tuple(p.name for p in spec.packed), spec.weight_dtypes,
                             export.samples_on_device(options["decode_kernel"], int(cfg.vocab_size)), spec.capacity)
-        _manifest(cc, fam, cfg, max_context, prefill_chunk, {target: build}).write(tmp)
+        _manifest(cc, fam, cfg, max_context, prefill_chunk, {target: build}, prefill_long).write(tmp)
         try:
             tmp.replace(entry)
         except OSError:  # another process finished the same entry first
@@ -154,29 +195,31 @@ def packed_weights_for(model_dir: Path, shapes: dict, target: str, packed: bool 
     return stored_pairs(specs)
 
 
-def _manifest(cc, fam, cfg, max_context, prefill_chunk, targets) -> Manifest:
+def _manifest(cc, fam, cfg, max_context, prefill_chunk, targets, prefill_long: int = 0) -> Manifest:
     return Manifest(cc.model_type, graph_config(cc.raw), config_digest(cc.raw),
                     iree_compile.compiler_version(), max_context, prefill_chunk,
-                    int(cfg.vocab_size), targets)
+                    int(cfg.vocab_size), targets, prefill_long)
 
 
 def compile_bundle(model_dir: Path, targets: list[str], out: Path, *, max_context: int = DEFAULT_MAX_CONTEXT,
                    prefill_chunk: int | None = None, weight_dtype: str | None = None,
-                   kernels: bool = True, packed: bool | None = None) -> Manifest:
+                   kernels: bool = True, packed: bool | None = None, prefill_long: int | None = None) -> Manifest:
     """Build every target (through the cache) and gather them into one bundle at `out`.
-    prefill_chunk: default_prefill_chunk(targets) when None; kernels and packed as build_target."""
+    prefill_chunk: default_prefill_chunk(targets) when None, prefill_long default_long_prefill(targets);
+    kernels and packed as build_target."""
     prefill_chunk = prefill_chunk or default_prefill_chunk(targets)
+    prefill_long = _long_prefill(targets, prefill_chunk, prefill_long, max_context)
     cc = read_config(model_dir)
     fam = family.family_module(cc.model_type)
     builds = {}
     out.mkdir(parents=True, exist_ok=True)
     for target in targets:
         entry = build_target(model_dir, target, max_context=max_context, prefill_chunk=prefill_chunk,
-                             weight_dtype=weight_dtype, kernels=kernels, packed=packed)
+                             weight_dtype=weight_dtype, kernels=kernels, packed=packed, prefill_long=prefill_long)
         build = read_manifest(entry).targets[target]
         shutil.rmtree(out / target, ignore_errors=True)
         shutil.copytree(entry / target, out / target)
         builds[target] = build
-    manifest = _manifest(cc, fam, fam.Config.from_checkpoint(cc), max_context, prefill_chunk, builds)
+    manifest = _manifest(cc, fam, fam.Config.from_checkpoint(cc), max_context, prefill_chunk, builds, prefill_long)
     manifest.write(out)
     return manifest

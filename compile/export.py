@@ -36,6 +36,7 @@ class StepSpec:
     packed: tuple[packed.PackedSpec, ...]  # weights kept packed (three arguments each)
     weight_dtypes: tuple[str, ...]  # per argument
     cache_layout: str  # the order of cache_shape's axes (layers.CACHE_LAYOUT)
+    context: int = 0  # positions a one-token step can be at (the bundle's max_context); 0: capacity
 
     @property
     def capacity(self) -> int:
@@ -89,9 +90,11 @@ def samples_on_device(decode_kernel: str | None, vocab: int) -> bool:
 
 
 def step_spec(family, cfg, *, capacity: int, weight_dtype: str, cache_dtype: str = "float32",
-              packed_weights: tuple[packed.PackedSpec, ...] = (), cache_layout: str = "LDSH") -> StepSpec:
+              packed_weights: tuple[packed.PackedSpec, ...] = (), cache_layout: str = "LDSH",
+              context: int = 0) -> StepSpec:
     """The step's signature; cache_layout: the target's (iree_compile.CACHE_LAYOUT), which the
-    exported step then uses."""
+    exported step then uses; context: the positions a one-token step can be at (fewer than the
+    cache's rows, which also hold a prefill chunk's padding), 0 for all of them."""
     if cache_layout not in layers.CACHE_LAYOUTS:
         raise ValueError(f"cache_layout {cache_layout!r} is not one of {layers.CACHE_LAYOUTS}")
     saved, layers.CACHE_LAYOUT = layers.CACHE_LAYOUT, cache_layout
@@ -106,7 +109,7 @@ def step_spec(family, cfg, *, capacity: int, weight_dtype: str, cache_dtype: str
         args |= p.arguments()
     names = tuple(sorted(args))
     return StepSpec(names, tuple(args[n][0] for n in names), weight_dtype, cache_shape, cache_dtype,
-                    tuple(packed_weights), tuple(args[n][1] for n in names), cache_layout)
+                    tuple(packed_weights), tuple(args[n][1] for n in names), cache_layout, context)
 
 
 def export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str, cache_write: str = "slice",
@@ -120,12 +123,13 @@ def export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str, cach
       linked into the text as IREE dispatches; None: none."""
     if cache_write not in layers.CACHE_WRITES:
         raise ValueError(f"cache_write {cache_write!r} is not one of {layers.CACHE_WRITES}")
-    saved = layers.CACHE_WRITE, layers.DECODE_KERNEL, layers.CACHE_LAYOUT
+    saved = layers.CACHE_WRITE, layers.DECODE_KERNEL, layers.CACHE_LAYOUT, layers.DECODE_ROWS
     layers.CACHE_WRITE, layers.DECODE_KERNEL, layers.CACHE_LAYOUT = cache_write, decode_kernel, spec.cache_layout
+    layers.DECODE_ROWS = spec.context or None
     try:
         return extern.link(_export_step(family, cfg, spec, tokens, module_name))
     finally:
-        layers.CACHE_WRITE, layers.DECODE_KERNEL, layers.CACHE_LAYOUT = saved
+        layers.CACHE_WRITE, layers.DECODE_KERNEL, layers.CACHE_LAYOUT, layers.DECODE_ROWS = saved
 
 
 def _export_step(family, cfg, spec: StepSpec, tokens: int, module_name: str) -> str:

@@ -519,7 +519,7 @@ def decode_attention_fits(heads: int, kv_heads: int, head_dim: int, rows: int) -
 
 
 def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, layer: int, scale: float,
-                     window: int | None, softcap: float | None, qk_norm=None, sync=None):
+                     window: int | None, softcap: float | None, qk_norm=None, sync=None, rows: int | None = None):
     """Attention of one query token from the qkv projection's output [(H + 2 KVH) Dh] (f32),
     rotary cos/sin [rot] and the caches [L, Dh, S, KVH] f16 (rows < positions[0] valid).
     qk_norm = (q weight_rope [2, Dh], k weight_rope, eps, one_plus): per-head RMSNorm of q and k
@@ -529,7 +529,10 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, 
 
     sync: the specialized shapes' one kernel (fused_kernel) counts each layer's finished blocks
     in it ([L * KVH / KB] int32, zero at the step's start: pass None at the first layer, then
-    what the previous layer returned; it is written in place). None for the other shapes."""
+    what the previous layer returned; it is written in place). None for the other shapes.
+
+    rows: the positions the token can be at (positions[0] < rows), None: the cache's S; blocks
+    are launched for these rows only."""
     _, Dh, S, KVH = k_cache.shape
     H = heads
     f16, f32 = jnp.float16, jnp.float32
@@ -543,7 +546,7 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, 
     ch = keys_per_block(Dh, KVH)
     consts = [S, KVH, H // KVH, Dh, layer, ch, window or 0, f32_bits(scale), f32_bits(softcap or 0.0),
               qk, f32_bits(eps), cos.shape[-1], kb]
-    blocks = -(-S // ch)
+    blocks = -(-min(rows or S, S) // ch)
     qkv, cos, sin = qkv.astype(f32), cos.astype(f32), sin.astype(f32)
     G = H // KVH
     part_shape = jax.ShapeDtypeStruct((blocks, H, Dh + 2), f32)

@@ -67,7 +67,7 @@ class TargetBuild:
     target: str
     key: str
     flags: tuple[str, ...]
-    files: dict  # {"prefill": relpath, "decode": relpath}
+    files: dict  # {"prefill": relpath, "decode": relpath} and "prefill_long" where the bundle has one
     sha256: dict  # {relpath: digest}
     weight_names: tuple[str, ...]
     weight_shapes: tuple[tuple[int, ...], ...]
@@ -109,12 +109,15 @@ class Manifest:
     prefill_chunk: int
     vocab_size: int
     targets: dict  # target -> TargetBuild
+    # Tokens per call of a second prefill step for long prompts ("prefill_long" in each target's
+    # files), 0 for none. Optional in the manifest: a bundle without it runs its one chunk size.
+    prefill_long: int = 0
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "model_type": self.model_type, "config": self.config,
                 "config_digest": self.config_digest, "compiler_version": self.compiler_version,
                 "max_context": self.max_context, "prefill_chunk": self.prefill_chunk,
-                "vocab_size": self.vocab_size,
+                "vocab_size": self.vocab_size, "prefill_long": self.prefill_long,
                 "targets": {t: b.to_json() for t, b in self.targets.items()}}
 
     def write(self, bundle_dir: Path) -> None:
@@ -137,7 +140,8 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     try:
         return Manifest(d["model_type"], d["config"], d["config_digest"], d["compiler_version"],
                         d["max_context"], d["prefill_chunk"], d["vocab_size"],
-                        {t: TargetBuild.from_json(t, b) for t, b in d["targets"].items()})
+                        {t: TargetBuild.from_json(t, b) for t, b in d["targets"].items()},
+                        int(d.get("prefill_long", 0)))
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
 

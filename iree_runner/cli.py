@@ -93,6 +93,9 @@ def generate(model_dir, prompt, max_tokens, temperature, top_k, top_p, min_p, re
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
 @click.option("--max-context", type=int, default=None, help="Longest prompt + generation (default 512).")
 @click.option("--prefill-chunk", type=int, default=None, help="Prompt tokens per prefill call (default 128 for a cuda-only bundle, else 32).")
+@click.option("--long-prefill-chunk", "prefill_long", type=int, default=None,
+              help="Prompt tokens per call of a second prefill step, run while more than half that many prompt "
+                   "tokens remain; 0 for none (default 512 for a cuda-only bundle, else none).")
 @click.option("--weight-dtype", type=click.Choice(["f16", "f32"]), default=None,
               help="Weights on the device. Default: f32 for cpu, f16 for cuda (f32 there matches an fp32 oracle).")
 @click.option("--no-kernels", is_flag=True,
@@ -102,7 +105,7 @@ def generate(model_dir, prompt, max_tokens, temperature, top_k, top_p, min_p, re
               help="Keep the checkpoint's 4- and 8-bit weights packed on the device (read by the kernels, "
                    "dequantized inside the step elsewhere) instead of dequantizing them when loaded; or none. "
                    "Default: the 4-bit ones (the one-token kernels read them), on cpu and cuda.")
-def compile_cmd(model_dir, target, out, max_context, prefill_chunk, weight_dtype, no_kernels, packed):
+def compile_cmd(model_dir, target, out, max_context, prefill_chunk, prefill_long, weight_dtype, no_kernels, packed):
     """Compile a model ahead of time into a bundle that the runtime alone can run."""
     try:
         from .compile import build
@@ -114,7 +117,7 @@ def compile_cmd(model_dir, target, out, max_context, prefill_chunk, weight_dtype
     try:
         manifest = build.compile_bundle(model_dir or DEFAULT_MODEL, targets, out,
                                         max_context=max_context or build.DEFAULT_MAX_CONTEXT,
-                                        prefill_chunk=prefill_chunk,
+                                        prefill_chunk=prefill_chunk, prefill_long=prefill_long,
                                         weight_dtype=weight_dtype, kernels=not no_kernels, packed=packed)
     except USER_ERRORS as e:
         _fail(str(e))

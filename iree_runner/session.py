@@ -87,25 +87,29 @@ class Session:
     CALLER_STORAGE), sets used in turn: a set is reused only once the step that last used it is
     done. Decode has two (small: 1.4 MB of transients for Qwen3-0.6B), so the next step can be
     queued while one runs; prefill has one, its transients being large (with packed weights it
-    dequantizes them inside the step) and its chunks long next to the host's share."""
+    dequantizes them inside the step) and its chunks long next to the host's share.
+
+    A bundle may have a second prefill step of prefill_long tokens per call, for long prompts
+    (_chunks says when it runs)."""
 
     SETS = {"prefill": 1, "decode": 2}
 
     def __init__(self, bundle_dir: Path, build: TargetBuild, weights: dict[str, np.ndarray], *,
-                 max_context: int, prefill_chunk: int):
+                 max_context: int, prefill_chunk: int, prefill_long: int = 0):
         import iree.runtime as rt
 
         self.build, self.max_context, self.chunk = build, max_context, prefill_chunk
+        self.long_chunk = prefill_long if "prefill_long" in build.files else 0
         self.vocab_size = build.weight_shapes[build.weight_names.index("model.embed_tokens.weight")][0]
         self._config = _device_config(build.target)
         device = self._config.device
-        modules = [rt.VmModule.mmap(self._config.vm_instance, str(Path(bundle_dir) / build.files[s]))
-                   for s in ("prefill", "decode")]
+        steps = ("prefill", "decode") + (("prefill_long",) if self.long_chunk else ())
+        modules = [rt.VmModule.mmap(self._config.vm_instance, str(Path(bundle_dir) / build.files[s])) for s in steps]
         self._ctx = rt.SystemContext(vm_modules=modules, config=self._config)
         # Invoked through the VM directly with a prebuilt argument list: the high-level invoker
         # converted ~230 weight arguments and uploaded 3 scalars per call, 0.4 ms of a 3.2 ms
         # Qwen3-0.6B step on an H100 (bench/results/2026-11-26-h100-packed-and-host.txt).
-        self._steps = {s: getattr(self._ctx.modules, s).vm_module.lookup_function("main") for s in ("prefill", "decode")}
+        self._steps = {s: getattr(self._ctx.modules, s).vm_module.lookup_function("main") for s in steps}
         self.stats = LoadStats()
         t0 = time.perf_counter()
         self._weight_views = [rt.asdevicearray(device, weights[n])._buffer_view for n in build.weight_names]
@@ -115,13 +119,17 @@ class Session:
         # Every position (and row index) as an int32 scalar on the device, made up front: an upload
         # during generation is a synchronous copy that the queued steps wait behind.
         self._scalars = [rt.asdevicearray(device, np.array(i, np.int32))._buffer_view
-                         for i in range(max(max_context, prefill_chunk) + 1)]
+                         for i in range(max(max_context, prefill_chunk, self.long_chunk) + 1)]
         self._storage = {}  # step -> [(logits, token, transients) buffers, done-by tick]
-        for step, fn in self._steps.items():
-            transients = int(fn.reflection["iree.abi.transients.size.constant"])
-            self._storage[step] = [[tuple(self._device_buffer(n) for n in (self.vocab_size * 4, 8, transients)), 0]
-                                   for _ in range(self.SETS[step])]
-            self.stats.device_bytes += self.SETS[step] * (self.vocab_size * 4 + 8 + transients)
+        # The two prefill steps share their set (sized for the larger transients), as they take
+        # turns anyway: a set is reused once the step before is done.
+        for kind, steps in (("prefill", ("prefill", "prefill_long")), ("decode", ("decode",))):
+            steps = [s for s in steps if s in self._steps]
+            transients = max(int(self._steps[s].reflection["iree.abi.transients.size.constant"]) for s in steps)
+            sets = [[tuple(self._device_buffer(n) for n in (self.vocab_size * 4, 8, transients)), 0]
+                    for _ in range(self.SETS[kind])]
+            self._storage |= {s: sets for s in steps}
+            self.stats.device_bytes += self.SETS[kind] * (self.vocab_size * 4 + 8 + transients)
         # The steps' sampling settings (sampling.device_params): greedy, or the generation's own.
         self.samples_on_device = build.device_sampling
         self._greedy_params = rt.asdevicearray(device, device_params(None))._buffer_view
@@ -302,13 +310,30 @@ class Session:
         if self.pos + n > self.max_context:
             raise ContextFull(f"{self.pos + n} tokens exceed the compiled context of {self.max_context}")
         ids = np.asarray(tokens, np.int32)
-        for start in range(0, n, self.chunk):
-            part = ids[start:start + self.chunk]
-            padded = np.zeros(self.chunk, np.int32)
+        start = 0
+        for step, chunk in self._chunks(n):
+            part = ids[start:start + chunk]
+            padded = np.zeros(chunk, np.int32)
             padded[:len(part)] = part
-            out = self._run("prefill", self._tokens(padded), len(part) - 1, read if start + self.chunk >= n else None)
+            start += len(part)
+            out = self._run(step, self._tokens(padded), len(part) - 1, read if start >= n else None)
             self.pos += len(part)
         return out
+
+    def _chunks(self, n: int) -> list[tuple[str, int]]:
+        """The prefill calls for the next n prompt tokens, (step, its chunk) each. A call costs
+        about the same whatever its tokens (the chunk is padded), and a long chunk about what two
+        short ones cost: on an H100, Qwen3-0.6B 9.5 ms per 128-token call, 21.4 per 512-token
+        call (bench/results/2026-11-27-h100-stop21.txt). So the long step takes the tokens while
+        more than half of its chunk remain, the short one the rest. The long chunk also has to
+        end within the cache, which holds half of it past the context (build.cache_capacity)."""
+        calls, left, pos = [], n, self.pos
+        while left > 0:
+            long = self.long_chunk and left > self.long_chunk // 2 and pos + self.long_chunk <= self.build.capacity
+            step, chunk = ("prefill_long", self.long_chunk) if long else ("prefill", self.chunk)
+            calls.append((step, chunk))
+            left, pos = left - chunk, pos + chunk
+        return calls
 
     def decode(self, token: int, greedy: bool = False):
         """Append one token; logits for the next (or with greedy=True the step's token, as prefill)."""

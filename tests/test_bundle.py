@@ -215,3 +215,36 @@ def test_targets_keep_the_checkpoints_scale_pairs_and_refuse_another_dtype(bundl
     with pytest.raises(ModelError, match=r"tensor model\.\S+\.scales_biases is float16 .* expects bfloat16 .*"
                                          r"scales' dtype"):
         check_weights(other, t, gather_for(open_checkpoint(other), t))
+
+
+def test_long_prefill_step_defaults_and_limits(ckpt, tmp_path):
+    """A CUDA-only bundle gets a 512-token prefill step where the context can hold more than half
+    of it; a mixed or short-context bundle gets none; one no longer than the prefill chunk is refused."""
+    assert build._long_prefill(["cuda"], 128, None, 640) == build.DEFAULT_LONG_PREFILL_CUDA == 512
+    assert build._long_prefill(["cuda"], 128, None, 256) == 0  # never more than 256 prompt tokens
+    assert build._long_prefill(["cpu", "cuda"], 32, None, 640) == 0
+    assert build._long_prefill(["cpu"], 32, 0, 640) == 0
+    with pytest.raises(ValueError, match="long prefill chunk 32: 0 \\(none\\) or more than the prefill chunk \\(32\\)"):
+        build.compile_bundle(ckpt, ["cpu"], tmp_path, max_context=64, prefill_long=32)
+    m = build.compile_bundle(ckpt, ["cuda"], tmp_path, max_context=384)
+    assert m.prefill_long == 512 and set(m.targets["cuda"].files) == {"prefill", "prefill_long", "decode"}
+    # Rows for the context and half the long chunk (it runs only where it ends within them).
+    assert m.targets["cuda"].cache_shape[build.export.layers.CACHE_LAYOUT.index("S")] == 384 + 256
+
+
+def test_a_manifest_without_a_long_prefill_step_reads(bundle, tmp_path):
+    """Bundles made before the long prefill step (no "prefill_long" key) still read: one chunk size."""
+    copy = tmp_path / "old"
+    shutil.copytree(bundle, copy)
+    d = json.loads((copy / "manifest.json").read_text())
+    d.pop("prefill_long")
+    (copy / "manifest.json").write_text(json.dumps(d))
+    assert read_manifest(copy).prefill_long == 0
+
+
+def test_a_context_of_any_length_compiles_for_cuda(ckpt, tmp_path):
+    """The cache's rows are rounded up to a multiple of 32 (the decode attention kernel's blocks):
+    --max-context 300 (428 rows, unrounded) fell back to IREE's own attention, which failed to compile."""
+    m = build.compile_bundle(ckpt, ["cuda"], tmp_path, max_context=300, prefill_long=0)
+    assert m.targets["cuda"].cache_shape[build.export.layers.CACHE_LAYOUT.index("S")] == 448
+    assert m.targets["cuda"].capacity == 448

@@ -91,3 +91,24 @@ def assert_matches_oracle(ckpt, ours):
         assert margin > max(MIN_MARGIN, NOISE_FACTOR * err), \
             f"{text!r}: oracle margin {margin:.2e} is not well above the fp32 noise {err:.2e}: pick another seed"
         assert got == want, f"{text!r}: first divergence at token {n}"
+
+
+def test_a_long_prefill_step_matches_hf_fp32(tmp_path):
+    """A bundle with a second prefill step for long prompts (`compile --long-prefill-chunk`, a
+    CUDA-only bundle's default): the long prompt runs one 32-token call and one 8-token call,
+    the short ones a single 8-token call; all against the HF fp32 oracle."""
+    from iree_runner.compile import build
+    from iree_runner.generate import load_model
+
+    ckpt = checkpoint("qwen3", "bfloat16", "q4", "v4")
+    m = build.compile_bundle(ckpt, ["cpu"], tmp_path, max_context=MAX_CONTEXT, prefill_chunk=8, prefill_long=32)
+    assert m.prefill_long == 32 and "prefill_long" in m.targets["cpu"].files
+    model = load_model(ckpt, device="cpu", bundle=tmp_path)
+    s = model.session
+    assert s.build.capacity == 160  # 128 + half the long chunk (16 > 8), rounded up to 32 rows
+    assert s._chunks(40) == [("prefill_long", 32), ("prefill", 8)]
+    assert s._chunks(16) == [("prefill", 8), ("prefill", 8)]
+    s.pos = 130  # (past the context: only to see) a long chunk would end past the cache: short ones
+    assert s._chunks(20) == [("prefill", 8)] * 3
+    s.reset()
+    assert_matches_oracle(ckpt, model)
