@@ -49,8 +49,7 @@ def main() -> None:
     mlir = export.export_step(fam, cfg, spec, 1, "decode", **iree_compile.export_options("cpu"))
     iree_compile.compile_mlir(mlir, out / b.files["decode"], "cpu", "decode", flags=iree_compile.step_flags("cpu"))
     b = dataclasses.replace(b, cache_shape=spec.cache_shape)
-    s = Session(out, b, gather_for(open_checkpoint(a.ckpt), b),
-                max_context=m.max_context, prefill_chunk=m.prefill_chunk, prefill_long=m.prefill_long)
+    s = Session(out, b, gather_for(open_checkpoint(a.ckpt), b), **m.session_options)
     res = []
     for _ in range(a.reps):
         s.reset()

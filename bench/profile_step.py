@@ -35,7 +35,7 @@ def random_session(bundle: Path, target: str = "cuda") -> Session:
     m = read_manifest(bundle)
     b = m.targets[target]
     w = {n: random_weight(n, tuple(s), d) for n, s, d in zip(b.weight_names, b.weight_shapes, b.dtypes())}
-    return Session(bundle, b, w, max_context=m.max_context, prefill_chunk=m.prefill_chunk, prefill_long=m.prefill_long)
+    return Session(bundle, b, w, **m.session_options)
 
 
 def random_weight(name: str, shape: tuple, dtype: str) -> np.ndarray:

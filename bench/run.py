@@ -181,8 +181,7 @@ def load_ours(ckpt: Path, bundle: Path, device: str):
     weights = gather_for(open_checkpoint(ckpt), build)
     check_weights(ckpt, build, weights)
     t_host = time.perf_counter() - t0
-    s = Session(bundle, build, weights, max_context=manifest.max_context, prefill_chunk=manifest.prefill_chunk,
-                prefill_long=manifest.prefill_long)
+    s = Session(bundle, build, weights, **manifest.session_options)
     return s, weights, t_host, time.perf_counter() - t0
 
 

@@ -52,14 +52,19 @@ def cache_capacity(max_context: int, prefill_chunk: int, prefill_long: int = 0) 
     return -(-rows // CACHE_ROWS_MULTIPLE) * CACHE_ROWS_MULTIPLE
 
 
+def _cuda_only(targets) -> bool:
+    """Whether a bundle's targets are CUDA alone (the bundle's targets share its prefill steps)."""
+    return set(targets) == {"cuda"}
+
+
 def default_prefill_chunk(targets) -> int:
-    """128 for a CUDA-only bundle, else 32 (the bundle's targets share one chunk)."""
-    return DEFAULT_PREFILL_CHUNK_CUDA if set(targets) == {"cuda"} else DEFAULT_PREFILL_CHUNK
+    """128 for a CUDA-only bundle, else 32."""
+    return DEFAULT_PREFILL_CHUNK_CUDA if _cuda_only(targets) else DEFAULT_PREFILL_CHUNK
 
 
 def default_long_prefill(targets) -> int:
     """512 for a CUDA-only bundle, else 0 (no long prefill step)."""
-    return DEFAULT_LONG_PREFILL_CUDA if set(targets) == {"cuda"} else 0
+    return DEFAULT_LONG_PREFILL_CUDA if _cuda_only(targets) else 0
 
 
 def _long_prefill(targets, prefill_chunk: int, prefill_long: int | None, max_context: int) -> int:

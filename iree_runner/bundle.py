@@ -113,6 +113,11 @@ class Manifest:
     # files), 0 for none. Optional in the manifest: a bundle without it runs its one chunk size.
     prefill_long: int = 0
 
+    @property
+    def session_options(self) -> dict:
+        """What a Session of this bundle takes from the manifest: Session(dir, build, weights, **these)."""
+        return {"max_context": self.max_context, "prefill_chunk": self.prefill_chunk, "prefill_long": self.prefill_long}
+
     def to_json(self) -> dict:
         return {"format": FORMAT, "model_type": self.model_type, "config": self.config,
                 "config_digest": self.config_digest, "compiler_version": self.compiler_version,

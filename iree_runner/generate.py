@@ -54,8 +54,7 @@ def load_model(model_dir: Path, *, device: str = "cpu", bundle: Path | None = No
     build = check_compatible(manifest, bundle, cc.raw, device)
     weights = gather_for(open_checkpoint(model_dir), build)
     check_weights(model_dir, build, weights)
-    session = Session(bundle, build, weights, max_context=manifest.max_context,
-                      prefill_chunk=manifest.prefill_chunk, prefill_long=manifest.prefill_long)
+    session = Session(bundle, build, weights, **manifest.session_options)
     del weights  # the device holds them now
     return Model(session, Tokenizer.from_dir(model_dir), model_dir)
 
