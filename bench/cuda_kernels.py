@@ -50,9 +50,12 @@ DECODE = {
 }
 EPS = 1e-6
 DEQUANT = {"q4_6144x1024_g64": (6144, 1024, 64), "q4_96x256_g32": (96, 256, 32)}
-# name -> (N, K, norm): 4-bit matvecs
-GEMV = {"q4_4096x1024_norm": (4096, 1024, True), "q4_1024x3072": (1024, 3072, False),
-        "q4_2048x8192_norm": (2048, 8192, True)}  # K past the pieces loaded ahead
+# name -> (N, K, norm, gate): 4-bit matvecs; gate: [gate; up] rows, SiLU(gate) * up [N] (gemv.cu's
+# gate mode: x staged in int8 parts, summed by dp4a), K past one round of its staging at 8192
+GEMV = {"q4_4096x1024_norm": (4096, 1024, True, False), "q4_1024x3072": (1024, 3072, False, False),
+        "q4_2048x8192_norm": (2048, 8192, True, False),  # K past the pieces loaded ahead
+        "q4_8192x2048_norm_gate": (8192, 2048, True, True), "q4_3072x1024_gate": (3072, 1024, False, True),
+        "q4_640x8192_norm_gate": (640, 8192, True, True)}
 # name -> (N, K, norm, special): 4-bit lm_heads (extern.lm_head: logits and their first argmax);
 # special: "tie" (the best row copied to two lower rows in other blocks: the lowest wins),
 # "nan" (a NaN in x: the argmax is N, out of range).
@@ -195,7 +198,7 @@ def decode_reference(qkv, cos, sin, kc, vc, positions, wq=None, wk=None, *, H, w
 
 # The 4-bit cases' scales and biases are BF16 as the CUDA steps take them (the checkpoint's),
 # these cases' F16 (compile/packed.py: the kernels widen either).
-F16_PAIRS = {"dequant_q4_96x256_g32", "gemv_q4_1024x3072", "lm_head_q4_32771x2048_norm", "prologue_llama3_scaled_pos40000"}
+F16_PAIRS = {"dequant_q4_96x256_g32", "gemv_q4_1024x3072", "gemv_q4_3072x1024_gate", "lm_head_q4_32771x2048_norm", "prologue_llama3_scaled_pos40000"}
 
 
 def _pairs(case: str) -> np.dtype:
@@ -219,11 +222,11 @@ def dequant_reference(words, scales, biases, group):
     return (q * s + b).astype(np.float16)
 
 
-def _gemv_inputs(N, K, norm, pairs):
+def _gemv_inputs(N, K, norm, pairs, gate=False):
     rng = np.random.default_rng(2)
     x = rng.standard_normal(K, dtype=np.float32)
     w = rng.standard_normal(K, dtype=np.float32).astype(np.float16) if norm else None
-    return [x, *_dequant_inputs(N, K, 64, pairs)] + ([w] if norm else [])
+    return [x, *_dequant_inputs(2 * N if gate else N, K, 64, pairs)] + ([w] if norm else [])
 
 
 def _lm_head_inputs(N, K, norm, special, pairs):
@@ -237,15 +240,20 @@ def _lm_head_inputs(N, K, norm, special, pairs):
     return [x, words, scales, biases, *norm_w]
 
 
-def gemv_reference(x, words, scales, biases, norm_w=None):
-    """dequant(w) x in float64, x RMS-normed (times norm_w) first when given."""
+def gemv_reference(x, words, scales, biases, norm_w=None, gate=False):
+    """dequant(w) x in float64, x RMS-normed (times norm_w) first when given; with gate, the
+    rows are [gate; up] and the result SiLU(gate) * up."""
     w = words.view(np.uint32)
     q = ((w[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 15).reshape(w.shape[0], -1).astype(np.float64)
     dense = q * np.repeat(scales.astype(np.float64), 64, axis=1) + np.repeat(biases.astype(np.float64), 64, axis=1)
     x = x.astype(np.float64)
     if norm_w is not None:
         x = x / np.sqrt(np.mean(x * x) + EPS) * norm_w.astype(np.float64)
-    return dense @ x
+    y = dense @ x
+    if gate:
+        g, up = np.split(y, 2)
+        return g / (1 + np.exp(-g)) * up
+    return y
 
 
 def _sample_inputs(V, scale, temperature, top_k, top_p, min_p, special):
@@ -373,12 +381,12 @@ def cases() -> dict:
             w = packed(words, scales, biases, group)
             return extern.dequant_q4(w)
         out[f"dequant_{name}"] = _export(fn, args)
-    for name, (N, K, norm) in GEMV.items():
-        args = _gemv_inputs(N, K, norm, _pairs(f"gemv_{name}"))
+    for name, (N, K, norm, gate) in GEMV.items():
+        args = _gemv_inputs(N, K, norm, _pairs(f"gemv_{name}"), gate)
 
-        def fn(x, words, scales, biases, *norm_w):
+        def fn(x, words, scales, biases, *norm_w, gate=gate):
             w = packed(words, scales, biases)
-            return extern.gemv(x, w, norm=(norm_w[0], EPS, False) if norm_w else None)
+            return extern.gemv(x, w, norm=(norm_w[0], EPS, False) if norm_w else None, gate="silu" if gate else None)
         out[f"gemv_{name}"] = _export(fn, args)
     for name, (V, D, group, rot, token, pos, scaling) in PROLOGUE.items():
         args = _prologue_inputs(V, D, group, rot, token, pos, scaling, _pairs(f"prologue_{name}"))
@@ -437,9 +445,9 @@ def check(root: Path) -> int:
     for name, (N, K, group) in DEQUANT.items():
         a = _dequant_inputs(N, K, group, _pairs(f"dequant_{name}"))
         inputs[f"dequant_{name}"] = (a, dequant_reference(*a, group), None)
-    for name, (N, K, norm) in GEMV.items():
-        a = _gemv_inputs(N, K, norm, _pairs(f"gemv_{name}"))
-        inputs[f"gemv_{name}"] = (a, gemv_reference(*a), 1e-5)
+    for name, (N, K, norm, gate) in GEMV.items():
+        a = _gemv_inputs(N, K, norm, _pairs(f"gemv_{name}"), gate)
+        inputs[f"gemv_{name}"] = (a, gemv_reference(*a, gate=gate), 1e-5)
     for name, (N, K, norm, special) in LM_HEAD.items():
         a = _lm_head_inputs(N, K, norm, special, _pairs(f"lm_head_{name}"))
         inputs[f"lm_head_{name}"] = (a, gemv_reference(*a), 1e-5)

@@ -126,7 +126,26 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
     step of that many tokens per call, 0 for none) to default_long_prefill([target]); kernels=False compiles the
     one-token step without the hand-written kernels (compile/extern.py); packed=True keeps the
     checkpoint's 4- and 8-bit linear weights packed on the device (compile/packed.py), False
-    none, None the target's default (iree_compile.PACKED_BITS_DEFAULT)."""
+    none, None the target's default (iree_compile.PACKED_BITS_DEFAULT).
+
+    A default long prefill step that IREE fails to compile is left out, with a warning (the
+    bundle then runs prompts in prefill_chunk calls): Gemma3 with f32 weights on CUDA fails in
+    IREE's own attention at 512 tokens a call. One asked for fails the build."""
+    args = dict(max_context=max_context, prefill_chunk=prefill_chunk, weight_dtype=weight_dtype, kernels=kernels,
+                packed=packed)
+    try:
+        return _build_target(model_dir, target, prefill_long=prefill_long, **args)
+    except iree_compile.CompileError as e:
+        if prefill_long is not None or e.label != "prefill_long":
+            raise
+        print(f"warning: the long prefill step ({DEFAULT_LONG_PREFILL_CUDA} tokens a call) did not compile for "
+              f"{model_dir} ({target}); building without it (--long-prefill-chunk 0). {str(e).splitlines()[0]}",
+              file=sys.stderr)
+        return _build_target(model_dir, target, prefill_long=0, **args)
+
+
+def _build_target(model_dir: Path, target: str, *, max_context: int, prefill_chunk: int | None,
+                  weight_dtype: str | None, kernels: bool, packed: bool | None, prefill_long: int | None) -> Path:
     cc = read_config(model_dir)
     fam = family.family_module(cc.model_type)
     iree_compile.flags_for(target)  # an unknown target fails here, with the known ones
@@ -213,6 +232,9 @@ def compile_bundle(model_dir: Path, targets: list[str], out: Path, *, max_contex
     prefill_chunk: default_prefill_chunk(targets) when None, prefill_long default_long_prefill(targets);
     kernels and packed as build_target."""
     prefill_chunk = prefill_chunk or default_prefill_chunk(targets)
+    # One target resolves its own default (build_target: a long step that fails to compile is
+    # then left out); several share the value resolved for all of them.
+    own_default = prefill_long is None and len(targets) == 1
     prefill_long = _long_prefill(targets, prefill_chunk, prefill_long, max_context)
     cc = read_config(model_dir)
     fam = family.family_module(cc.model_type)
@@ -220,8 +242,11 @@ def compile_bundle(model_dir: Path, targets: list[str], out: Path, *, max_contex
     out.mkdir(parents=True, exist_ok=True)
     for target in targets:
         entry = build_target(model_dir, target, max_context=max_context, prefill_chunk=prefill_chunk,
-                             weight_dtype=weight_dtype, kernels=kernels, packed=packed, prefill_long=prefill_long)
-        build = read_manifest(entry).targets[target]
+                             weight_dtype=weight_dtype, kernels=kernels, packed=packed,
+                             prefill_long=None if own_default else prefill_long)
+        built = read_manifest(entry)
+        prefill_long = built.prefill_long  # 0 where a default long step was left out
+        build = built.targets[target]
         shutil.rmtree(out / target, ignore_errors=True)
         shutil.copytree(entry / target, out / target)
         builds[target] = build

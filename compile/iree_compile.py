@@ -40,6 +40,14 @@ CACHE_LAYOUT = {"cpu": "LSDH", "cuda": "LDSH"}
 PACKED_BITS_DEFAULT = {"cpu": (4,), "cuda": (4,)}
 
 
+
+class CompileError(RuntimeError):
+    """iree-compile failed on one module (label: which, e.g. a step's name)."""
+
+    def __init__(self, label: str, message: str):
+        super().__init__(message)
+        self.label = label
+
 def export_options(target: str, kernels: bool = True) -> dict:
     """export.export_step's per-target keyword arguments: how the cache is written, and the
     hand-written kernels of the target that one-token steps use (compile/extern.py: attention,
@@ -104,7 +112,7 @@ def compile_mlir(mlir: str, out: Path, target: str, label: str, timeout: float |
         ticker.join()
     src.unlink(missing_ok=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"iree-compile failed for {label} ({target}):\n{proc.stderr[-4000:]}")
+        raise CompileError(label, f"iree-compile failed for {label} ({target}):\n{proc.stderr[-4000:]}")
     _progress(f"  compiled {label} for {target} in {time.monotonic() - t0:.1f}s\n", final=True)
 
 
