@@ -1,11 +1,13 @@
 // A probe for issue 5 (run by gemv_probe.py; raw CUDA driver calls, no IREE; not part of a
-// bundle): are the one-token 4-bit matvecs of gemv.cu bound by their waves of short-lived
-// blocks? gemv_q4 gives each warp one row (two in gate mode): Llama-3.2-1B's gate/up launches
-// 1024 blocks, about three waves, each staging x and waiting for its rows before the next wave
-// starts. Here a grid of one wave stages x once per block and each warp loops over rows
-// n, n + warps, ..., the next row's pieces requested before this row is summed (two rows in
-// flight), every row summed in gemv_q4's order (bit-identical). read_bytes: the same bytes read
-// with nothing else to do (the ceiling).
+// bundle): what bounds the one-token 4-bit matvecs of gemv.cu? Forms beside gemv.cu's kernels:
+// - a grid of one wave, each warp looping over rows n, n + warps, ... with the next row's
+//   pieces requested before this row is summed (are they bound by their waves of blocks?);
+// - gemv_q4 with all of a row's pieces loaded ahead;
+// - timing only: half or none of the values summed (are they bound by their arithmetic?);
+// - gate mode with x staged in f32 (gemv.cu's gate before I8Row), two plain rows a warp;
+// - the lm_head with other chunk sizes;
+// - read_bytes: the same bytes read with nothing else to do (the ceiling).
+// Results: bench/results/2026-11-27-h100-stop22.txt.
 #include "gemv.cu"
 
 // A warp's row (and its gate-mode partner n + N): all P pieces per lane (K = 1024 P), with the
@@ -42,14 +44,7 @@ struct WarpRow {
     if (lane != 0) return;
     a0 = a0 * r + b0;
     a1 = a1 * r + b1;
-    float y = a0;
-    if (GATE) {
-      const float g = a0;
-      const float act = (flags & 32) ? 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)))
-                                     : g / (1.f + __expf(-g));
-      y = act * a1;
-    }
-    out[n] = y + res;
+    out[n] = (GATE ? gated(a0, a1, flags) : a0) + res;
   }
 };
 
@@ -155,103 +150,57 @@ struct Q4RowX : Q4Row<true> {
   }
 TIMING(1) TIMING(2)
 
-// x as two int8 parts per 32-value piece (gemv.cu's I8Row takes three) (x ~ d (hi + lo / 254), d = max|x| / 127), summed with
-// the packed nibbles by dp4a: a word's values 0,2,4,6 (w & 0x0F0F0F0F) and 1,3,5,7 (w >> 4) as
-// bytes against x's bytes in that order. A piece of x in shared memory (80 bytes, conflict-free
-// for 16-byte reads 80 bytes apart): for each of its 4 words {hi 0,2,4,6; hi 1,3,5,7; lo 0,2,4,6;
-// lo 1,3,5,7}, then d and sum(x) (f32, exact: the bias term keeps NaN and Inf).
-#define Q8_PIECE_FLOATS 20
-
-// x times the norm weight (as stage_x), quantized per piece into xs; each warp's share of x's sum
-// of squares into red. Thread t takes word t % 4 of piece t / 4 (8 values), per NT / 4 pieces.
-__device__ __forceinline__ void stage_x_q8(const float* __restrict__ x, const __half* __restrict__ norm_w, int K,
-                                           int flags, float* xs, float* red) {
-  const int t = threadIdx.x;
-  float ss = 0.f;
-  for (int base = 0; base < K; base += NT * 8) {  // K % 32 == 0: the 4 threads of a piece run together
-    const int i = base + 8 * t;
-    const bool in = i < K;
-    float v[8];
-    const float4 a = in ? reinterpret_cast<const float4*>(x + i)[0] : make_float4(0.f, 0.f, 0.f, 0.f);
-    const float4 b = in ? reinterpret_cast<const float4*>(x + i)[1] : make_float4(0.f, 0.f, 0.f, 0.f);
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-    if ((flags & 1) && in) {
-      const uint4 h = *reinterpret_cast<const uint4*>(norm_w + i);
-      const __half2* h2 = reinterpret_cast<const __half2*>(&h);
-      const float one = (flags & 2) ? 1.f : 0.f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = __half22float2(h2[j]);
-        ss += v[2 * j] * v[2 * j] + v[2 * j + 1] * v[2 * j + 1];
-        v[2 * j] *= f.x + one;
-        v[2 * j + 1] *= f.y + one;
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) ss += v[j] * v[j];
-    }
-    float m = 0.f, s = 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j])), s += v[j];
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-    s += __shfl_xor_sync(0xffffffffu, s, 1);
-    s += __shfl_xor_sync(0xffffffffu, s, 2);
-    const float d = m / 127.f, inv = m > 0.f ? 127.f / m : 0.f;
-    int hi[8], lo[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const float y = v[j] * inv, h = rintf(y);
-      hi[j] = (int)h;
-      lo[j] = (int)rintf((y - h) * 254.f);
-    }
-    if (in) {
-      float* piece = xs + (i / 32) * Q8_PIECE_FLOATS;
-      reinterpret_cast<uint4*>(piece)[t % 4] = make_uint4(pack_bytes(hi[0], hi[2], hi[4], hi[6]), pack_bytes(hi[1], hi[3], hi[5], hi[7]),
-                                                          pack_bytes(lo[0], lo[2], lo[4], lo[6]), pack_bytes(lo[1], lo[3], lo[5], lo[7]));
-      if (t % 4 == 0) reinterpret_cast<float2*>(piece + 16)[0] = make_float2(d, s);
-    }
-  }
-  ss = warp_sum(ss);
-  if (t % 32 == 0) red[t / 32] = ss;
-  __syncthreads();
-}
-
-struct Q8Row : Q4Row<true> {
-  static constexpr auto stage = stage_x_q8;
-  using Q4Row<true>::Q4Row;
-  __device__ __forceinline__ static int xoff(int p) { return p * Q8_PIECE_FLOATS; }
-  __device__ __forceinline__ float dot(Piece p, const float* x) const {
-    const uint4* xq = reinterpret_cast<const uint4*>(x);
-    const uint32_t w4[4] = {p.w.x, p.w.y, p.w.z, p.w.w};
-    int sh = 0, sl = 0;
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const uint4 q = xq[u];
-      const int e = (int)(w4[u] & 0x0F0F0F0Fu), o = (int)((w4[u] >> 4) & 0x0F0F0F0Fu);
-      sh = __dp4a(e, (int)q.x, sh);
-      sh = __dp4a(o, (int)q.y, sh);
-      sl = __dp4a(e, (int)q.z, sl);
-      sl = __dp4a(o, (int)q.w, sl);
-    }
-    const float2 ds = reinterpret_cast<const float2*>(x + 16)[0];
-    const float dq = ds.x * fmaf((float)sl, 1.f / 254.f, (float)sh);
-    const float2 g = scale_bias(p.sb, true);
-    return g.x * dq + g.y * ds.y;
-  }
-};
-#define GEMV_Q8(name, GATE, AHEAD, BPS)                                                                      \
-  extern "C" __global__ void __launch_bounds__(NT, BPS) name(Q4_ARGS) {                                     \
-    gemv_kernel<GATE, Q8Row, AHEAD>([&](int n) { return Q8Row(W, scales_biases, n, K); }, x, norm_w, bias,   \
-                                    residual, out, N, K, flags, eps_bits, NEXT);                             \
-  }
-GEMV_Q8(gemv_q8x_bf16, false, PFQ, 4)
-GEMV_Q8(gemv_q8x_gate_bf16, true, PFQG, 3)
-GEMV_Q8(gemv_q8x_a8_bf16, false, 8, 2)
-GEMV_Q8(gemv_q8x_gate_a4_bf16, true, 4, 2)
+// (Two int8 parts, hi and lo, measured and dropped: bench/results/2026-11-27-h100-stop22.txt; the
+// code is at fa06436.)
 
 // Gate mode with x staged in f32 (Q4Row): gemv.cu's gate kernels before they took I8Row.
 extern "C" __global__ void __launch_bounds__(NT, 3) gemv_q4_gate_f32x_bf16(Q4_ARGS) {
   gemv_kernel<true, Q4Row<true>, PFQG>([&](int n) { return Q4Row<true>(W, scales_biases, n, K); }, x, norm_w, bias,
                                        residual, out, N, K, flags, eps_bits, NEXT);
 }
+
+// Two rows a warp in plain mode (rows n and n + H, H = ceil(N / 2)), so that each staged x
+// serves twice the sums, as in gate mode: with I8Row (dp4a) and with Q4Row (f32), to tell the
+// pairing from the sums.
+template <class Row, int AHEAD>
+__device__ __forceinline__ void gemv_pair(const uint32_t* __restrict__ W, const uint32_t* __restrict__ SB,
+                                          const float* __restrict__ x, const __half* __restrict__ norm_w,
+                                          const float* __restrict__ residual, float* __restrict__ out, int N, int K,
+                                          int flags, int eps_bits) {
+  __shared__ __align__(16) float xs[MAX_K + MAX_K / 8];
+  __shared__ float red[WARPS];
+  const int lane = threadIdx.x % 32, H = (N + 1) / 2;
+  const int n_raw = blockIdx.x * WARPS + threadIdx.x / 32, n = min(n_raw, H - 1), n2 = min(n + H, N - 1);
+  Rows<Row, AHEAD> rows(Row(W, SB, n, K), Row(W, SB, n2, K), K, true, lane);
+  const bool writes = lane == 0 && n_raw < H;
+  const float r0 = writes && (flags & 8) ? residual[n] : 0.f, r1 = writes && (flags & 8) ? residual[n2] : 0.f;
+  Row::stage(x, norm_w, K, flags, xs, red);
+  float a0 = 0.f, a1 = 0.f;
+  rows.dot(xs, true, lane, a0, a1);
+  a0 = warp_sum(a0);
+  a1 = warp_sum(a1);
+  if (!writes) return;
+  const float r = (flags & 1) ? inv_rms(red, K, eps_bits) : 1.f;
+  out[n] = a0 * r + r0;
+  if (n + H < N) out[n + H] = a1 * r + r1;
+}
+#define PAIR(name, ROW, AHEAD, BPS)                                                                          \
+  extern "C" __global__ void __launch_bounds__(NT, BPS) name(Q4_ARGS) {                                     \
+    gemv_pair<ROW, AHEAD>(W, scales_biases, x, norm_w, residual, out, N, K, flags, eps_bits);                 \
+  }
+PAIR(gemv_pair_i8_bf16, I8Row<true>, PFQG, 3)
+PAIR(gemv_pair_f32_bf16, Q4Row<true>, PFQG, 3)
+PAIR(gemv_pair_i8_a8_bf16, I8Row<true>, 8, 2)
+
+// gemv.cu's lm_head with other chunk sizes (R rows).
+#define LM_ARGS                                                                                              \
+  const float* __restrict__ x, const uint32_t* __restrict__ W, const uint32_t* __restrict__ scales_biases,   \
+      const __half* __restrict__ norm_w, int* sync, float* __restrict__ out,                                  \
+      int* __restrict__ argmax, float2* blocks, int N, int K, int flags, int eps_bits
+#define LM_HEAD_R(name, KW, R)                                                                               \
+  extern "C" __global__ void __launch_bounds__(NT, 2) name(LM_ARGS) {                                         \
+    argmax_of_blocks(gemv_q4_many<KW, R, true>(x, W, scales_biases, norm_w, out, N, flags, eps_bits), blocks,  \
+                     sync, argmax, N);                                                                        \
+  }
+LM_HEAD_R(lm_head_r2_k1024_bf16, 1, 2)
+LM_HEAD_R(lm_head_r4_k2048_bf16, 2, 4)

@@ -1,13 +1,12 @@
 """A probe for issue 5 (bench/gemv_probe.cu): each 4-bit matvec shape of a Qwen3-0.6B and a
 Llama-3.2-1B decode layer (qkv with the norm, o with the residual, gate/up with the norm and
 SwiGLU, down with the residual), one launch per layer over distinct random weights (DRAM-cold,
-as in a step), in several forms: gemv.cu's gemv_q4 (a warp per row, as a step runs it), the
-looped forms (one wave of blocks, a warp looping over rows with two in flight), gemv_q4 with
-all of a row loaded ahead, and read_bytes over the same bytes (the ceiling). Raw CUDA driver
-calls through ctypes on torch's context (bench/persistent_probe.py's helpers); no IREE.
+as in a step), in the forms of bench/gemv_probe.cu against gemv.cu's gemv_q4 (a warp per row,
+as a step runs it), and read_bytes over the same bytes (the ceiling); then the lm_heads. Raw
+CUDA driver calls through ctypes on torch's context (bench/persistent_probe.py's helpers); no IREE.
 
   nvcc -ptx -arch=sm_80 -O3 -Icompile/kernels bench/gemv_probe.cu -o PTX       # here
-  python3 bench/gemv_probe.py PTX [--json OUT]                                  # GPU machine
+  python3 bench/gemv_probe.py PTX [--json OUT] [--lm-head-only]                 # GPU machine
 
 Each form is checked against gemv_q4 (max abs difference of every layer's output), then timed
 as a CUDA graph of the layers' launches (kernel time and the graph's small gaps) and as launches
@@ -47,10 +46,12 @@ def forms_for(names: list[str], N: int, K: int, gate: bool) -> list[tuple[str, s
         m = re.fullmatch(r"gemv_q4_a(\d+)_b(\d+)_bf16", name)
         if m and not gate and int(m.group(1)) == P:
             out.append((f"all {P} pieces ahead, {m.group(2)} blocks/SM", name, "rows"))
-    out.append(("x as int8 hi+lo, dp4a", f"gemv_q8x{tag}_bf16", "rows"))
     if gate:
         out.append(("x in f32 (the gate before I8Row)", "gemv_q4_gate_f32x_bf16", "rows"))
-    out.append(("x as int8 hi+lo, dp4a, more ahead", "gemv_q8x_gate_a4_bf16" if gate else "gemv_q8x_a8_bf16", "rows"))
+    else:
+        out += [("two rows a warp, I8Row", "gemv_pair_i8_bf16", "pairs"),
+                ("two rows a warp, I8Row, 8 pieces ahead", "gemv_pair_i8_a8_bf16", "pairs"),
+                ("two rows a warp, Q4Row (f32)", "gemv_pair_f32_bf16", "pairs")]
     for mode, what in ((1, "half the values summed"), (2, "no values summed")):
         out.append((f"timing only: {what}", f"gemv_q4{tag}_x{mode}_bf16", "rows"))
     return out
@@ -61,6 +62,7 @@ def main() -> int:
     ap.add_argument("ptx")
     ap.add_argument("--json")
     ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--lm-head-only", action="store_true")
     a = ap.parse_args()
     text = open(a.ptx).read()
     names = re.findall(r"^\.visible \.entry (\w+)\(", text, flags=re.M)
@@ -70,7 +72,7 @@ def main() -> int:
     dummy_h, dummy_f = torch.zeros(1, dtype=torch.float16, device="cuda"), torch.zeros(1, device="cuda")
     sink = torch.zeros(1, dtype=torch.int32, device="cuda")
     results = {"device": torch.cuda.get_device_name(0), "ptx": a.ptx, "shapes": {}}
-    for model, (layers, shapes) in MODELS.items():
+    for model, (layers, shapes) in ({} if a.lm_head_only else MODELS).items():
         for mv, N, K, gate, flags in shapes:
             rows = 2 * N if gate else N
             nw, ns = rows * K // 8, rows * K // 64
@@ -106,6 +108,8 @@ def main() -> int:
                     continue
                 if rule == "rows":
                     grid = -(-N // 8)
+                elif rule == "pairs":
+                    grid = -(-((N + 1) // 2) // 8)
                 elif rule == "wave":
                     grid = min(pp.per_sm(fns[fn]) * sms, -(-N // 8))
                 else:
@@ -136,6 +140,60 @@ def main() -> int:
                 print(f"  {label:36s} grid {grid:5d}  graph {tg:6.2f} us ({nbytes / tg / 1e3:5.0f} GB/s)  "
                       f"stream {ts:6.2f} us  max diff {diff:.3g} ({rel:.2g} of the rms)")
             del buf
+    # The lm_heads (one launch a copy of the weights; the copies make it DRAM-cold): logits and
+    # argmax against gemv.cu's lm_head_q4_k<K>. (Its f32 sums, before it took dp4a, against the
+    # dp4a form: bench/results/2026-11-27-h100-stop22-gemv-probe-lm-head.json.)
+    grid = 264  # extern.LM_HEAD_GRID
+    for model, (N, K, copies) in {"qwen3-0.6b": (151936, 1024, 3), "llama-3.2-1b": (128256, 2048, 3)}.items():
+        nw, ns = N * K // 8, N * K // 64
+        buf = torch.empty((copies, nw + ns), dtype=torch.int32, device="cuda")
+        for l in range(copies):
+            w, sb = pp.weights(N, K, rng)
+            buf[l, :nw], buf[l, nw:] = w.reshape(-1), sb.reshape(-1)
+        x = torch.from_numpy(rng.standard_normal(K).astype(np.float32)).cuda()
+        norm = torch.from_numpy(rng.uniform(0.8, 1.2, K).astype(np.float16)).cuda()
+        sync = torch.zeros(copies, dtype=torch.int32, device="cuda")
+        blocks = torch.zeros(copies * grid * 2, dtype=torch.float32, device="cuda")
+        key = f"{model} lm_head ({N} x {K})"
+        nbytes = (nw + ns) * 4
+        print(f"\n{key}: {nbytes / 1e6:.1f} MB, {copies} copies")
+        entry = results["shapes"][key] = {"mb_per_layer": nbytes / 1e6, "forms": {}}
+        outs = {}
+        for label, fn in (("lm_head_q4", f"lm_head_q4_k{K}_bf16"),
+                          ("other rows a chunk", f"lm_head_r{2 if K == 1024 else 4}_k{K}_bf16")):
+            out = torch.zeros(copies * N, dtype=torch.float32, device="cuda")
+            am = torch.zeros(copies, dtype=torch.int32, device="cuda")
+
+            def launches(fn=fn, out=out, am=am):
+                sync.zero_()
+                for l in range(copies):
+                    pp.launch(fns[fn], grid, [x, (buf, l * (nw + ns)), (buf, l * (nw + ns) + nw), norm, (sync, l),
+                                              (out, l * N), (am, l), (blocks, l * grid * 2), N, K, 1, pp.EPS_BITS])
+            launches()
+            torch.cuda.synchronize()
+            outs[label] = (out.clone(), am.clone())
+            ref, ref_am = outs["lm_head_q4"]
+            diff = float((out - ref).abs().max())
+            rel = diff / float(ref.square().mean().sqrt())
+            same_argmax = bool((am == ref_am).all())
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                launches()
+            times = []
+            for _ in range(a.repeats):
+                torch.cuda._sleep(pp.SLEEP // 4)
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                g.replay()
+                e1.record()
+                e1.synchronize()
+                times.append(e0.elapsed_time(e1) * 1000 / copies)
+            tg = statistics.median(times)
+            entry["forms"][label] = {"kernel": fn, "grid": grid, "us_graph": tg, "gb_per_s_graph": nbytes / tg / 1e3,
+                                     "max_diff_vs_lm_head_q4": diff, "max_diff_over_rms": rel, "same_argmax": same_argmax}
+            print(f"  {label:36s} graph {tg:6.2f} us ({nbytes / tg / 1e3:5.0f} GB/s)  max diff {diff:.3g} "
+                  f"({rel:.2g} of the rms)  argmax {'same' if same_argmax else 'DIFFERENT'}")
+        del buf
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -104,25 +104,6 @@ __device__ __forceinline__ float nibble_dot(uint32_t w, const float* x, float ac
   return acc;
 }
 
-// acc + sum(q x) as nibble_dot, given xp[j] = x[j] Q4_UNPLACE[j] (exact: powers of two). A value
-// is not shifted down and converted (I2F issues at a fraction of the FMA rate): its nibble,
-// masked where it lies (its place p = 1 / Q4_UNPLACE[j]: 16^j, or 16^(j-3) for values 5..7,
-// masked in w >> 12 so that bits 20..31 do not reach the exponent), with the exponent bits of
-// 2^23 set, is the float 2^23 + q p (< 2^24: exact); subtracting 2^23 leaves q p exactly, and its
-// product with xp[j] is q x, so the sum is bit for bit nibble_dot's. Where many rows share x (the
-// lm_head), x is scaled once: Qwen3-0.6B's lm_head on an H100, 50.6 -> 46.3 us. (In gemv_q4,
-// whose warps take one row each, scaling x as it is staged made the kernels slower: 4.60 -> 4.70 us.)
-__device__ constexpr float Q4_UNPLACE[8] = {1.f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-8f, 0x1p-12f, 0x1p-16f};
-__device__ __forceinline__ float q4_dot8(uint32_t w, const float* xp, float acc) {
-  const uint32_t hi = w >> 12;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const uint32_t v = j < 5 ? w & (0xFu << (4 * j)) : hi & (0xFu << (4 * j - 12));
-    acc = fmaf(__uint_as_float(0x4B000000u | v) - 8388608.f, xp[j], acc);
-  }
-  return acc;
-}
-
 // 4-bit: a piece is 4 packed words (32 values, half a group of 64) as one 16-byte load, with its
 // group's scale and bias: s * sum(q x) + b * sum(x). (A piece of one word, as three 4-byte
 // loads, left a Qwen3-0.6B down_proj's last 4 words per lane to a second round trip after the
@@ -172,6 +153,63 @@ __device__ __forceinline__ uint32_t pack_bytes(int a, int b, int c, int d) {
   return (uint32_t)(a & 255) | (uint32_t)(b & 255) << 8 | (uint32_t)(c & 255) << 16 | (uint32_t)(d & 255) << 24;
 }
 
+// One word's 8 values of x (times inv = 127 / max|x| of the piece) as three int8 parts, each as
+// two words of bytes in the packed nibbles' order: [0] values 0,2,4,6, [1] values 1,3,5,7.
+struct I8Word {
+  uint32_t h[2], m[2], l[2];
+  I8Word() = default;
+  __device__ __forceinline__ I8Word(const float* v, float inv) {
+    int ph[8], pm[8], pl[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float y = v[j] * inv, hi = rintf(y), r = (y - hi) * 254.f, mid = rintf(r);
+      ph[j] = (int)hi, pm[j] = (int)mid, pl[j] = (int)rintf((r - mid) * 254.f);
+    }
+    h[0] = pack_bytes(ph[0], ph[2], ph[4], ph[6]), h[1] = pack_bytes(ph[1], ph[3], ph[5], ph[7]);
+    m[0] = pack_bytes(pm[0], pm[2], pm[4], pm[6]), m[1] = pack_bytes(pm[1], pm[3], pm[5], pm[7]);
+    l[0] = pack_bytes(pl[0], pl[2], pl[4], pl[6]), l[1] = pack_bytes(pl[1], pl[3], pl[5], pl[7]);
+  }
+};
+
+// sum(q x) over 4-bit words against x's int8 parts, exact in integers until value(d).
+struct I8Sums {
+  int h = 0, m = 0, l = 0;
+  // A packed word (values 0,2,4,6 as w & 0x0F0F0F0F, 1,3,5,7 as (w >> 4) & 0x0F0F0F0F) against
+  // the parts' bytes in that order.
+  __device__ __forceinline__ void add(uint32_t w, uint32_t h0, uint32_t h1, uint32_t m0, uint32_t m1, uint32_t l0,
+                                      uint32_t l1) {
+    const int e = (int)(w & 0x0F0F0F0Fu), o = (int)((w >> 4) & 0x0F0F0F0Fu);
+    h = __dp4a(e, (int)h0, h), h = __dp4a(o, (int)h1, h);
+    m = __dp4a(e, (int)m0, m), m = __dp4a(o, (int)m1, m);
+    l = __dp4a(e, (int)l0, l), l = __dp4a(o, (int)l1, l);
+  }
+  __device__ __forceinline__ float value(float d) const {
+    return d * fmaf(fmaf((float)l, 1.f / 254.f, (float)m), 1.f / 254.f, (float)h);
+  }
+};
+
+// x[i .. i + 8) (zeros where !in) times the norm weight (flags 1; 1 + w with flags 2) into v,
+// their squares (before the norm weight) added to ss.
+__device__ __forceinline__ void load_normed8(const float* __restrict__ x, const __half* __restrict__ norm_w, int i,
+                                             bool in, int flags, float (&v)[8], float& ss) {
+  const float4 a = in ? reinterpret_cast<const float4*>(x + i)[0] : make_float4(0.f, 0.f, 0.f, 0.f);
+  const float4 b = in ? reinterpret_cast<const float4*>(x + i)[1] : make_float4(0.f, 0.f, 0.f, 0.f);
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) ss += v[j] * v[j];
+  if ((flags & 1) && in) {
+    const uint4 h = *reinterpret_cast<const uint4*>(norm_w + i);
+    const __half2* h2 = reinterpret_cast<const __half2*>(&h);
+    const float one = (flags & 2) ? 1.f : 0.f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __half22float2(h2[j]);
+      v[2 * j] *= f.x + one;
+      v[2 * j + 1] *= f.y + one;
+    }
+  }
+}
+
 __device__ __forceinline__ void stage_x_i8(const float* __restrict__ x, const __half* __restrict__ norm_w, int K,
                                            int flags, float* xs, float* red) {
   const int t = threadIdx.x;
@@ -179,22 +217,8 @@ __device__ __forceinline__ void stage_x_i8(const float* __restrict__ x, const __
   for (int base = 0; base < K; base += NT * 8) {  // K % 32 == 0: a piece's 4 threads are all in or all out
     const int i = base + 8 * t;
     const bool in = i < K;
-    const float4 a = in ? reinterpret_cast<const float4*>(x + i)[0] : make_float4(0.f, 0.f, 0.f, 0.f);
-    const float4 b = in ? reinterpret_cast<const float4*>(x + i)[1] : make_float4(0.f, 0.f, 0.f, 0.f);
-    float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-    for (int j = 0; j < 8; ++j) ss += v[j] * v[j];
-    if ((flags & 1) && in) {
-      const uint4 h = *reinterpret_cast<const uint4*>(norm_w + i);
-      const __half2* h2 = reinterpret_cast<const __half2*>(&h);
-      const float one = (flags & 2) ? 1.f : 0.f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = __half22float2(h2[j]);
-        v[2 * j] *= f.x + one;
-        v[2 * j + 1] *= f.y + one;
-      }
-    }
+    float v[8];
+    load_normed8(x, norm_w, i, in, flags, v, ss);
     float m = 0.f, s = 0.f;
 #pragma unroll
     for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j])), s += v[j];
@@ -203,23 +227,12 @@ __device__ __forceinline__ void stage_x_i8(const float* __restrict__ x, const __
       m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
       s += __shfl_xor_sync(0xffffffffu, s, o);
     }
-    const float inv = m > 0.f ? 127.f / m : 0.f;
-    int ph[8], pm[8], pl[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const float y = v[j] * inv, h = rintf(y), r = (y - h) * 254.f, mid = rintf(r);
-      ph[j] = (int)h;
-      pm[j] = (int)mid;
-      pl[j] = (int)rintf((r - mid) * 254.f);
-    }
+    const I8Word q(v, m > 0.f ? 127.f / m : 0.f);
     if (in) {
       float* piece = xs + (i / 32) * I8_PIECE_FLOATS;
       const int u = t % 4;
-      reinterpret_cast<uint4*>(piece)[u] =
-          make_uint4(pack_bytes(ph[0], ph[2], ph[4], ph[6]), pack_bytes(ph[1], ph[3], ph[5], ph[7]),
-                     pack_bytes(pm[0], pm[2], pm[4], pm[6]), pack_bytes(pm[1], pm[3], pm[5], pm[7]));
-      reinterpret_cast<uint2*>(piece + 16)[u] =
-          make_uint2(pack_bytes(pl[0], pl[2], pl[4], pl[6]), pack_bytes(pl[1], pl[3], pl[5], pl[7]));
+      reinterpret_cast<uint4*>(piece)[u] = make_uint4(q.h[0], q.h[1], q.m[0], q.m[1]);
+      reinterpret_cast<uint2*>(piece + 16)[u] = make_uint2(q.l[0], q.l[1]);
       if (u == 0) reinterpret_cast<float2*>(piece + 24)[0] = make_float2(m / 127.f, s);
     }
   }
@@ -245,23 +258,16 @@ struct I8Row : Q4Row<BF16> {
     const uint4* hm = reinterpret_cast<const uint4*>(x);
     const uint2* lo = reinterpret_cast<const uint2*>(x + 16);
     const uint32_t w4[4] = {p.w.x, p.w.y, p.w.z, p.w.w};
-    int sh = 0, sm = 0, sl = 0;
+    I8Sums sums;
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       const uint4 q = hm[u];
       const uint2 r = lo[u];
-      const int e = (int)(w4[u] & 0x0F0F0F0Fu), o = (int)((w4[u] >> 4) & 0x0F0F0F0Fu);
-      sh = __dp4a(e, (int)q.x, sh);
-      sh = __dp4a(o, (int)q.y, sh);
-      sm = __dp4a(e, (int)q.z, sm);
-      sm = __dp4a(o, (int)q.w, sm);
-      sl = __dp4a(e, (int)r.x, sl);
-      sl = __dp4a(o, (int)r.y, sl);
+      sums.add(w4[u], q.x, q.y, q.z, q.w, r.x, r.y);
     }
     const float2 ds = reinterpret_cast<const float2*>(x + 24)[0];
-    const float dq = ds.x * fmaf(fmaf((float)sl, 1.f / 254.f, (float)sm), 1.f / 254.f, (float)sh);
     const float2 g = scale_bias(p.sb, BF16);
-    return g.x * dq + g.y * ds.y;
+    return g.x * sums.value(ds.x) + g.y * ds.y;
   }
 };
 
@@ -309,6 +315,13 @@ __device__ __forceinline__ float inv_rms(const float* red, int K, int eps_bits) 
   return rsqrtf(total / K + __int_as_float(eps_bits));
 }
 
+// Gate mode's output: act(gate) * up, act SiLU or (flags 32) the tanh GELU.
+__device__ __forceinline__ float gated(float g, float up, int flags) {
+  const float act = (flags & 32) ? 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)))
+                                 : g / (1.f + __expf(-g));
+  return act * up;
+}
+
 // Stage x (times the norm weight), run the rows' dot products, then the epilogue. GATE: gate
 // mode, as a compile-time constant (each kernel has a gate and a plain entry point), so the
 // plain one holds no second row's pieces: 64 registers, 4 blocks per SM.
@@ -338,14 +351,7 @@ __device__ __forceinline__ void gemv_body(Rows& rows, const float* __restrict__ 
   }
   a0 += b0;
   a1 += b1;
-  float y = a0;
-  if (gate) {
-    const float g = a0;
-    const float act = (flags & 32) ? 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)))
-                                   : g / (1.f + __expf(-g));
-    y = act * a1;
-  }
-  out[n] = y + res;
+  out[n] = (gate ? gated(a0, a1, flags) : a0) + res;
 }
 
 // The block's rows (make_row(n): the Row of weight row n; AHEAD: pieces per lane loaded ahead).
@@ -407,7 +413,9 @@ GEMV_Q4(gemv_q4_gate_bf16, true, I8Row<true>, PFQG, 3)
 // R rows (global warp w: chunks w, w + warps, ...), all R rows requested before any is used,
 // and the warp's next chunk requested before this one is summed (two chunks of 4 rows, or 2
 // at K = 2048, in flight; one chunk of 8 or 4 took 45.9 us for Qwen3-0.6B's lm_head and 72.7
-// for Llama-3.2-1B's on an H100, two take 43.1 and 65.7).
+// for Llama-3.2-1B's on an H100, two take 43.1 and 65.7). The sums run by dp4a on x in int8 parts
+// held in registers (LaneX): Qwen3-0.6B's lm_head 46.8 -> 41.0 us, Llama-3.2-1B's 67.3 -> 63.9
+// (bench/gemv_probe.py --lm-head-only; the f32 sums took ~3 instructions a value).
 // Flags: the norm only (no bias, residual, gate). K is the kernel's own (the push constant is
 // the one extern.lm_head checked). Grid: any; one wave (extern.LM_HEAD_GRID) balances the chunks best.
 
@@ -447,10 +455,12 @@ struct Chunk {
       }
     }
   }
-  // out[rows] = r * (rows . x): s sum(q x) + b sum(x) per piece, summed over the warp; lane 0
-  // keeps the best row so far in `best` (the rows come in increasing order).
-  __device__ __forceinline__ void sum(const float (&xr)[KW][32], const float (&xsum)[KW], float r, int c, int N,
-                                      float* __restrict__ out, Best& best, bool bf16) const {
+  // out[rows] = r * (rows . x): s sum(q x) + b sum(x) per piece (sum(q x) by dp4a on the
+  // lane's x in int8 parts), summed over the warp; lane 0 keeps the best row so far in `best`
+  // (the rows come in increasing order).
+  template <class X>
+  __device__ __forceinline__ void sum(const X& x, float r, int c, int N, float* __restrict__ out, Best& best,
+                                      bool bf16) const {
     float acc[R];
 #pragma unroll
     for (int i = 0; i < R; ++i) {
@@ -458,11 +468,14 @@ struct Chunk {
 #pragma unroll
       for (int j = 0; j < KW; ++j) {
         const uint32_t w4[4] = {q[i][j].x, q[i][j].y, q[i][j].z, q[i][j].w};
-        float dq = 0.f;
+        I8Sums sums;
 #pragma unroll
-        for (int u = 0; u < 4; ++u) dq = q4_dot8(w4[u], xr[j] + 8 * u, dq);
+        for (int u = 0; u < 4; ++u) {
+          const I8Word& xw = x.words[j][u];
+          sums.add(w4[u], xw.h[0], xw.h[1], xw.m[0], xw.m[1], xw.l[0], xw.l[1]);
+        }
         const float2 g = scale_bias(sb[i][j], bf16);
-        acc[i] += g.x * dq + g.y * xsum[j];
+        acc[i] += g.x * sums.value(x.d[j]) + g.y * x.sum[j];
       }
       acc[i] = warp_sum(acc[i]);
     }
@@ -473,6 +486,27 @@ struct Chunk {
           out[c * R + i] = acc[i] * r;
           best.take(acc[i] * r, c * R + i);
         }
+  }
+};
+
+// A lane's KW pieces of x (piece lane + 32 i covers x[32 (lane + 32 i) ...]) in int8 parts (24
+// words a piece where f32 takes 32), with each piece's d and sum(x).
+template <int KW>
+struct LaneX {
+  I8Word words[KW][4];
+  float d[KW], sum[KW];
+  __device__ __forceinline__ LaneX(const float* xs, int lane) {
+#pragma unroll
+    for (int i = 0; i < KW; ++i) {
+      const float* v = xs + 32 * (lane + 32 * i);
+      float m = 0.f, s = 0.f;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) m = fmaxf(m, fabsf(v[j])), s += v[j];
+      const float inv = m > 0.f ? 127.f / m : 0.f;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) words[i][u] = I8Word(v + 8 * u, inv);
+      d[i] = m / 127.f, sum[i] = s;
+    }
   }
 };
 
@@ -487,18 +521,7 @@ __device__ __forceinline__ Best gemv_q4_many(const float* __restrict__ x, const 
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   stage_x<0>(x, norm_w, K, flags, xs, red);
   const float r = (flags & 1) ? inv_rms(red, K, eps_bits) : 1.f;
-  // The lane's values of x (piece lane + 32 i covers x[32 (lane + 32 i) ...]) times Q4_UNPLACE, and their sums.
-  float xr[KW][32], xsum[KW];
-#pragma unroll
-  for (int i = 0; i < KW; ++i) {
-    xsum[i] = 0.f;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const float v = xs[32 * (lane + 32 * i) + j];
-      xsum[i] += v;
-      xr[i][j] = v * Q4_UNPLACE[j % 8];
-    }
-  }
+  const LaneX<KW> xq(xs, lane);
   const int warps = gridDim.x * WARPS, chunks = (N + R - 1) / R;
   constexpr bool bf16 = BF16;
   // Two chunks in flight per warp: the next one's rows are requested before this one's sums.
@@ -509,11 +532,11 @@ __device__ __forceinline__ Best gemv_q4_many(const float* __restrict__ x, const 
   while (c < chunks) {
     const int c1 = c + warps;
     b.load(W, scales_biases, c1, N);
-    a.sum(xr, xsum, r, c, N, out, best, bf16);
+    a.sum(xq, r, c, N, out, best, bf16);
     if (c1 >= chunks) break;
     c = c1 + warps;
     a.load(W, scales_biases, c, N);
-    b.sum(xr, xsum, r, c1, N, out, best, bf16);
+    b.sum(xq, r, c1, N, out, best, bf16);
   }
   return best;  // lane 0's
 }
