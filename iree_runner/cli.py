@@ -95,7 +95,7 @@ def generate(model_dir, prompt, max_tokens, temperature, top_k, top_p, min_p, re
 @click.option("--prefill-chunk", type=int, default=None, help="Prompt tokens per prefill call (default 128 for a cuda-only bundle, else 32).")
 @click.option("--long-prefill-chunk", "prefill_long", type=int, default=None,
               help="Prompt tokens per call of a second prefill step, run while more than half that many prompt "
-                   "tokens remain; 0 for none (default 512 for a cuda-only bundle, else none).")
+                   "tokens remain; 0 for none (default 512 for a cuda-only bundle with f16 weights, else none).")
 @click.option("--weight-dtype", type=click.Choice(["f16", "f32"]), default=None,
               help="Weights on the device. Default: f32 for cpu, f16 for cuda (f32 there matches an fp32 oracle).")
 @click.option("--no-kernels", is_flag=True,
