@@ -128,7 +128,7 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
 
     weight_dtype "f16" or "f32" overrides the target's default (f32 on CPU, f16 on CUDA);
     prefill_chunk defaults to default_prefill_chunk([target]), prefill_long (a second prefill
-    step of that many tokens per call, 0 for none) to default_long_prefill([target]); kernels=False compiles the
+    step of that many tokens per call, 0 for none) to default_long_prefill([target], weight_dtype); kernels=False compiles the
     one-token step without the hand-written kernels (compile/extern.py); packed=True keeps the
     checkpoint's 4- and 8-bit linear weights packed on the device (compile/packed.py), False
     none, None the target's default (iree_compile.PACKED_BITS_DEFAULT).
@@ -144,9 +144,9 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
     except iree_compile.CompileError as e:
         if prefill_long is not None or e.label != "prefill_long":
             raise
-        print(f"warning: the long prefill step ({DEFAULT_LONG_PREFILL_CUDA} tokens a call) did not compile for "
-              f"{model_dir} ({target}); building without it (--long-prefill-chunk 0). {str(e).splitlines()[0]}",
-              file=sys.stderr)
+        print(f"warning: the long prefill step ({default_long_prefill([target], weight_dtype)} tokens a call) did not "
+              f"compile for {model_dir} ({target}); building without it (--long-prefill-chunk 0). "
+              f"{str(e).splitlines()[0]}", file=sys.stderr)
         return _build_target(model_dir, target, prefill_long=0, **args)
 
 
@@ -235,8 +235,8 @@ def compile_bundle(model_dir: Path, targets: list[str], out: Path, *, max_contex
                    prefill_chunk: int | None = None, weight_dtype: str | None = None,
                    kernels: bool = True, packed: bool | None = None, prefill_long: int | None = None) -> Manifest:
     """Build every target (through the cache) and gather them into one bundle at `out`.
-    prefill_chunk: default_prefill_chunk(targets) when None, prefill_long default_long_prefill(targets);
-    kernels and packed as build_target."""
+    prefill_chunk: default_prefill_chunk(targets) when None, prefill_long default_long_prefill(targets,
+    weight_dtype); kernels and packed as build_target."""
     prefill_chunk = prefill_chunk or default_prefill_chunk(targets)
     # One target resolves its own default (build_target: a long step that fails to compile is
     # then left out); several share the value resolved for all of them.

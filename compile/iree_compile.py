@@ -40,13 +40,13 @@ CACHE_LAYOUT = {"cpu": "LSDH", "cuda": "LDSH"}
 PACKED_BITS_DEFAULT = {"cpu": (4,), "cuda": (4,)}
 
 
-
 class CompileError(RuntimeError):
     """iree-compile failed on one module (label: which, e.g. a step's name)."""
 
     def __init__(self, label: str, message: str):
         super().__init__(message)
         self.label = label
+
 
 def export_options(target: str, kernels: bool = True) -> dict:
     """export.export_step's per-target keyword arguments: how the cache is written, and the
