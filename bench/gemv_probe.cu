@@ -204,3 +204,79 @@ PAIR(gemv_pair_i8_a8_bf16, I8Row<true>, 8, 2)
   }
 LM_HEAD_R(lm_head_r2_k1024_bf16, 1, 2)
 LM_HEAD_R(lm_head_r4_k2048_bf16, 2, 4)
+
+// f16 weights (gemv.cu's gemv / gemv_gate: PF = 4 pieces of 8 values a lane ahead, the rest
+// as the sum runs) with A pieces a lane ahead and BPS blocks per SM (python3 gemv_probe.py --f16).
+#define F16_ARGS                                                                                             \
+  const float* __restrict__ x, const __half* __restrict__ W, const __half* __restrict__ norm_w,              \
+      const __half* __restrict__ bias, const float* __restrict__ residual, PF_ARGS, float* __restrict__ out,  \
+      int N, int K, int flags, int eps_bits, PF_SIZES
+#define F16_AHEAD(GATE, tag, A, BPS)                                                                         \
+  extern "C" __global__ void __launch_bounds__(NT, BPS) gemv##tag##_f16_a##A##_b##BPS(F16_ARGS) {            \
+    gemv_kernel<GATE, F16Row, A>([&](int n) { return F16Row(W, n, K); }, x, norm_w, bias, residual, out, N, K, \
+                                 flags, eps_bits, NEXT);                                                     \
+  }
+F16_AHEAD(false, , 8, 2) F16_AHEAD(false, , 8, 3) F16_AHEAD(false, , 12, 2) F16_AHEAD(false, , 16, 2)
+F16_AHEAD(true, _gate, 8, 2) F16_AHEAD(true, _gate, 6, 2)
+
+// Split-K MLP (python3 gemv_probe.py --mlp): gate/up, SwiGLU and down in ONE kernel, no wait
+// between blocks. Block b takes the intermediates [32 b, 32 b + 32): its 32 gate/up row pairs
+// (P a warp, gemv_q4_gate's I8Row sums on the normed x), their activations into shared memory,
+// then down's partial over them for every output row (the 16-byte piece b of each down row and
+// its group's pair: Q4Row's f32 sums), added into acc [D] (f64, holding the residual before)
+// by atomics: f64 sums of at most I / 32 f32 partials, so the f32 read back of acc depends on the
+// blocks' order only where the sum falls within ~1e-14 of an f32 rounding boundary.
+// KP: gate/up pieces a lane and row (D / 1024); DR: down rows a thread (D / NT).
+template <int KP, int DR>
+__device__ __forceinline__ void mlp_split(const float* __restrict__ x, const __half* __restrict__ norm_w,
+                                          const uint32_t* __restrict__ gw, const uint32_t* __restrict__ gsb,
+                                          const uint32_t* __restrict__ dw, const uint32_t* __restrict__ dsb,
+                                          double* acc, int D, int I, int flags, int eps_bits) {
+  constexpr int P = 32 / WARPS;  // gate/up pairs a warp
+  using Row = I8Row<true>;
+  __shared__ __align__(16) float xs[MAX_K / 32 * I8_PIECE_FLOATS];
+  __shared__ float red[WARPS];
+  __shared__ __align__(16) float acts[32];
+  const int t = threadIdx.x, lane = t % 32, warp = t / 32, i0 = blockIdx.x * 32;
+  Q4Piece dp[DR];  // down's pieces first: the last used, and nothing they depend on
+#pragma unroll
+  for (int j = 0; j < DR; ++j) dp[j] = Q4Row<true>(dw, dsb, t + NT * j, I).load(blockIdx.x);
+  Q4Piece gp[P][KP], upc[P][KP];
+#pragma unroll
+  for (int p = 0; p < P; ++p)
+#pragma unroll
+    for (int k = 0; k < KP; ++k) {
+      gp[p][k] = Row(gw, gsb, i0 + warp * P + p, D).load(lane + 32 * k);
+      upc[p][k] = Row(gw, gsb, I + i0 + warp * P + p, D).load(lane + 32 * k);
+    }
+  Row::stage(x, norm_w, D, flags, xs, red);
+  const float r = (flags & 1) ? inv_rms(red, D, eps_bits) : 1.f;
+  const Row row(gw, gsb, 0, D);
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    float a0 = 0.f, a1 = 0.f;
+#pragma unroll
+    for (int k = 0; k < KP; ++k) {
+      a0 += row.dot(gp[p][k], xs + Row::xoff(lane + 32 * k));
+      a1 += row.dot(upc[p][k], xs + Row::xoff(lane + 32 * k));
+    }
+    a0 = warp_sum(a0);
+    a1 = warp_sum(a1);
+    if (lane == 0) acts[warp * P + p] = gated(a0 * r, a1 * r, flags);
+  }
+  __syncthreads();
+  const Q4Row<true> drow(dw, dsb, 0, I);
+#pragma unroll
+  for (int j = 0; j < DR; ++j) atomicAdd(acc + t + NT * j, (double)drow.dot(dp[j], acts));
+}
+#define MLP_ARGS                                                                                             \
+  const float* __restrict__ x, const __half* __restrict__ norm_w, const uint32_t* __restrict__ gw,           \
+      const uint32_t* __restrict__ gsb, const uint32_t* __restrict__ dw, const uint32_t* __restrict__ dsb,    \
+      double* acc, int D, int I, int flags, int eps_bits
+#define MLP_SPLIT(name, KP, DR, BPS)                                                                         \
+  extern "C" __global__ void __launch_bounds__(NT, BPS) name(MLP_ARGS) {                                      \
+    mlp_split<KP, DR>(x, norm_w, gw, gsb, dw, dsb, acc, D, I, flags, eps_bits);                               \
+  }
+MLP_SPLIT(mlp_split_d1024, 1, 4, 2)
+MLP_SPLIT(mlp_split_d2048, 2, 8, 1)
+MLP_SPLIT(mlp_split_d2048_b2, 2, 8, 2)

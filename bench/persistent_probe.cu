@@ -5,6 +5,18 @@
 // (layer_tail), against launches of gemv.cu's kernels? Every form sums each row as gemv_q4 does.
 #include "gemv.cu"
 
+// gemv.cu's gate/up before its dp4a sums (stop 22): Q4Row's f32 sums, as the forms below sum, so
+// that the launches they are checked against give the same bits.
+extern "C" __global__ void __launch_bounds__(NT, 3) gemv_q4_gate_f32_bf16(
+    const float* __restrict__ x, const uint32_t* __restrict__ W, const uint32_t* __restrict__ scales_biases,
+    const __half* __restrict__ norm_w, const __half* __restrict__ bias, const float* __restrict__ residual,
+    const void* pf0, const void* pf1, const void* pf2, float* __restrict__ out, int N, int K, int flags, int eps_bits,
+    int pf0_bytes, int pf1_bytes, int pf2_bytes) {
+  gemv_kernel<true, Q4Row<true>, PFQG>([&](int n) { return Q4Row<true>(W, scales_biases, n, K); }, x, norm_w, bias,
+                                       residual, out, N, K, flags, eps_bits,
+                                       Prefetch{pf0, pf1, pf2, pf0_bytes, pf1_bytes, pf2_bytes});
+}
+
 // Every block's writes before the call are visible to every block's reads after it (as
 // cooperative groups' grid sync: barrier, one thread fences and counts, polls, fences).
 // `target`: the count once every block has arrived (the counter only grows).
@@ -191,6 +203,109 @@ LAYERS_KERNEL(layers_after_1, false, 1, false)
 LAYERS_KERNEL(layers_after_pf_1, false, 1, true)  // + the next matvec's pieces requested into L2
 LAYERS_KERNEL(layers_ahead_2, true, 2, false)
 LAYERS_KERNEL(layers_after_2, false, 2, false)
+
+// The same with a ninth warp that loads nothing and makes the grid-wide waits (thread NT): the
+// fence before a block's count then has no weight loads of its own to wait for, so the next
+// matvec's pieces can be in flight across the wait (layers_ahead_1 loaded them ahead too, but
+// its thread 0, which fences, had its own loads in flight). Workers: threads < NT, as above.
+#define NT_S (NT + 32)
+__device__ __forceinline__ void grid_wait_s(unsigned* count, unsigned target) {
+  __syncthreads();
+  if (threadIdx.x == NT) {
+    __threadfence();
+    atomicAdd(count, 1u);
+    unsigned seen;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(count) : "memory");
+    } while (seen < target);
+  }
+  __syncthreads();
+}
+
+// stage_l2 for the workers only (every thread reaches its barriers).
+__device__ __forceinline__ float stage_l2_s(const float* x, const __half* norm_w, int K, float* xs, float* red) {
+  const int t = threadIdx.x;
+  float ss = 0.f;
+  if (t < NT) {
+    for (int i = t; i < K / 4; i += NT) {
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(x) + i);
+      float4 w = make_float4(1.f, 1.f, 1.f, 1.f);
+      if (norm_w) {
+        const uint2 h = reinterpret_cast<const uint2*>(norm_w)[i];
+        const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&h.x));
+        const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&h.y));
+        w = make_float4(a.x, a.y, b.x, b.y);
+      }
+      const int k = 4 * i;
+      *reinterpret_cast<float4*>(xs + k + 4 * (k / 32)) = make_float4(v.x * w.x, v.y * w.y, v.z * w.z, v.w * w.w);
+      ss += (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);
+    }
+    ss = warp_sum(ss);
+    if (t % 32 == 0) red[t / 32] = ss;
+  }
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int i = 0; i < WARPS; ++i) total += red[i];
+  __syncthreads();
+  return rsqrtf(total / K + 1e-6f);
+}
+
+template <bool AHEAD>
+__device__ __forceinline__ void layers_sync_kernel(Layers L, int layers, float* h, float* qkv, float* h2, float* act,
+                                                   unsigned* count, unsigned base) {
+  __shared__ __align__(16) float xs[I + I / 8];
+  __shared__ float red[WARPS];
+  const bool worker = threadIdx.x < NT;
+  const int TW = gridDim.x * WARPS, gw = blockIdx.x * WARPS + threadIdx.x / 32;
+  unsigned waits = 0;
+  auto wait = [&]() { grid_wait_s(count, base + (++waits) * gridDim.x); };
+  Matvec<D, false, 4> mq;
+  Matvec<ATT, false, 1> mo;
+  Matvec<D, true, 3> mg;
+  Matvec<I, false, 1> md;
+  if (worker) mq.load(L.qkv_w, L.qkv_sb, QKV, gw, TW);
+  if (worker && AHEAD) mo.load(L.o_w, L.o_sb, D, gw, TW);
+  for (int l = 0; l < layers; ++l) {
+    const size_t lq = (size_t)l * QKV, lo = (size_t)l * D, lg = (size_t)l * 2 * I, ld = (size_t)l * D;
+    if (l > 0) wait();
+    float inv = stage_l2_s(h, L.norm1 + l * D, D, xs, red);
+    if (worker) {
+      if (!AHEAD) mo.load(L.o_w + lo * ATT / 8, L.o_sb + lo * ATT / 64, D, gw, TW);
+      else mg.load(L.gu_w + lg * D / 8, L.gu_sb + lg * D / 64, I, gw, TW);
+      mq.run(xs, inv, nullptr, qkv, QKV, gw, TW);
+    }
+    wait();
+    stage_l2_s(qkv, nullptr, ATT, xs, red);
+    if (worker) {
+      if (!AHEAD) mg.load(L.gu_w + lg * D / 8, L.gu_sb + lg * D / 64, I, gw, TW);
+      else md.load(L.down_w + ld * I / 8, L.down_sb + ld * I / 64, D, gw, TW);
+      mo.run(xs, 1.f, h, h2, D, gw, TW);
+    }
+    wait();
+    inv = stage_l2_s(h2, L.norm2 + l * D, D, xs, red);
+    if (worker) {
+      if (!AHEAD) md.load(L.down_w + ld * I / 8, L.down_sb + ld * I / 64, D, gw, TW);
+      else if (l + 1 < layers) mq.load(L.qkv_w + (lq + QKV) * D / 8, L.qkv_sb + (lq + QKV) * D / 64, QKV, gw, TW);
+      mg.run(xs, inv, nullptr, act, I, gw, TW);
+    }
+    wait();
+    stage_l2_s(act, nullptr, I, xs, red);
+    if (worker) {
+      if (!AHEAD && l + 1 < layers) mq.load(L.qkv_w + (lq + QKV) * D / 8, L.qkv_sb + (lq + QKV) * D / 64, QKV, gw, TW);
+      else if (AHEAD && l + 1 < layers) mo.load(L.o_w + (lo + D) * ATT / 8, L.o_sb + (lo + D) * ATT / 64, D, gw, TW);
+      md.run(xs, 1.f, h2, h, D, gw, TW);
+    }
+  }
+}
+// _s1: the pieces of the matvec after next requested as this one starts (two matvecs ahead,
+// across a wait); _s0: the next one's (as layers_ahead_1).
+#define LAYERS_S_KERNEL(name, AHEAD) \
+  extern "C" __global__ void __launch_bounds__(NT_S, 1) name(LAYERS_ARGS) { \
+    layers_sync_kernel<AHEAD>(LAYERS_STRUCT, layers, h, qkv, h2, act, count, base); \
+  }
+LAYERS_S_KERNEL(layers_sync_s0, false)
+LAYERS_S_KERNEL(layers_sync_s1, true)
 
 // The waits alone: `waits` grid-wide waits and nothing else.
 extern "C" __global__ void __launch_bounds__(NT, 1) waits_only(int waits, unsigned* count, unsigned base) {

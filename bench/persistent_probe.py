@@ -9,11 +9,14 @@ ctypes on torch's context; no IREE.
 
 Forms: the launches as a stream (the host queued ahead, as IREE's), the same captured in a CUDA
 graph; all 28 layers as ONE persistent kernel (layers_*: 132 blocks waiting for each other between
-the matvecs; _ahead: the next matvec's pieces loaded before the wait; _pf: requested into L2); the
+the matvecs; _ahead: the next matvec's pieces loaded before the wait; _pf: requested into L2;
+layers_sync_s0 / _s1: a ninth warp that loads nothing makes the waits, with the next matvec's /
+the next two matvecs' pieces in flight across them); the
 qkv launch plus one kernel for o, gate/up and down taking 8-row items from a counter (layer_tail,
 any grid: the form that needs no resident blocks); --chain: branch exp/decode-chain's gemv.cu
 decode_chain (one launch per layer); --times: a build of it writing timestamps of layer 26.
-Checks that every form gives the launches' residual stream bit for bit, then times each (CUDA
+Checks that every form gives the launches' residual stream bit for bit (the launches' gate/up:
+gemv_q4_gate_f32_bf16, f32 sums as the forms', not gemv.cu's dp4a sums of stop 22), then times each (CUDA
 events, medians of repeats; the queue kept ahead of the GPU by a sleep kernel first), and the
 grid-wide wait alone. Results: bench/results/2026-11-27-h100-stop20-persistent.txt.
 """
@@ -51,8 +54,9 @@ def load(ptx_path: str, names=None) -> dict:
     mod = ctypes.c_void_p()
     check(cu.cuModuleLoadData(ctypes.byref(mod), ctypes.c_char_p(text.encode() + b"\0")), "cuModuleLoadData")
     fns = {}
-    for name in names or ("gemv_q4_bf16", "gemv_q4_gate_bf16", "layers_ahead_1", "layers_after_1", "layers_after_pf_1",
-                          "layers_ahead_2", "layers_after_2", "waits_only", "layer_tail_q4_bf16"):
+    for name in names or ("gemv_q4_bf16", "gemv_q4_gate_f32_bf16", "layers_ahead_1", "layers_after_1", "layers_after_pf_1",
+                          "layers_ahead_2", "layers_after_2", "waits_only", "layer_tail_q4_bf16",
+                          "layers_sync_s0", "layers_sync_s1"):
         f = ctypes.c_void_p()
         check(cu.cuModuleGetFunction(ctypes.byref(f), mod, name.encode()), name)
         fns[name] = f
@@ -138,7 +142,7 @@ def main() -> int:
     def gemv(gate, x, w, sb, rows_per_layer, l, norm, res, out, N, K, flags, nxt):
         pf = [nbytes(t, r, ll) for t, r, ll in nxt] + [dummy_f] * (3 - len(nxt))
         pfb = [sizes[id(t)] * r for t, r, _ in nxt] + [0] * (3 - len(nxt))
-        launch(fns["gemv_q4_gate_bf16" if gate else "gemv_q4_bf16"], (N + 7) // 8,
+        launch(fns["gemv_q4_gate_f32_bf16" if gate else "gemv_q4_bf16"], (N + 7) // 8,
                [x, nbytes(w, rows_per_layer, l), nbytes(sb, rows_per_layer, l), norm if norm is not None else dummy_h,
                 dummy_h, res if res is not None else dummy_f, *pf, out, N, K, flags, EPS_BITS, *pfb])
 
@@ -194,12 +198,15 @@ def main() -> int:
             assert cur is h
         return run
 
+    def threads_of(name):  # layers_sync_*: a ninth warp that makes the waits
+        return 288 if name.startswith("layers_sync") else 256
+
     launched = [0]  # the waits of earlier persistent launches (the counter only grows)
 
     def persistent(name, grid):
         def run():
             launch(fns[name], grid, [qkv_w, qkv_sb, o_w, o_sb, gu_w, gu_sb, down_w, down_sb, norm1, norm2, LAYERS,
-                                     h, qkv, h2, act, count, launched[0]])
+                                     h, qkv, h2, act, count, launched[0]], threads=threads_of(name))
             launched[0] += (4 * LAYERS - 1) * grid
         return run
 
@@ -230,8 +237,9 @@ def main() -> int:
     for label, fn in tails.items():
         for grid in (2 * sms, 3 * sms, (2 * D + I) // 8):
             forms[f"qkv + layer_tail{label} grid {grid}"] = qkv_tail(fn, grid)
-    for name in ("layers_ahead_1", "layers_after_1", "layers_after_pf_1", "layers_ahead_2", "layers_after_2"):
-        capacity = per_sm(fns[name]) * sms
+    for name in ("layers_ahead_1", "layers_after_1", "layers_after_pf_1", "layers_ahead_2", "layers_after_2",
+                 "layers_sync_s0", "layers_sync_s1"):
+        capacity = per_sm(fns[name], threads_of(name)) * sms
         for grid in (sms, 2 * sms):
             if grid <= capacity:
                 forms[f"{name} grid {grid}"] = persistent(name, grid)
