@@ -7,8 +7,10 @@ and for iree-runner also sampled with SAMPLED: drawn on the device where the bun
 sample (CUDA), and on the host from each step's logits row as every bundle can), device
 memory (ours: what the session allocates by its own count, and the peak of IREE's allocator in a
 process of its own; the peers: their allocators' peaks, XLA's and torch's, on CUDA). Peers, same weights and shapes: JAX/XLA running our own model code under jax.jit; HF
-transformers (torch, eager); on the CPU,
-llama.cpp on Q4_0 and Q4_1 GGUF files made from the f16 checkpoint (--peers jax,torch,llamacpp).
+transformers (torch, eager); mlx_lm on the MLX 4-bit checkpoint itself (--peers mlx; in a process
+of its own, with MLX_PYTHONPATH ahead on its path where an MLX build for the device is installed
+apart, e.g. mlx and mlx-cuda-13 on a CUDA machine); on the CPU, llama.cpp on Q4_0 and Q4_1 GGUF
+files made from the f16 checkpoint (--peers jax,torch,llamacpp).
 The roofline is the bytes a decode step must read (weights + the live KV cache) divided by the
 copy bandwidth measured in the same run.
 
@@ -325,6 +327,55 @@ def bench_torch(f16_ckpt: Path, device: str, prompt: list[int]) -> dict:
     return r
 
 
+def bench_mlx(ckpt: Path, device: str, prompt: list[int]) -> dict:
+    """mlx_lm's own greedy generation (generate_step: the prompt in one call, each next step queued
+    before a token is read) on an MLX checkpoint, timed as the other rows, in a process of its own:
+    its MLX may be another install (MLX_PYTHONPATH), and its allocator is apart from XLA's and
+    torch's. On a CUDA run, MLX must compute on the GPU."""
+    env = dict(os.environ)
+    if os.environ.get("MLX_PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["MLX_PYTHONPATH"], env.get("PYTHONPATH")]))
+    p = subprocess.run([sys.executable, __file__, "--ckpts", str(ckpt), "--bundles", ".", "--json", "-",
+                        "--device", device, "--mlx-of", json.dumps(prompt)], env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"mlx_lm on {ckpt.name} failed: {p.stderr.strip()[-300:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _mlx_main(ckpt: Path, device: str, prompt: list[int]) -> None:
+    import importlib.metadata as md
+
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    if device == "cuda" and mx.default_device() != mx.gpu:
+        raise SystemExit(f"MLX computes on {mx.default_device()} here, not on the GPU (no CUDA build of MLX)")
+    model, _ = load(str(ckpt))
+
+    def stream(p):
+        for token, _ in generate_step(mx.array(p), model, max_tokens=NEW_TOKENS):
+            yield token
+
+    _timed_stream(stream, prompt[:64], sync=mx.synchronize, trials=1)  # warm-up: its kernels compiled
+    mx.reset_peak_memory()
+    r = _timed_stream(stream, prompt, sync=mx.synchronize)
+    versions = {name: md.version(name) for name in ("mlx", "mlx-lm", "mlx-cuda-13", "mlx-cuda-12", "mlx-cpu")
+                if _installed(name)}
+    print(json.dumps(r | {"peak_mb": mx.get_peak_memory() / 2**20, "mlx_device": str(mx.default_device()),
+                          "versions": versions}))
+
+
+def _installed(dist: str) -> bool:
+    import importlib.metadata as md
+
+    try:
+        md.version(dist)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
 def llamacpp_gguf(f16_ckpt: Path, quant: str) -> Path:
     """<model>-gguf/<quant>.gguf beside the f16 checkpoint, made once: f16.gguf by the HF -> GGUF
     converter of the llama-cpp-python sdist of the installed version (pip download, unpacked into the
@@ -413,9 +464,12 @@ def main() -> None:
     ap.add_argument("--variants", default="", help="comma-separated suffixes: also run bundles DIR/<model>-<suffix>")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--peak-of", type=Path, help="(internal) print the peak device MB of this bundle on --ckpts")
+    ap.add_argument("--mlx-of", help="(internal) print mlx_lm's timings on the checkpoint --ckpts for this prompt (JSON)")
     args = ap.parse_args()
     if args.peak_of:
         return _peak_main(args.peak_of, args.ckpts, args.device)
+    if args.mlx_of:
+        return _mlx_main(args.ckpts, args.device, json.loads(args.mlx_of))
     import importlib.metadata as md
 
     bw = copy_bandwidth_gbs(args.device)
@@ -424,7 +478,7 @@ def main() -> None:
         raw = json.loads((Path(__file__).parent / "configs" / f"{model}.json").read_text())
         prompt = bench_prompt(raw["vocab_size"])
         bundles = [""] + [f"-{v}" for v in args.variants.split(",") if v]
-        ours_tokens = {}
+        ours_tokens, packed_roof = {}, None
         for variant in ("4bit", "f16"):
             ckpt = args.ckpts / f"{model}-{variant}"
             for suffix in bundles:
@@ -437,6 +491,8 @@ def main() -> None:
                 need = decode_bytes(weights, raw, PROMPT_LEN + NEW_TOKENS // 2, cache_bytes)
                 roof = bw * 1e9 / need
                 logits = r.pop("prompt_logits")
+                if manifest["targets"][args.device].get("packed"):
+                    packed_roof = roof  # the bytes a step reads with 4-bit weights: MLX's roofline too
                 if suffix == "":
                     ours_tokens[variant], ours_logits, base_weights, base_roof = r["tokens"], logits, weights, roof
                 else:
@@ -462,6 +518,18 @@ def main() -> None:
                                  "prompt_logit_max": float(np.abs(ours_logits).max())})
                 except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
                     rows.append({"model": model, "variant": variant, "runtime": "jax-xla", "error": repr(e)[:300]})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            if variant == "4bit" and "mlx" in args.peers:
+                try:
+                    m = bench_mlx(ckpt, args.device, prompt)
+                    rows.append({"model": model, "variant": variant,
+                                 "runtime": f"mlx_lm {m['versions'].get('mlx-lm', '?')} (mlx {m['versions'].get('mlx', '?')}, "
+                                            f"{m['mlx_device']})", **m,
+                                 # (MLX reads the 4-bit weights: a packed bundle's bytes, where one ran)
+                                 "roofline_frac": m["decode_tps"] / packed_roof if packed_roof else None,
+                                 "same_tokens": leading_agreement(m["tokens"], ours_tokens[variant])})
+                except Exception as e:  # noqa: BLE001
+                    rows.append({"model": model, "variant": variant, "runtime": "mlx_lm", "error": repr(e)[:300]})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             del base_weights
         if "torch" in args.peers:
