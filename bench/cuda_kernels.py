@@ -29,6 +29,11 @@ ATTENTION = {
     "g7_window": (64, 14, 2, 64, 320, 150, 96, 0.0),
     "g1_softcap": (32, 4, 4, 32, 128, 37, 0, 30.0),
     "g4_window_softcap": (64, 4, 1, 128, 256, 100, 40, 20.0),
+    # prefill_attn_d256 (head dims past 128): Gemma3-1B's shape from the start and past its window
+    # of 512 with an earlier cache, and a head dim of 192 with a soft-cap.
+    "gemma3_1b_start0": (128, 4, 1, 256, 768, 0, 512, 0.0),
+    "gemma3_1b_start450_window": (128, 4, 1, 256, 768, 450, 512, 0.0),
+    "d192_g2_softcap": (64, 4, 2, 192, 256, 70, 0, 30.0),
 }
 LAYERS, LAYER = 3, 1
 # name -> (H, KVH, Dh, S, pos, window, softcap, qk norm, rotary features)

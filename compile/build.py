@@ -146,8 +146,14 @@ def build_target(model_dir: Path, target: str, *, max_context: int = DEFAULT_MAX
             raise
         print(f"warning: the long prefill step ({default_long_prefill([target], weight_dtype)} tokens a call) did not "
               f"compile for {model_dir} ({target}); building without it (--long-prefill-chunk 0). "
-              f"{str(e).splitlines()[0]}", file=sys.stderr)
+              f"{_first_error(str(e))}", file=sys.stderr)
         return _build_target(model_dir, target, prefill_long=0, **args)
+
+
+def _first_error(message: str) -> str:
+    """The compiler's first `error:` line of a CompileError's message (its first line if none)."""
+    lines = message.splitlines()
+    return next((line.strip() for line in lines if "error:" in line), lines[0] if lines else "")
 
 
 def _build_target(model_dir: Path, target: str, *, max_context: int, prefill_chunk: int | None,

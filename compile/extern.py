@@ -65,6 +65,7 @@ KERNELS = {
     "embed_rope_q4": Kernel("step_prologue", 256),
     "sample_token": Kernel("sample", 1024),
     "prefill_attn": Kernel("prefill_attention", 256),
+    "prefill_attn_d256": Kernel("prefill_attention", 256),
     "q4_gemv": Kernel("q4_gemv", target="cpu"),
     "q4_gemm": Kernel("q4_gemv", target="cpu"),
     "decode_attn_cpu_partial": Kernel("decode_attention_cpu", target="cpu"),
@@ -567,13 +568,21 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, positions, *, heads: int, 
 
 # --- prefill attention (kernels/prefill_attention.cu) -------------------------------------
 
-PREFILL_ROWS = 16  # query rows (token, head) per block: the kernel's ROWS
-PREFILL_MAX_DH = 128
+# (entry point, query rows (token, head) a block: its ROWS) by the largest head dim it takes:
+# prefill_attn_d256 (Gemma3's 256) has half the rows a block, so that its tiles fit the 48 KB of
+# shared memory a kernel may declare.
+PREFILL_KERNELS = {128: ("prefill_attn", 16), 256: ("prefill_attn_d256", 8)}
+PREFILL_MAX_DH = max(PREFILL_KERNELS)
 
 
 def prefill_attention_fits(head_dim: int) -> bool:
-    """Whether the prefill kernel takes this head dim; else the chunk's attention stays in JAX."""
+    """Whether a prefill kernel takes this head dim; else the chunk's attention stays in JAX."""
     return head_dim % 32 == 0 and head_dim <= PREFILL_MAX_DH
+
+
+def prefill_kernel(head_dim: int) -> tuple[str, int]:
+    """The prefill attention entry point for this head dim and its query rows a block."""
+    return PREFILL_KERNELS[min(d for d in PREFILL_KERNELS if d >= head_dim)]
 
 
 def prefill_attention(q, k, v, k_cache, v_cache, positions, *, layer: int, scale: float, window: int | None,
@@ -586,8 +595,9 @@ def prefill_attention(q, k, v, k_cache, v_cache, positions, *, layer: int, scale
     _, _, S, KVH = k_cache.shape
     f32 = jnp.float32
     consts = [C, S, KVH, H // KVH, Dh, layer, window or 0, f32_bits(scale), f32_bits(softcap or 0.0)]
-    tiles = -(-C * (H // KVH) // PREFILL_ROWS)
-    return call("prefill_attn", (jax.ShapeDtypeStruct((C, H * Dh), f32), *_like(k_cache, v_cache)),
+    name, rows = prefill_kernel(Dh)
+    tiles = -(-C * (H // KVH) // rows)
+    return call(name, (jax.ShapeDtypeStruct((C, H * Dh), f32), *_like(k_cache, v_cache)),
                 [q.astype(f32), k.astype(f32), v.astype(f32), k_cache, v_cache, positions],
                 grid=tiles * KVH, constants=consts, aliases={3: 1, 4: 2})
 

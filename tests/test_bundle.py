@@ -263,12 +263,15 @@ def test_a_default_long_prefill_step_that_fails_to_compile_is_left_out(ckpt, tmp
 
     def failing(mlir, path, target, *, label, **kw):
         if label == "prefill_long":
-            raise iree_compile.CompileError(label, "iree-compile failed for prefill_long (cuda):\n(in this test)")
+            raise iree_compile.CompileError(label, "iree-compile failed for prefill_long (cuda):\n<stdin>:1:2: note: "
+                                                   "here\nstep.mlir:7:3: error: failed to legalize (in this test)\nmore")
         return real(mlir, path, target, label=label, **kw)
 
     monkeypatch.setattr(iree_compile, "compile_mlir", failing)
     m = build.compile_bundle(ckpt, ["cuda"], tmp_path / "default", max_context=352)
     assert m.prefill_long == 0 and set(m.targets["cuda"].files) == {"prefill", "decode"}
-    assert "the long prefill step (512 tokens a call) did not compile" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the long prefill step (512 tokens a call) did not compile" in err
+    assert "step.mlir:7:3: error: failed to legalize (in this test)" in err, "the compiler's reason, not its header"
     with pytest.raises(iree_compile.CompileError, match="failed for prefill_long"):
         build.compile_bundle(ckpt, ["cuda"], tmp_path / "asked", max_context=352, prefill_long=512)

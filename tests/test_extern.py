@@ -124,6 +124,29 @@ def test_cuda_prefill_attention_is_the_kernel(family_name):
         assert "@prefill_attn[" not in text, (target, dtype, kernels)
 
 
+def test_cuda_prefill_attention_of_head_dim_256_takes_its_own_kernel():
+    """Gemma3-1B's head dim, 256, takes prefill_attn_d256 (8 query rows a block, so that its
+    tiles fit a block's shared memory), every layer, with the grid of its rows."""
+    import dataclasses
+
+    from test_host_waits import CAPACITY
+
+    fam, cfg, _ = _spec("gemma3_text", "float16")
+    cfg = dataclasses.replace(cfg, head_dim=256)
+    spec = export.step_spec(fam, cfg, capacity=CAPACITY, weight_dtype="float16", cache_dtype="float16",
+                            cache_layout=iree_compile.CACHE_LAYOUT["cuda"])
+    prefill = export.export_step(fam, cfg, spec, 8, "prefill", **iree_compile.export_options("cuda"))
+    consts = _constants(prefill, "prefill_attn_d256")
+    assert [c[4:6] for c in consts] == [[256, i] for i in range(cfg.num_hidden_layers)]
+    assert "@prefill_attn[" not in prefill
+    KVH, G = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    assert extern.prefill_kernel(256) == ("prefill_attn_d256", 8) and extern.prefill_kernel(128)[0] == "prefill_attn"
+    grids = re.findall(r"%ext(\d+)_grid = arith.constant (\d+) : index(?=[\s\S]*@prefill_attn_d256\[%ext\1_grid\])",
+                       prefill)
+    assert grids and {int(g) for _, g in grids} == {-(-8 * G // 8) * KVH}
+    assert not extern.prefill_attention_fits(288) and not extern.prefill_attention_fits(240)
+
+
 @pytest.mark.parametrize("family_name", FAMILIES)
 def test_cpu_decode_attention_is_the_kernel(family_name):
     fam, cfg, spec = _spec(family_name, "float32", "cpu")

@@ -21,31 +21,31 @@
 //   positions [C] i32 (consecutive); out [C, H * Dh] f32;
 //   C, S, KVH, G, Dh, layer, window (0 = none: a query at p sees keys in (p - window, p]),
 //   scale and softcap (f32 bits; softcap 0 = none).
-// Limits (checked at export, extern.prefill_attention_fits): Dh % 32 == 0, Dh <= MAX_DH.
+// Two entry points: prefill_attn (Dh <= 128: 16 query rows a block, tiles of 32 keys) and
+// prefill_attn_d256 (Dh <= 256, Gemma3's 256: 8 rows a block, tiles of 16 keys with two lanes a
+// key, so that its shared memory stays within the 48 KB a block may declare statically).
+// Limits (checked at export, extern.prefill_attention_fits): Dh % 32 == 0, Dh <= 256.
 // Regenerate the PTX with `make ptx` (needs nvcc).
 #include "common.cuh"
 
 #define NT 256
 #define WARPS (NT / 32)
-#define RW 2                 // query rows per warp
-#define ROWS (WARPS * RW)    // query rows per block
-#define KT 32                // keys per tile: a lane each
-#define MAX_DH 128
-#define NI (MAX_DH / 32)     // output features per lane and row
-#define SPT (MAX_DH / WARPS) // a thread's keys (and values) of a tile: features warp + WARPS * j of key lane
 
-// A tile's keys and values in a thread's registers: key k0 + lane (if below k_end), features
-// warp + WARPS * j. Cached rows come from the caches, the chunk's from k_new / v_new.
+// A tile's keys and values in a thread's registers: key k0 + t % KT (if below k_end), features
+// t / KT + (NT / KT) j (KT 32: the thread's lane and warp). Cached rows come from the caches,
+// the chunk's from k_new / v_new.
+template <int MAX_DH, int KT>
 struct Tile {
+  static constexpr int SPT = MAX_DH * KT / NT;  // a thread's keys (and values) of a tile
   float k[SPT], v[SPT];
   __device__ __forceinline__ void load(bool cached, int k0, int k_end, const __half* __restrict__ kc,
                                        const __half* __restrict__ vc, size_t base, size_t plane, int KVH,
                                        const float* __restrict__ k_new, const float* __restrict__ v_new, int kvh,
                                        int Dh) {
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, key = k0 + lane;
+    const int key = k0 + threadIdx.x % KT, d0 = threadIdx.x / KT;
 #pragma unroll
     for (int j = 0; j < SPT; ++j) {
-      const int d = warp + WARPS * j;
+      const int d = d0 + NT / KT * j;
       k[j] = v[j] = 0.f;
       if (d < Dh && key < k_end) {
         if (cached) {
@@ -62,14 +62,18 @@ struct Tile {
   }
 };
 
-extern "C" __global__ void __launch_bounds__(NT) prefill_attn(
+// MAX_DH: the largest head dim; RW: query rows a warp; KT: keys a tile, 32 / KT lanes a key (the
+// lanes of one key sum every (32 / KT)-th group of 4 features of its score).
+template <int MAX_DH, int RW, int KT>
+__device__ __forceinline__ void prefill_attn_body(
     const float* __restrict__ q, const float* __restrict__ k_new, const float* __restrict__ v_new,
     __half* __restrict__ kc, __half* __restrict__ vc, const int* __restrict__ positions,
     float* __restrict__ out, int C, int S, int KVH, int G, int Dh, int layer, int window, int scale_bits,
-    int softcap_bits) {
-  __shared__ __align__(16) float qs[ROWS * MAX_DH];  // the block's query rows
-  __shared__ float kt[MAX_DH * KT];                  // a key tile, transposed: [Dh][KT]
-  __shared__ float vs[KT * (MAX_DH + 1)];            // a value tile: [KT][Dh + 1] (no bank conflicts)
+    int softcap_bits, float* qs, float* kt, float* vs) {
+  constexpr int ROWS = WARPS * RW, NI = MAX_DH / 32, SPT = Tile<MAX_DH, KT>::SPT, LPK = 32 / KT;
+  static_assert(KT * LPK == 32 && SPT * NT == MAX_DH * KT, "tile shape");
+  // qs: the block's query rows [ROWS][Dh]; kt: a key tile, transposed [Dh][KT]; vs: a value tile
+  // [KT][Dh + 1] (no bank conflicts).
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   const int kvh = blockIdx.x % KVH, r0 = (blockIdx.x / KVH) * ROWS, H = KVH * G, n_rows = C * G;
   const float scale = __int_as_float(scale_bits), cap = __int_as_float(softcap_bits);
@@ -102,7 +106,7 @@ extern "C" __global__ void __launch_bounds__(NT) prefill_attn(
   const int n_tiles = n_cache_tiles + q_last / KT + 1;
   auto first_of = [&](int tile) { return tile < n_cache_tiles ? c_lo + tile * KT : (tile - n_cache_tiles) * KT; };
   auto end_of = [&](int tile) { return tile < n_cache_tiles ? start : q_last + 1; };
-  Tile next;
+  Tile<MAX_DH, KT> next;
   next.load(0 < n_cache_tiles, first_of(0), end_of(0), kc, vc, base, plane, KVH, k_new, v_new, kvh, Dh);
   for (int tile = 0; tile < n_tiles; ++tile) {
     const bool cached = tile < n_cache_tiles;
@@ -110,10 +114,10 @@ extern "C" __global__ void __launch_bounds__(NT) prefill_attn(
     __syncthreads();  // the previous tile is used up
 #pragma unroll
     for (int j = 0; j < SPT; ++j) {
-      const int d = warp + WARPS * j;
+      const int d = t / KT + NT / KT * j;
       if (d < Dh) {
-        kt[d * KT + lane] = next.k[j];
-        vs[lane * VS + d] = next.v[j];
+        kt[d * KT + t % KT] = next.k[j];
+        vs[(t % KT) * VS + d] = next.v[j];
       }
     }
     __syncthreads();
@@ -121,27 +125,32 @@ extern "C" __global__ void __launch_bounds__(NT) prefill_attn(
       next.load(tile + 1 < n_cache_tiles, first_of(tile + 1), end_of(tile + 1), kc, vc, base, plane, KVH, k_new,
                 v_new, kvh, Dh);
 
-    // Scores of the warp's rows against key `lane`.
+    // Scores of the warp's rows against key lane % KT (its LPK lanes: every LPK-th 4 features).
     float s[RW];
 #pragma unroll
     for (int j = 0; j < RW; ++j) s[j] = 0.f;
     const float4* q4 = reinterpret_cast<const float4*>(qs + warp * RW * Dh);
+    const int kl = lane % KT;
 #pragma unroll 2
-    for (int d = 0; d < Dh; d += 4) {
-      const float k0f = kt[d * KT + lane], k1f = kt[(d + 1) * KT + lane];
-      const float k2f = kt[(d + 2) * KT + lane], k3f = kt[(d + 3) * KT + lane];
+    for (int d = 4 * (lane / KT); d < Dh; d += 4 * LPK) {
+      const float k0f = kt[d * KT + kl], k1f = kt[(d + 1) * KT + kl];
+      const float k2f = kt[(d + 2) * KT + kl], k3f = kt[(d + 3) * KT + kl];
 #pragma unroll
       for (int j = 0; j < RW; ++j) {
         const float4 qv = q4[(j * Dh + d) / 4];
         s[j] += qv.x * k0f + qv.y * k1f + qv.z * k2f + qv.w * k3f;
       }
     }
-    const int key = k0 + lane;
+#pragma unroll
+    for (int o = KT; o < 32; o *= 2)
+#pragma unroll
+      for (int j = 0; j < RW; ++j) s[j] += __shfl_xor_sync(0xffffffffu, s[j], o);
+    const int key = k0 + lane;  // lanes past KT: no key (their score is lane % KT's)
     const int kpos = cached ? key : (key < C ? positions[key] : 0x7fffffff);
     float p[RW];
 #pragma unroll
     for (int j = 0; j < RW; ++j) {
-      const bool valid = key < k_end && kpos <= qpos[j] && (window <= 0 || kpos > qpos[j] - window);
+      const bool valid = lane < KT && key < k_end && kpos <= qpos[j] && (window <= 0 || kpos > qpos[j] - window);
       float x = s[j] * scale;
       if (cap > 0.f) x = tanhf(x / cap) * cap;
       x = valid ? x : -INFINITY;
@@ -187,3 +196,21 @@ extern "C" __global__ void __launch_bounds__(NT) prefill_attn(
       if (lane + 32 * i < Dh) dst[lane + 32 * i] = o[j][i] * inv;
   }
 }
+
+#define PREFILL_ARGS                                                                                       \
+  const float* __restrict__ q, const float* __restrict__ k_new, const float* __restrict__ v_new,           \
+      __half* __restrict__ kc, __half* __restrict__ vc, const int* __restrict__ positions,                 \
+      float* __restrict__ out, int C, int S, int KVH, int G, int Dh, int layer, int window, int scale_bits, \
+      int softcap_bits
+#define PREFILL_KERNEL(name, MAX_DH, RW, KT)                                                                \
+  extern "C" __global__ void __launch_bounds__(NT) name(PREFILL_ARGS) {                                     \
+    __shared__ __align__(16) float qs[WARPS * RW * MAX_DH];                                                 \
+    __shared__ float kt[MAX_DH * KT];                                                                       \
+    __shared__ float vs[KT * (MAX_DH + 1)];                                                                 \
+    prefill_attn_body<MAX_DH, RW, KT>(q, k_new, v_new, kc, vc, positions, out, C, S, KVH, G, Dh, layer, window, \
+                                      scale_bits, softcap_bits, qs, kt, vs);                                \
+  }
+// Shared memory (q rows + key tile + value tile): 8 + 16 + 16.1 KB each. (Dh 256 with the first
+// one's 16 rows and 32 keys a tile would take 80 KB.)
+PREFILL_KERNEL(prefill_attn, 128, 2, 32)       // 16 query rows a block, a lane a key
+PREFILL_KERNEL(prefill_attn_d256, 256, 1, 16)  // 8 query rows a block, two lanes a key
