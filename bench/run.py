@@ -302,7 +302,9 @@ def bench_torch(f16_ckpt: Path, device: str, prompt: list[int]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.float16 if device == "cuda" else torch.bfloat16
+    # fp16 on CUDA, but Gemma's activations overflow fp16 (HF runs Gemma3 in bf16): bf16 there.
+    gemma = json.loads((f16_ckpt / "config.json").read_text())["model_type"].startswith("gemma")
+    dtype = torch.float16 if device == "cuda" and not gemma else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(f16_ckpt, dtype=dtype).to(device).eval()
     state = {}
 
@@ -324,7 +326,7 @@ def bench_torch(f16_ckpt: Path, device: str, prompt: list[int]) -> dict:
     r = _timed_generation(prefill, decode, prompt)
     # torch's caching allocator's peak during the runs (the weights included: they stay resident).
     r["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-    return r
+    return r | {"dtype": str(dtype).removeprefix("torch.")}
 
 
 def bench_mlx(ckpt: Path, device: str, prompt: list[int]) -> dict:
@@ -535,7 +537,7 @@ def main() -> None:
         if "torch" in args.peers:
             try:
                 t = bench_torch(args.ckpts / f"{model}-f16", args.device, prompt)
-                rows.append({"model": model, "variant": "f16", "runtime": "hf-transformers eager", **t,
+                rows.append({"model": model, "variant": "f16", "runtime": f"hf-transformers eager ({t.pop('dtype')})", **t,
                              "same_tokens": leading_agreement(t["tokens"], ours_tokens["f16"])})
             except Exception as e:  # noqa: BLE001
                 rows.append({"model": model, "variant": "f16", "runtime": "hf-transformers", "error": repr(e)[:300]})
