@@ -65,7 +65,10 @@ GEMV = {"q4_4096x1024_norm": (4096, 1024, True, False), "q4_1024x3072": (1024, 3
 # special: "tie" (the best row copied to two lower rows in other blocks: the lowest wins),
 # "nan" (a NaN in x: the argmax is N, out of range).
 LM_HEAD = {"q4_151936x1024": (151936, 1024, False, None), "q4_32771x2048_norm": (32771, 2048, True, None),
-           "q4_151936x1024_tie": (151936, 1024, False, "tie"), "q4_151936x1024_nan": (151936, 1024, False, "nan")}
+           "q4_151936x1024_tie": (151936, 1024, False, "tie"), "q4_151936x1024_nan": (151936, 1024, False, "nan"),
+           # hidden sizes that leave lanes idle in the last round of pieces: Gemma3-1B's, Qwen2.5-0.5B's
+           "q4_262144x1152_norm": (262144, 1152, True, None), "q4_40003x896": (40003, 896, False, None),
+           "q4_32771x1536_nan": (32771, 1536, True, "nan")}
 # name -> (V, logit scale, temperature, top_k, top_p, min_p, special): sampling on the device
 # (extern.sample_token) at SAMPLE_POSITIONS positions each, against the host's draw_at.
 # special: "cluster" (the 40 largest logits in one block of the kernel's: its candidates cannot

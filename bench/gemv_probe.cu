@@ -199,7 +199,7 @@ PAIR(gemv_pair_i8_a8_bf16, I8Row<true>, 8, 2)
       int* __restrict__ argmax, float2* blocks, int N, int K, int flags, int eps_bits
 #define LM_HEAD_R(name, KW, R)                                                                               \
   extern "C" __global__ void __launch_bounds__(NT, 2) name(LM_ARGS) {                                         \
-    argmax_of_blocks(gemv_q4_many<KW, R, true>(x, W, scales_biases, norm_w, out, N, flags, eps_bits), blocks,  \
+    argmax_of_blocks(gemv_q4_many<32 * KW, R, true>(x, W, scales_biases, norm_w, out, N, flags, eps_bits), blocks, \
                      sync, argmax, N);                                                                        \
   }
 LM_HEAD_R(lm_head_r2_k1024_bf16, 1, 2)

@@ -49,6 +49,9 @@ class Kernel:
 # Llama-3.1-8B/Qwen3-8B, Gemma3-1B, and the test checkpoints' (tests/checkpoints.py: so the
 # GPU agreement with the HF oracle runs it). Other shapes take the runtime partial and combine.
 SPECIALIZED_ATTENTION = ((2, 2, 16, 128), (4, 2, 16, 64), (4, 2, 16, 128), (4, 1, 8, 256), (2, 2, 16, 32))
+# The packed lm_head kernel's hidden sizes (kernels/gemv.cu LM_HEAD): Qwen3-0.6B's 1024 and
+# Llama-3.2-1B's 2048, and 896 (Qwen2.5-0.5B), 1152 (Gemma3-1B), 1536 (Qwen2.5-1.5B).
+LM_HEAD_K = (896, 1024, 1152, 1536, 2048)
 
 KERNELS = {
     "decode_attn_partial": Kernel("decode_attention", 256),  # G > 2 query heads per KV head
@@ -60,7 +63,7 @@ KERNELS = {
     "gemv": Kernel("gemv", 256),
     "gemv_gate": Kernel("gemv", 256),
     **{f"gemv_q4{gate}_{pairs}": Kernel("gemv", 256) for gate in ("", "_gate") for pairs in ("f16", "bf16")},
-    **{f"lm_head_q4_k{k}_{pairs}": Kernel("gemv", 256) for k in (1024, 2048) for pairs in ("f16", "bf16")},
+    **{f"lm_head_q4_k{k}_{pairs}": Kernel("gemv", 256) for k in LM_HEAD_K for pairs in ("f16", "bf16")},
     "dequant_q4": Kernel("gemv", 256),
     "embed_rope_q4": Kernel("step_prologue", 256),
     "sample_token": Kernel("sample", 1024),
@@ -634,9 +637,9 @@ GEMV_WARPS = 8  # per block: one output each
 GEMV_MAX_K = 8192
 NORM, ONE_PLUS, BIAS, RESIDUAL, GATE, GELU = 1, 2, 4, 8, 16, 32  # the kernel's flags
 PAIRS_F16, PAIRS_BF16 = 64, 128  # the CPU kernels' flags for 16-bit pairs (kernels/q4_gemv.c; else f32)
-# A packed lm_head (many rows, K = 1024 or 2048): lm_head_q4_k<K>_<pairs>, its blocks looping over
+# A packed lm_head (many rows, K one of LM_HEAD_K): lm_head_q4_k<K>_<pairs>, its blocks looping over
 # chunks of rows. Its grid: one wave of 2 blocks per SM on an H100 / H200 (132 SMs); any grid is correct.
-LM_HEAD_ROWS, LM_HEAD_K, LM_HEAD_GRID = 32768, (1024, 2048), 264  # grid <= 1024: the kernel's argmax
+LM_HEAD_ROWS, LM_HEAD_GRID = 32768, 264  # grid <= 1024: the kernel's argmax
 Q4_GROUP = 64  # the group size both 4-bit kernels read
 
 
@@ -679,7 +682,7 @@ def gemv(x, w, *, bias=None, norm=None, residual=None, gate: str | None = None):
 
 def lm_head_fits(w) -> bool:
     """Whether the CUDA lm_head kernel takes w: Packed 4-bit in groups of 64 with F16 or BF16
-    pairs, many rows, K = 1024 or 2048."""
+    pairs, many rows, K one of LM_HEAD_K."""
     return _q4_fits(w, max(LM_HEAD_K), cuda=True) and w.shape[0] >= LM_HEAD_ROWS and w.shape[1] in LM_HEAD_K
 
 

@@ -435,11 +435,12 @@ def test_make_ptx_keeps_a_ptx_made_from_the_current_source(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("rows, k, norm, kernel", [
     (151936, 1024, False, "lm_head_q4_k1024_bf16"), (40000, 2048, True, "lm_head_q4_k2048_bf16"),
-    (40000, 1536, True, "gemv_q4_bf16"), (4096, 1024, False, "gemv_q4_bf16")])
+    (262144, 1152, True, "lm_head_q4_k1152_bf16"), (40000, 896, False, "lm_head_q4_k896_bf16"),
+    (40000, 1280, True, "gemv_q4_bf16"), (4096, 1024, False, "gemv_q4_bf16")])
 def test_an_lm_head_takes_its_kernel(rows, k, norm, kernel, monkeypatch):
-    """On a one-token CUDA step, a packed 4-bit lm_head with many rows and K = 1024 or 2048 runs
-    lm_head_q4_k<K>_bf16 (BF16 pairs) on one wave of blocks, its norm and argmax in the kernel; any other, the
-    norm, gemv_q4_bf16 and the step's argmax."""
+    """On a one-token CUDA step, a packed 4-bit lm_head with many rows and K one of
+    extern.LM_HEAD_K runs lm_head_q4_k<K>_bf16 (BF16 pairs) on one wave of blocks, its norm and
+    argmax in the kernel; any other, the norm, gemv_q4_bf16 and the step's argmax."""
     import jax
     import jax.numpy as jnp
 

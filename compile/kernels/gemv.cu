@@ -404,7 +404,7 @@ GEMV_Q4(gemv_q4_gate_bf16, true, I8Row<true>, PFQG, 3)
 #undef F16_ROW
 #undef F16_ARGS
 
-// A 4-bit matvec with many rows and K = 1024 KW (an lm_head: 151936 x 1024 for Qwen3-0.6B).
+// A 4-bit matvec with many rows and K = 32 P (an lm_head: 151936 x 1024 for Qwen3-0.6B).
 // gemv_q4's warp per row left 4 words per lane in flight, as three 4-byte loads each, and
 // staged x for only 8 rows per block: 89 us for that lm_head on an H100, 35% of the
 // bandwidth. Here a lane reads 4 words (32 values, half a group of 64) as one 16-byte load
@@ -434,15 +434,23 @@ struct Best {
   }
 };
 
-// R rows of a K = 1024 KW matvec, a lane's 16-byte pieces lane + 32 j of each (chunk c: rows
-// c R ... c R + R - 1; rows past N (or chunks past the last) are requested as row N - 1).
-template <int KW, int R>
+// R rows of a matvec with P 16-byte pieces a row (K = 32 P), a lane's pieces lane + 32 j of
+// each, j < KW (chunk c: rows c R ... c R + R - 1; rows past N (or chunks past the last) are
+// requested as row N - 1). Where P is not a multiple of 32 the last round's lanes past P hold
+// zeros (scale and bias 0: they add nothing).
+template <int P>
+constexpr int pieces_per_lane() { return (P + 31) / 32; }
+template <int P>
+__device__ __forceinline__ bool has_piece(int lane, int j) { return P % 32 == 0 || lane + 32 * j < P; }
+
+template <int P, int R>
 struct Chunk {
+  static constexpr int KW = pieces_per_lane<P>();
   uint4 q[R][KW];
   uint32_t sb[R][KW];  // 16-bit scale and bias, widened in sum
   __device__ __forceinline__ void load(const uint32_t* __restrict__ W, const uint32_t* __restrict__ scales_biases,
                                        int c, int N) {
-    constexpr int K4 = 32 * KW, G = 16 * KW;  // 16-byte pieces and groups per row
+    constexpr int G = P / 2;  // groups of 64 a row
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int i = 0; i < R; ++i) {
@@ -450,8 +458,9 @@ struct Chunk {
 #pragma unroll
       for (int j = 0; j < KW; ++j) {
         const int piece = lane + 32 * j;
-        q[i][j] = reinterpret_cast<const uint4*>(W)[n * K4 + piece];
-        sb[i][j] = scales_biases[n * G + piece / 2];
+        const bool in = has_piece<P>(lane, j);
+        q[i][j] = in ? reinterpret_cast<const uint4*>(W)[n * P + piece] : make_uint4(0, 0, 0, 0);
+        sb[i][j] = in ? scales_biases[n * G + piece / 2] : 0u;
       }
     }
   }
@@ -489,15 +498,22 @@ struct Chunk {
   }
 };
 
-// A lane's KW pieces of x (piece lane + 32 i covers x[32 (lane + 32 i) ...]) in int8 parts (24
-// words a piece where f32 takes 32), with each piece's d and sum(x).
-template <int KW>
+// A lane's pieces of x (piece lane + 32 i covers x[32 (lane + 32 i) ...], i < KW) in int8 parts
+// (24 words a piece where f32 takes 32), with each piece's d and sum(x); zeros past P.
+template <int P>
 struct LaneX {
+  static constexpr int KW = pieces_per_lane<P>();
   I8Word words[KW][4];
   float d[KW], sum[KW];
   __device__ __forceinline__ LaneX(const float* xs, int lane) {
 #pragma unroll
     for (int i = 0; i < KW; ++i) {
+      if (!has_piece<P>(lane, i)) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) words[i][u] = I8Word{};
+        d[i] = sum[i] = 0.f;
+        continue;
+      }
       const float* v = xs + 32 * (lane + 32 * i);
       float m = 0.f, s = 0.f;
 #pragma unroll
@@ -510,23 +526,23 @@ struct LaneX {
   }
 };
 
-template <int KW, int R, bool BF16>
+template <int P, int R, bool BF16>
 __device__ __forceinline__ Best gemv_q4_many(const float* __restrict__ x, const uint32_t* __restrict__ W,
                                              const uint32_t* __restrict__ scales_biases,
                                              const __half* __restrict__ norm_w, float* __restrict__ out, int N,
                                              int flags, int eps_bits) {
-  constexpr int K = 1024 * KW;
+  constexpr int K = 32 * P;
   __shared__ __align__(16) float xs[K];
   __shared__ float red[WARPS];
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   stage_x<0>(x, norm_w, K, flags, xs, red);
   const float r = (flags & 1) ? inv_rms(red, K, eps_bits) : 1.f;
-  const LaneX<KW> xq(xs, lane);
+  const LaneX<P> xq(xs, lane);
   const int warps = gridDim.x * WARPS, chunks = (N + R - 1) / R;
   constexpr bool bf16 = BF16;
   // Two chunks in flight per warp: the next one's rows are requested before this one's sums.
   int c = blockIdx.x * WARPS + warp;
-  Chunk<KW, R> a, b;
+  Chunk<P, R> a, b;
   Best best;
   a.load(W, scales_biases, c, N);
   while (c < chunks) {
@@ -580,7 +596,9 @@ __device__ __forceinline__ void argmax_of_blocks(const Best& warp_best, float2* 
   }
 }
 
-// KW = 1 and 2 (K = 1024, 2048), 128 bytes of weights per lane in flight.
+// K = 1024 and 2048 (Qwen3-0.6B's, Llama-3.2-1B's), and other hidden sizes of the families' small
+// models, whose last round of pieces leaves some lanes idle: 896 (Qwen2.5-0.5B), 1152 (Gemma3-1B),
+// 1536 (Qwen2.5-1.5B). 128 bytes of weights per lane in flight (R rows x the lane's pieces).
 // Bindings: x [K] f32, words, scales_biases, norm weight [K] f16, sync [1] int32 (zero;
 // written in place), then the results: logits [N] f32, argmax [1] int32, the blocks' best
 // [grid] (f32 value, int index bits). Push constants: N, K, flags (the norm only), eps bits.
@@ -590,15 +608,20 @@ __device__ __forceinline__ void argmax_of_blocks(const Best& warp_best, float2* 
       int* __restrict__ argmax, float2* blocks, int N, int K, int flags, int eps_bits
 // The pairs' dtype is the kernel's own too (_f16, _bf16): as a runtime flag, Llama-3.2-1B's
 // lm_head took 70.0 us on an H100 instead of 65.4, Qwen3-0.6B's 47.8 instead of 46.5.
-#define LM_HEAD(name, KW, R, BF16)                                                                            \
-  extern "C" __global__ void __launch_bounds__(NT, 2) name(LM_ARGS) {                                         \
-    argmax_of_blocks(gemv_q4_many<KW, R, BF16>(x, W, scales_biases, norm_w, out, N, flags, eps_bits), blocks, \
-                     sync, argmax, N);                                                                        \
+#define LM_HEAD(K, R)                                                                                        \
+  extern "C" __global__ void __launch_bounds__(NT, 2) lm_head_q4_k##K##_f16(LM_ARGS) {                        \
+    argmax_of_blocks(gemv_q4_many<K / 32, R, false>(x, W, scales_biases, norm_w, out, N, flags, eps_bits),     \
+                     blocks, sync, argmax, N);                                                                \
+  }                                                                                                          \
+  extern "C" __global__ void __launch_bounds__(NT, 2) lm_head_q4_k##K##_bf16(LM_ARGS) {                       \
+    argmax_of_blocks(gemv_q4_many<K / 32, R, true>(x, W, scales_biases, norm_w, out, N, flags, eps_bits),      \
+                     blocks, sync, argmax, N);                                                                \
   }
-LM_HEAD(lm_head_q4_k1024_f16, 1, 4, false)
-LM_HEAD(lm_head_q4_k1024_bf16, 1, 4, true)
-LM_HEAD(lm_head_q4_k2048_f16, 2, 2, false)
-LM_HEAD(lm_head_q4_k2048_bf16, 2, 2, true)
+LM_HEAD(896, 4)
+LM_HEAD(1024, 4)
+LM_HEAD(1152, 2)
+LM_HEAD(1536, 2)
+LM_HEAD(2048, 2)
 #undef LM_HEAD
 #undef LM_ARGS
 
