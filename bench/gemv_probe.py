@@ -234,20 +234,7 @@ def main() -> int:
                 outs[label] = out
                 diff = float((out - outs[ref]).abs().max()) if fn != "read_bytes" else 0.0
                 rel = diff / float(outs[ref].square().mean().sqrt())
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    launches(fn, grid, out)
-                times_g, times_s = [], []
-                for _ in range(a.repeats):
-                    for times, run in ((times_g, g.replay), (times_s, lambda: launches(fn, grid, out))):
-                        torch.cuda._sleep(pp.SLEEP // 4)
-                        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        e0.record()
-                        run()
-                        e1.record()
-                        e1.synchronize()
-                        times.append(e0.elapsed_time(e1) * 1000 / layers)
-                tg, ts = statistics.median(times_g), statistics.median(times_s)
+                tg, ts = timed(lambda: launches(fn, grid, out), layers, a.repeats)
                 entry["forms"][label] = {"kernel": fn, "grid": grid, "us_graph": tg, "us_stream": ts,
                                          "gb_per_s_graph": nbytes / tg / 1e3, f"max_diff_vs_{ref}": diff,
                                          "max_diff_over_rms": rel}

@@ -19,10 +19,11 @@ extern "C" __global__ void __launch_bounds__(NT, 3) gemv_q4_gate_f32_bf16(
 
 // Every block's writes before the call are visible to every block's reads after it (as
 // cooperative groups' grid sync: barrier, one thread fences and counts, polls, fences).
-// `target`: the count once every block has arrived (the counter only grows).
-__device__ __forceinline__ void grid_wait(unsigned* count, unsigned target) {
+// `target`: the count once every block has arrived (the counter only grows). waiter: the thread
+// that fences, counts and polls.
+__device__ __forceinline__ void grid_wait(unsigned* count, unsigned target, int waiter = 0) {
   __syncthreads();
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == waiter) {
     __threadfence();
     atomicAdd(count, 1u);
     unsigned seen;
@@ -35,10 +36,13 @@ __device__ __forceinline__ void grid_wait(unsigned* count, unsigned target) {
 
 // x (an activation written by other blocks in this kernel: read through L2, not L1) times the
 // norm weight into xs, padded as Q4Row wants (4 floats after every 32); 1/RMS of x if norm.
-__device__ __forceinline__ float stage_l2(const float* x, const __half* norm_w, int K, float* xs, float* red) {
+// worker: whether this thread stages (layers_sync_*'s ninth warp does not; every thread reaches
+// the barriers).
+__device__ __forceinline__ float stage_l2(const float* x, const __half* norm_w, int K, float* xs, float* red,
+                                          bool worker = true) {
   const int t = threadIdx.x;
   float ss = 0.f;
-  for (int i = t; i < K / 4; i += NT) {
+  for (int i = t; worker && i < K / 4; i += NT) {
     const float4 v = __ldcg(reinterpret_cast<const float4*>(x) + i);
     float4 w = make_float4(1.f, 1.f, 1.f, 1.f);
     if (norm_w) {
@@ -51,8 +55,10 @@ __device__ __forceinline__ float stage_l2(const float* x, const __half* norm_w, 
     *reinterpret_cast<float4*>(xs + k + 4 * (k / 32)) = make_float4(v.x * w.x, v.y * w.y, v.z * w.z, v.w * w.w);
     ss += (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);
   }
-  ss = warp_sum(ss);
-  if (t % 32 == 0) red[t / 32] = ss;
+  if (worker) {
+    ss = warp_sum(ss);
+    if (t % 32 == 0) red[t / 32] = ss;
+  }
   __syncthreads();
   float total = 0.f;
 #pragma unroll
@@ -209,48 +215,6 @@ LAYERS_KERNEL(layers_after_2, false, 2, false)
 // matvec's pieces can be in flight across the wait (layers_ahead_1 loaded them ahead too, but
 // its thread 0, which fences, had its own loads in flight). Workers: threads < NT, as above.
 #define NT_S (NT + 32)
-__device__ __forceinline__ void grid_wait_s(unsigned* count, unsigned target) {
-  __syncthreads();
-  if (threadIdx.x == NT) {
-    __threadfence();
-    atomicAdd(count, 1u);
-    unsigned seen;
-    do {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(count) : "memory");
-    } while (seen < target);
-  }
-  __syncthreads();
-}
-
-// stage_l2 for the workers only (every thread reaches its barriers).
-__device__ __forceinline__ float stage_l2_s(const float* x, const __half* norm_w, int K, float* xs, float* red) {
-  const int t = threadIdx.x;
-  float ss = 0.f;
-  if (t < NT) {
-    for (int i = t; i < K / 4; i += NT) {
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(x) + i);
-      float4 w = make_float4(1.f, 1.f, 1.f, 1.f);
-      if (norm_w) {
-        const uint2 h = reinterpret_cast<const uint2*>(norm_w)[i];
-        const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&h.x));
-        const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&h.y));
-        w = make_float4(a.x, a.y, b.x, b.y);
-      }
-      const int k = 4 * i;
-      *reinterpret_cast<float4*>(xs + k + 4 * (k / 32)) = make_float4(v.x * w.x, v.y * w.y, v.z * w.z, v.w * w.w);
-      ss += (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);
-    }
-    ss = warp_sum(ss);
-    if (t % 32 == 0) red[t / 32] = ss;
-  }
-  __syncthreads();
-  float total = 0.f;
-#pragma unroll
-  for (int i = 0; i < WARPS; ++i) total += red[i];
-  __syncthreads();
-  return rsqrtf(total / K + 1e-6f);
-}
-
 template <bool AHEAD>
 __device__ __forceinline__ void layers_sync_kernel(Layers L, int layers, float* h, float* qkv, float* h2, float* act,
                                                    unsigned* count, unsigned base) {
@@ -259,7 +223,7 @@ __device__ __forceinline__ void layers_sync_kernel(Layers L, int layers, float* 
   const bool worker = threadIdx.x < NT;
   const int TW = gridDim.x * WARPS, gw = blockIdx.x * WARPS + threadIdx.x / 32;
   unsigned waits = 0;
-  auto wait = [&]() { grid_wait_s(count, base + (++waits) * gridDim.x); };
+  auto wait = [&]() { grid_wait(count, base + (++waits) * gridDim.x, NT); };
   Matvec<D, false, 4> mq;
   Matvec<ATT, false, 1> mo;
   Matvec<D, true, 3> mg;
@@ -269,28 +233,28 @@ __device__ __forceinline__ void layers_sync_kernel(Layers L, int layers, float* 
   for (int l = 0; l < layers; ++l) {
     const size_t lq = (size_t)l * QKV, lo = (size_t)l * D, lg = (size_t)l * 2 * I, ld = (size_t)l * D;
     if (l > 0) wait();
-    float inv = stage_l2_s(h, L.norm1 + l * D, D, xs, red);
+    float inv = stage_l2(h, L.norm1 + l * D, D, xs, red, worker);
     if (worker) {
       if (!AHEAD) mo.load(L.o_w + lo * ATT / 8, L.o_sb + lo * ATT / 64, D, gw, TW);
       else mg.load(L.gu_w + lg * D / 8, L.gu_sb + lg * D / 64, I, gw, TW);
       mq.run(xs, inv, nullptr, qkv, QKV, gw, TW);
     }
     wait();
-    stage_l2_s(qkv, nullptr, ATT, xs, red);
+    stage_l2(qkv, nullptr, ATT, xs, red, worker);
     if (worker) {
       if (!AHEAD) mg.load(L.gu_w + lg * D / 8, L.gu_sb + lg * D / 64, I, gw, TW);
       else md.load(L.down_w + ld * I / 8, L.down_sb + ld * I / 64, D, gw, TW);
       mo.run(xs, 1.f, h, h2, D, gw, TW);
     }
     wait();
-    inv = stage_l2_s(h2, L.norm2 + l * D, D, xs, red);
+    inv = stage_l2(h2, L.norm2 + l * D, D, xs, red, worker);
     if (worker) {
       if (!AHEAD) md.load(L.down_w + ld * I / 8, L.down_sb + ld * I / 64, D, gw, TW);
       else if (l + 1 < layers) mq.load(L.qkv_w + (lq + QKV) * D / 8, L.qkv_sb + (lq + QKV) * D / 64, QKV, gw, TW);
       mg.run(xs, inv, nullptr, act, I, gw, TW);
     }
     wait();
-    stage_l2_s(act, nullptr, I, xs, red);
+    stage_l2(act, nullptr, I, xs, red, worker);
     if (worker) {
       if (!AHEAD && l + 1 < layers) mq.load(L.qkv_w + (lq + QKV) * D / 8, L.qkv_sb + (lq + QKV) * D / 64, QKV, gw, TW);
       else if (AHEAD && l + 1 < layers) mo.load(L.o_w + (lo + D) * ATT / 8, L.o_sb + (lo + D) * ATT / 64, D, gw, TW);
