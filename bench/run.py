@@ -345,8 +345,6 @@ def bench_mlx(ckpt: Path, device: str, prompt: list[int]) -> dict:
 
 
 def _mlx_main(ckpt: Path, device: str, prompt: list[int]) -> None:
-    import importlib.metadata as md
-
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.generate import generate_step
@@ -362,20 +360,19 @@ def _mlx_main(ckpt: Path, device: str, prompt: list[int]) -> None:
     _timed_stream(stream, prompt[:64], sync=mx.synchronize, trials=1)  # warm-up: its kernels compiled
     mx.reset_peak_memory()
     r = _timed_stream(stream, prompt, sync=mx.synchronize)
-    versions = {name: md.version(name) for name in ("mlx", "mlx-lm", "mlx-cuda-13", "mlx-cuda-12", "mlx-cpu")
-                if _installed(name)}
+    versions = {name: v for name in ("mlx", "mlx-lm", "mlx-cuda-13", "mlx-cuda-12", "mlx-cpu") if (v := _version(name))}
     print(json.dumps(r | {"peak_mb": mx.get_peak_memory() / 2**20, "mlx_device": str(mx.default_device()),
                           "versions": versions}))
 
 
-def _installed(dist: str) -> bool:
+def _version(dist: str) -> str | None:
+    """The installed version of a distribution, None where it is not installed."""
     import importlib.metadata as md
 
     try:
-        md.version(dist)
-        return True
+        return md.version(dist)
     except md.PackageNotFoundError:
-        return False
+        return None
 
 
 def llamacpp_gguf(f16_ckpt: Path, quant: str) -> Path:
